@@ -1,0 +1,10 @@
+"""deltatune: delta tuning for PyTorch models with an unmodified, frozen backbone."""
+
+from .base import DELTA_TYPES, DeltaBase
+from .config import DeltaConfig
+from .methods import AdapterModel, BitFitModel, LoraModel
+from .routing import Route
+
+__version__ = "0.1.0"
+
+__all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "DeltaBase", "DeltaConfig", "LoraModel", "Route"]

@@ -1,0 +1,325 @@
+"""DeltaBase: build a delta object on a backbone, attach/detach it, freeze, merge, log, save and load it."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import checkpoint, routing
+from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
+from .config import DeltaConfig
+from .probe import Seen, probe
+from .routing import Route
+
+DELTA_TYPES: dict[str, type[DeltaBase]] = {}
+_creation = itertools.count()  # fixes the order in which deltas on one module run
+
+
+class DeltaBase:
+    """A set of delta modules attached to chosen positions of a frozen, unmodified backbone.
+
+    Subclasses declare ``delta_type``, ``config_class``, ``route`` and ``mergeable`` and implement :meth:`build`,
+    which makes the delta module for one position from the module and what the probe saw flow through it.
+    """
+
+    delta_type: ClassVar[str]
+    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
+    route: ClassVar[Route]
+    mergeable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "delta_type" in cls.__dict__:
+            DELTA_TYPES[cls.delta_type] = cls
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        *,
+        name: str | None = None,
+        pseudo_input: Any = None,
+        attach: bool = True,
+        positions: list[str] | None = None,
+        **hyperparameters: Any,
+    ) -> None:
+        self.backbone_model = backbone_model
+        self.config = self.config_class.from_dict(
+            {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}
+        )
+        if positions is None:
+            if self.config.modified_modules is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs modified_modules, e.g. {self._example_modules()!r}: "
+                    "names (tail match) or '[r]<regex>' of the modules to modify"
+                )
+            positions = resolve_positions(backbone_model, self.config.modified_modules, self.config.exclude_modules)
+        else:
+            unknown = sorted(set(positions) - set(addressable_names(backbone_model)))
+            if unknown:
+                raise ValueError(f"{type(backbone_model).__name__} has no module(s) {unknown[:5]}")
+        self.positions = list(positions)
+        modules = dict(backbone_model.named_modules())
+        seen = probe(backbone_model, self.positions, pseudo_input)
+        self.deltas: dict[str, nn.Module] = {p: self.build(p, modules[p], seen[p]) for p in self.positions}
+        self.order = next(_creation)
+        self.name = name or self._free_name(modules)
+        self.unfrozen_backbone: list[str] = []
+        self.attached = False
+        self.merged = False
+        self._merge_state: dict[str, dict[str, Any]] = {}
+        self._state_dict_hook = None
+        self._filter_state_dict = False
+        if attach:
+            self.attach()
+
+    # ----------------------------------------------------------------------------------------- for subclasses
+    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def _example_modules(cls) -> list[str]:
+        return ["query", "value"]
+
+    def _unsupported(self, position: str, module: nn.Module, supported: str) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} cannot modify {position} ({type(module).__name__}); it supports {supported}. "
+            "Choose other modified_modules or add exclude_modules."
+        )
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+    def _free_name(self, modules: dict[str, nn.Module]) -> str:
+        taken = {n for p in self.positions for n in routing.attached_names(modules[p])}
+        candidates = itertools.chain([self.delta_type], (f"{self.delta_type}_{i}" for i in itertools.count(1)))
+        return next(n for n in candidates if n not in taken)
+
+    def _modules(self) -> dict[str, nn.Module]:
+        modules = dict(self.backbone_model.named_modules())
+        return {p: modules[p] for p in self.positions}
+
+    def attach(self) -> DeltaBase:
+        """Route the backbone through this delta (again). Returns self."""
+        if self.attached:
+            raise RuntimeError(f"delta {self.name!r} is already attached")
+        done = []
+        try:
+            for position, host in self._modules().items():
+                routing.attach(host, self.name, self.deltas[position], self.route, self.order)
+                done.append(host)
+        except Exception:
+            for host in done:
+                routing.detach(host, self.name)
+            raise
+        self.attached = True
+        if self._filter_state_dict:
+            self._hook_state_dict()
+        return self
+
+    def detach(self) -> DeltaBase:
+        """Take this delta off; the backbone computes exactly what it did before. Returns self."""
+        if self.merged:
+            self.unmerge()
+        if not self.attached:
+            raise RuntimeError(f"delta {self.name!r} is not attached")
+        for host in self._modules().values():
+            routing.detach(host, self.name)
+        self.attached = False
+        if self._state_dict_hook is not None:
+            self._state_dict_hook.remove()
+            self._state_dict_hook = None
+        return self
+
+    # --------------------------------------------------------------------------------------------- training
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return [p for delta in self.deltas.values() for p in delta.parameters()]
+
+    def num_delta_parameters(self) -> int:
+        return sum(p.numel() for p in self.delta_parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that require grad: this delta's and any backbone parameter left trainable."""
+        params = {id(p): p for p in self.backbone_model.parameters() if p.requires_grad}
+        params.update({id(p): p for p in self.delta_parameters() if p.requires_grad})
+        return list(params.values())
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def freeze_module(self, exclude: list[str] | None = None, set_state_dict: bool = True) -> DeltaBase:
+        """Freeze the backbone except this delta (``"deltas"``) and the modules named in ``exclude``.
+
+        ``exclude`` entries other than ``"deltas"`` address backbone modules like ``modified_modules`` (tail name
+        or ``"[r]<regex>"``); all their parameters stay trainable and are saved with the delta.  With
+        ``set_state_dict`` the backbone's ``state_dict()`` returns only trainable tensors, so a trainer that saves
+        ``model.state_dict()`` saves only the delta.
+        """
+        exclude = ["deltas"] if exclude is None else list(exclude)
+        specs = [e for e in exclude if e != "deltas"]
+        names = addressable_names(self.backbone_model)
+        keep = {n for hits in match_names(names, specs, "freeze_module exclude").values() for n in hits}
+        own = {id(p) for p in self.delta_parameters()}
+        self.unfrozen_backbone = []
+        for key, param in self.backbone_model.named_parameters():
+            parts = key.split(".")
+            if DELTA_SLOT in parts:
+                param.requires_grad_(id(param) in own and "deltas" in exclude)
+                continue
+            owners = {".".join(parts[:i]) for i in range(1, len(parts))}
+            param.requires_grad_(bool(owners & keep))
+            if param.requires_grad:
+                self.unfrozen_backbone.append(key)
+        for param in self.delta_parameters():  # also when detached or merged
+            param.requires_grad_("deltas" in exclude)
+        self._filter_state_dict = set_state_dict
+        if set_state_dict and self.attached and self._state_dict_hook is None:
+            self._hook_state_dict()
+        return self
+
+    def _hook_state_dict(self) -> None:
+        def only_trainable(module, state_dict, prefix, local_metadata):
+            trainable = {prefix + k for k, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+            for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+                del state_dict[key]
+
+        self._state_dict_hook = self.backbone_model.register_state_dict_post_hook(only_trainable)
+
+    # ------------------------------------------------------------------------------------------------ merge
+    def merge(self, exact: bool = False) -> DeltaBase:
+        """Fold the delta into the backbone's weights and remove its hooks (inference at bare-model speed).
+
+        ``W <- W + ΔW`` followed by ``W - ΔW`` in :meth:`unmerge` is not bit-exact in floating point; with
+        ``exact=True`` the original tensors are kept and restored instead (costs a copy of the touched weights).
+        """
+        if not self.mergeable:
+            raise TypeError(f"{type(self).__name__} is not a weight update and cannot be merged")
+        if self.merged:
+            raise RuntimeError(f"delta {self.name!r} is already merged")
+        if not self.attached:
+            raise RuntimeError(f"delta {self.name!r} is detached; attach it before merging")
+        hosts = self._modules()
+        updates = {p: self.deltas[p].weight_update(host) for p, host in hosts.items()}  # may refuse: nothing done yet
+        with torch.no_grad():
+            for position, host in hosts.items():
+                state = self._merge_state[position] = {}
+                for attr, update in updates[position].items():
+                    current = getattr(host, attr)
+                    if current is None:  # e.g. BitFit on a Linear without bias: the merged bias is new
+                        setattr(host, attr, nn.Parameter(update.clone(), requires_grad=False))
+                        state[attr] = None
+                        continue
+                    state[attr] = current.detach().clone() if exact else "subtract"
+                    current.add_(update.to(current.dtype))
+                routing.detach(host, self.name)
+        self.merged = True
+        return self
+
+    def unmerge(self) -> DeltaBase:
+        """Take the folded delta out of the weights again and restore its hooks."""
+        if not self.merged:
+            raise RuntimeError(f"delta {self.name!r} is not merged")
+        with torch.no_grad():
+            for position, host in self._modules().items():
+                updates = self.deltas[position].weight_update(host)
+                for attr, saved in self._merge_state.pop(position).items():
+                    if saved is None:
+                        host.register_parameter(attr, None)  # as the module was built: no such parameter
+                    elif isinstance(saved, torch.Tensor):
+                        getattr(host, attr).copy_(saved)
+                    else:
+                        getattr(host, attr).sub_(updates[attr].to(getattr(host, attr).dtype))
+                routing.attach(host, self.name, self.deltas[position], self.route, self.order)
+        self.merged = False
+        return self
+
+    # ------------------------------------------------------------------------------------------------- info
+    def summary(self) -> str:
+        total = sum(p.numel() for k, p in self.backbone_model.named_parameters() if DELTA_SLOT not in k.split("."))
+        delta = self.num_delta_parameters()
+        trainable = self.num_trainable_parameters()
+        state = "merged" if self.merged else "attached" if self.attached else "detached"
+        shown = self.positions if len(self.positions) <= 8 else [*self.positions[:3], "...", *self.positions[-3:]]
+        lines = [
+            f"{type(self).__name__} {self.name!r} ({self.route.value}) on {len(self.positions)} modules "
+            f"of {type(self.backbone_model).__name__}, {state}",
+            *(f"  {p}" for p in shown),
+            f"  backbone parameters:  {total:,}",
+            f"  delta parameters:     {delta:,} ({100 * delta / max(total, 1):.4f}% of the backbone)",
+            f"  trainable parameters: {trainable:,} ({100 * trainable / max(total + delta, 1):.4f}% of all)",
+        ]
+        return "\n".join(lines)
+
+    def log(self) -> None:
+        """Print :meth:`summary`."""
+        print(self.summary())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} on {len(self.positions)} modules>"
+
+    # ---------------------------------------------------------------------------------------- save and load
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors: ``deltas.<position>.<name>`` and ``backbone.<key>`` for unfrozen parameters."""
+        tensors = {f"deltas.{p}.{k}": t for p, delta in self.deltas.items() for k, t in delta.state_dict().items()}
+        backbone = dict(self.backbone_model.named_parameters(remove_duplicate=False))
+        tensors.update({f"backbone.{k}": backbone[k] for k in self.unfrozen_backbone})
+        return tensors
+
+    def save_finetuned(self, save_directory: str | os.PathLike) -> Path:
+        """Write this delta (and explicitly unfrozen backbone parameters) as a checkpoint folder."""
+        config = {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "deltatune_version": checkpoint.library_version(),
+            "delta_type": self.delta_type,
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "positions": self.positions,
+            "unfrozen_backbone": self.unfrozen_backbone,
+            "backbone": checkpoint.fingerprint(self.backbone_model),
+        }
+        return checkpoint.write(save_directory, config, self.delta_state_dict())
+
+    @classmethod
+    def from_finetuned(
+        cls, finetuned_model_path: str | os.PathLike, backbone_model: nn.Module, **options: Any
+    ) -> DeltaBase:
+        """Rebuild a saved delta on ``backbone_model`` and attach it; nothing is attached if anything fails."""
+        folder = Path(finetuned_model_path)
+        saved = checkpoint.read_config(folder)
+        kind = saved["delta_type"]
+        if kind not in DELTA_TYPES:
+            raise ValueError(f"{folder} holds a {kind!r} delta; known types: {', '.join(sorted(DELTA_TYPES))}")
+        method = DELTA_TYPES[kind]
+        if cls is not DeltaBase and method is not cls:
+            raise TypeError(f"{folder} holds a {kind!r} delta, not {cls.delta_type!r}; use {method.__name__}")
+        _check_backbone(saved, backbone_model, folder)
+        tensors = checkpoint.read_tensors(folder)
+        options = {"name": saved.get("name"), **saved["config"], **options}
+        delta = method(backbone_model, positions=saved["positions"], attach=False, **options)
+        delta.unfrozen_backbone = list(saved.get("unfrozen_backbone", []))
+        checkpoint.check_tensors(tensors, delta.delta_state_dict(), folder)
+        with torch.no_grad():
+            for key, value in delta.delta_state_dict().items():
+                value.copy_(tensors[key])
+        return delta.attach()
+
+
+def _check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) -> None:
+    expected, actual = saved["backbone"], checkpoint.fingerprint(backbone)
+    if expected.get("class") != actual["class"]:
+        raise ValueError(
+            f"{folder} was trained on a {expected.get('class')} backbone, this one is {actual['class']}; "
+            "load it onto the model class it was trained with"
+        )
+    if expected.get("sha256") != actual["sha256"]:
+        warnings.warn(
+            f"{folder} was saved with a backbone whose parameter names/shapes/dtypes differ from this "
+            f"{actual['class']} ({expected.get('tensors')} vs {actual['tensors']} tensors); every tensor the delta "
+            "needs is still checked",
+            stacklevel=3,
+        )

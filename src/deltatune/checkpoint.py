@@ -1,0 +1,117 @@
+"""On-disk format of a delta: a folder with ``delta_config.json`` and ``delta_model.safetensors``.
+
+The JSON holds the delta type, its hyper-parameters, the resolved module names (positions), the format and library
+versions and a fingerprint of the backbone (its class and every parameter/buffer name, shape and dtype; not the
+bytes).  The safetensors file holds only delta tensors (``deltas.<position>.<name>``) and the backbone parameters
+the user explicitly unfroze (``backbone.<state-dict key>``).  A folder is written under a temporary name and
+renamed when complete, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .addressing import DELTA_SLOT
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "delta_config.json"
+WEIGHTS_FILE = "delta_model.safetensors"
+
+
+def library_version() -> str:
+    try:
+        return metadata.version("deltatune")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own parameters and buffers by state-dict key, without any delta slot."""
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name: t for name, t in named if DELTA_SLOT not in name.split(".")}
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    lines = sorted(f"{k}:{list(t.shape)}:{t.dtype}" for k, t in backbone_tensors(model).items())
+    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return {"class": type(model).__name__, "tensors": len(lines), "sha256": digest}
+
+
+def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint folder atomically. An existing folder is replaced only if it is a delta checkpoint."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / CONFIG_FILE).exists())):
+        raise FileExistsError(f"{folder} exists and is not a delta checkpoint; refusing to overwrite it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        # safetensors wants contiguous tensors that share no memory.
+        save_file({k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}, staging / WEIGHTS_FILE)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            staging.rename(folder)
+            shutil.rmtree(old)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a delta checkpoint: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    for key in ("format_version", "delta_type", "config", "positions", "backbone"):
+        if key not in config:
+            raise ValueError(f"{path} lacks the field {key!r}; it was not written by deltatune or was edited")
+    if config["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format version {config['format_version']}, newer than this deltatune "
+            f"({library_version()}, format {FORMAT_VERSION}); upgrade deltatune"
+        )
+    return config
+
+
+def read_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a complete delta checkpoint: {WEIGHTS_FILE} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
+
+
+def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every expected key present with its shape and dtype, and nothing else."""
+    problems = [f"missing {k}" for k in expected if k not in loaded]
+    problems += [f"unexpected {k}" for k in loaded if k not in expected]
+    problems += [
+        f"{k}: checkpoint {list(loaded[k].shape)} {loaded[k].dtype}, delta expects {list(t.shape)} {t.dtype}"
+        for k, t in expected.items()
+        if k in loaded and (loaded[k].shape != t.shape or loaded[k].dtype != t.dtype)
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit this backbone and delta:\n  {shown}")

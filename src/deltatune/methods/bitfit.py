@@ -1,0 +1,57 @@
+"""BitFit (Ben Zaken et al. 2022): tune only bias terms, on the output -> output route.
+
+Each modified module gets a trainable shift ``Δb`` (zero at init) added to its output: ``h <- f(x) + Δb``.
+For a module with a bias ``b`` this is exactly tuning ``b`` (``∂L/∂Δb = ∂L/∂b`` and ``b + Δb`` is the tuned
+bias), while the backbone stays untouched: detaching is exact and a checkpoint holds only ``Δb``.  Modules without
+a bias (a ``Linear(bias=False)``, LLaMA projections) get one this way, as do non-linear modules (a whole
+attention block, say: the shift then lands on its output).  Mergeable on Linear, Conv1D and LayerNorm:
+``b <- b + Δb`` (a bias is created where there was none).  Parameters per module: its output size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..base import DeltaBase
+from ..probe import Seen
+from ..routing import Route
+
+_MERGEABLE = (nn.Linear, Conv1D, nn.LayerNorm)
+
+
+class BiasShift(nn.Module):
+    """``h <- h + Δb``."""
+
+    def __init__(self, seen: Seen) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(seen.hidden_size, device=seen.device, dtype=seen.dtype))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.bias
+
+    def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        if not isinstance(host, _MERGEABLE):
+            raise TypeError(
+                f"BitFit can merge into Linear, Conv1D and LayerNorm biases, not {type(host).__name__}; "
+                "keep this delta unmerged"
+            )
+        return {"bias": self.bias.detach()}
+
+
+class BitFitModel(DeltaBase):
+    """Bias-only tuning: a zero-initialised ``Δb`` added to each modified module's output."""
+
+    delta_type = "bitfit"
+    route = Route.OUTPUT_OUTPUT
+    mergeable = True
+
+    @classmethod
+    def _example_modules(cls) -> list[str]:
+        return ["query", "key", "value", "dense", "LayerNorm"]
+
+    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        if not seen.dtype.is_floating_point:
+            raise self._unsupported(position, module, "modules whose output is a floating-point hidden state")
+        return BiasShift(seen)

@@ -1,0 +1,94 @@
+"""LoRA (Hu et al. 2021): a trainable low-rank update beside a frozen weight, on the input -> output route.
+
+::
+
+        x ──────────── W (frozen) ─────────────┐
+        │                                      ⊕──> h = W x + (α/r) · B A dropout(x)
+        └── dropout ── A (r × in) ── B (out × r)┘
+
+``A`` starts Kaiming-uniform and ``B`` at zero, so the model is unchanged at init.  Works on ``nn.Linear``,
+transformers' ``Conv1D`` (GPT-2; weight stored transposed) and ``nn.Embedding`` (``A`` is indexed by token id,
+as in PEFT: ``A`` starts at zero and ``B`` normal).  Mergeable: ``W <- W + (α/r) B A``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..base import DeltaBase
+from ..config import DeltaConfig
+from ..probe import Seen
+from ..routing import Route
+
+
+@dataclass
+class LoraConfig(DeltaConfig):
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lora_r, int) and self.lora_r > 0):
+            raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+
+
+class LoraLayer(nn.Module):
+    """``h <- h + (α/r) · dropout(x) Aᵀ Bᵀ`` for one Linear, Conv1D or Embedding."""
+
+    def __init__(self, host: nn.Module, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        weight = host.weight
+        self.embedding = isinstance(host, nn.Embedding)
+        self.transposed = isinstance(host, Conv1D)
+        # Linear stores (out, in); Conv1D stores (in, out); Embedding (num_embeddings, dim) maps ids -> dim.
+        in_features, out_features = weight.shape if self.transposed or self.embedding else weight.shape[::-1]
+        self.padding_idx = host.padding_idx if self.embedding else None
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        if self.embedding:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.embedding else None
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            a = F.embedding(x, self.lora_A.t(), padding_idx=self.padding_idx)
+        else:
+            a = F.linear(self.dropout(x) if self.dropout is not None else x, self.lora_A)
+        # one fused kernel for h + scaling * (a @ Bᵀ)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.t(), alpha=self.scaling)
+        return out.view(h.shape)
+
+    def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        delta = (self.lora_B @ self.lora_A) * self.scaling  # out × in
+        return {"weight": delta.t() if self.transposed or self.embedding else delta}
+
+
+class LoraModel(DeltaBase):
+    """Low-rank adaptation of Linear / Conv1D / Embedding modules: ``h = W x + (lora_alpha/lora_r) · B A x``.
+
+    Parameters per module: ``lora_r · (in + out)``.
+    """
+
+    delta_type = "lora"
+    config_class = LoraConfig
+    route = Route.INPUT_OUTPUT
+    mergeable = True
+
+    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+            raise self._unsupported(position, module, "nn.Linear, transformers Conv1D and nn.Embedding")
+        return LoraLayer(module, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout)

@@ -1,0 +1,132 @@
+"""Runtime initialization: one pseudo forward pass that records what flows through each target module.
+
+Shapes the config does not state (an adapter's hidden size after an arbitrary module, say) are read off a real
+forward pass, done eagerly when the delta is built, so every parameter exists before the user makes an optimizer.
+The pass runs in eval mode under ``torch.no_grad()`` and restores each module's training flag afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The first input and the first output tensor of a module during the probe."""
+
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.output_shape[-1]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "values") and not isinstance(value, dict):  # ModelOutput
+        value = tuple(value.values())
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
+    """Small inputs that a transformers model accepts, built from its config."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    device = _device_of(model)
+    if config is not None and main == "input_ids":
+        vocab = getattr(config, "vocab_size", None) or 2
+        ids = (torch.arange(batch * length, device=device).reshape(batch, length) % (vocab - 1)) + 1
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids[:, : max(2, length // 2)]
+        return inputs
+    if config is not None and main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.zeros(batch, channels, size, size, device=device)}
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict) and dummy:
+        return {key: value.to(device) for key, value in dummy.items()}
+    raise ValueError(
+        f"cannot build a pseudo input for {type(model).__name__} (forward{_signature(model)}); "
+        "pass pseudo_input=... (a tensor, a tuple of positional inputs or a dict of keyword inputs)"
+    )
+
+
+def _signature(model: nn.Module) -> str:
+    return str(inspect.signature(model.forward))
+
+
+def _call(model: nn.Module, pseudo_input: Any) -> None:
+    if isinstance(pseudo_input, dict):
+        model(**pseudo_input)
+    elif isinstance(pseudo_input, (tuple, list)):
+        model(*pseudo_input)
+    else:
+        model(pseudo_input)
+
+
+def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> dict[str, Seen]:
+    """Run one pseudo forward pass and return what each module in ``positions`` received and produced."""
+    modules = dict(model.named_modules())
+    seen: dict[str, Seen] = {}
+
+    def recorder(name: str):
+        def hook(module, args, kwargs, output):
+            if name in seen:  # a module called twice (shared layers) keeps its first record
+                return
+            out = _first_tensor(output)
+            if out is None:
+                return
+            x = _first_tensor(args) if args else _first_tensor(tuple(kwargs.values()))
+            shape = tuple(x.shape) if x is not None else None
+            seen[name] = Seen(shape, tuple(out.shape), out.dtype, out.device)
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(recorder(name), with_kwargs=True) for name in positions]
+    flags = {module: module.training for module in model.modules()}
+    try:
+        inputs = pseudo_inputs(model) if pseudo_input is None else pseudo_input
+        model.eval()
+        with torch.no_grad():
+            try:
+                _call(model, inputs)
+            except Exception as error:
+                raise RuntimeError(
+                    f"the probe forward pass of {type(model).__name__} failed: {type(error).__name__}: {error}. "
+                    "Pass pseudo_input=... with inputs the model accepts."
+                ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags.items():
+            module.training = flag
+    missing = [name for name in positions if name not in seen]
+    if missing:
+        raise RuntimeError(
+            f"these modules did not produce a tensor during the probe forward pass: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}. They may be unused by forward(), or return no tensor; "
+            "choose other modified_modules or pass a pseudo_input that reaches them."
+        )
+    return seen

@@ -1,0 +1,145 @@
+"""Dynamic tensor re-routing: the one primitive every method uses to hook into a backbone module.
+
+Three routes cover the methods (He et al. 2022)::
+
+    input -> input    x <- m(x)        before the module runs      (prompts, prefixes)
+    input -> output   h <- m(x, h)     after, reading its input    (LoRA, parallel adapter, (IA)^3)
+    output -> output  h <- m(h)        after, reading its output   (sequential adapter, BitFit, Compacter)
+
+Each modified module gets one :class:`DeltaSlot`, a ``ModuleDict`` registered as its child ``deltas``, so delta
+parameters are ordinary submodules of the backbone (``.to()``, ``parameters()``, ``state_dict()`` and optimizers
+see them).  The slot owns at most one forward pre-hook and one forward hook on the module, and runs its deltas in a
+fixed order, whatever order they were attached in: input->input rewrites, then the module, then input->output terms,
+then output->output rewrites, each group in delta creation order.  So deltas compose, and detaching one leaves
+exactly the computation of the others.  When the last delta leaves, the hooks are removed and the child deleted:
+the module is back to its original state, bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .addressing import DELTA_SLOT
+
+
+class Route(str, Enum):
+    INPUT_INPUT = "input->input"
+    INPUT_OUTPUT = "input->output"
+    OUTPUT_OUTPUT = "output->output"
+
+
+def _first_parameter(module: nn.Module) -> str | None:
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            return parameter.name
+    return None
+
+
+def _replace_first(output, hidden: torch.Tensor):
+    """``output`` with its first element (the hidden state) replaced; tuples, lists and ModelOutputs."""
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    if hasattr(output, "keys"):  # transformers ModelOutput: the first non-None field is the hidden state
+        output[next(iter(output.keys()))] = hidden
+        return output
+    raise TypeError(f"cannot re-route an output of type {type(output).__name__}; expected a tensor or a tuple")
+
+
+class DeltaSlot(nn.ModuleDict):
+    """The deltas attached to one backbone module, run by one pre-hook and one forward hook."""
+
+    def __init__(self, host: nn.Module) -> None:
+        super().__init__()
+        self._routes: dict[str, tuple[Route, int]] = {}
+        self._first_input = _first_parameter(host)
+        self._handles: list = []
+        self._plan()
+
+    def add(self, host: nn.Module, name: str, delta: nn.Module, route: Route, order: int) -> None:
+        if name in self._routes:
+            raise ValueError(f"a delta named {name!r} is already attached here; give the new delta another name")
+        self[name] = delta
+        self._routes[name] = (route, order)
+        self._plan()
+        self._hook(host)
+
+    def remove(self, host: nn.Module, name: str) -> nn.Module:
+        delta = self[name]
+        del self[name]
+        del self._routes[name]
+        self._plan()
+        self._hook(host)
+        return delta
+
+    def _plan(self) -> None:
+        ordered = sorted(self._routes.items(), key=lambda item: item[1][1])
+        self._input_rewrites = [self[n] for n, (r, _) in ordered if r is Route.INPUT_INPUT]
+        self._parallel = [self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT]
+        self._output_rewrites = [self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT]
+
+    def _hook(self, host: nn.Module) -> None:
+        # Re-register from scratch: at most one hook of each kind, only the kinds some delta needs.
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._input_rewrites:
+            self._handles.append(host.register_forward_pre_hook(self._before, with_kwargs=True))
+        if self._parallel or self._output_rewrites:
+            self._handles.append(host.register_forward_hook(self._after, with_kwargs=True))
+
+    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if args:
+            return args[0]
+        if self._first_input in kwargs:
+            return kwargs[self._first_input]
+        raise RuntimeError(f"the module was called without its first input {self._first_input!r}; cannot re-route it")
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        x = self._input(args, kwargs)
+        for delta in self._input_rewrites:
+            x = delta(x)
+        if args:
+            return (x, *args[1:]), kwargs
+        kwargs[self._first_input] = x
+        return args, kwargs
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        if self._parallel:
+            x = self._input(args, kwargs)
+            for delta in self._parallel:
+                hidden = delta(x, hidden)
+        for delta in self._output_rewrites:
+            hidden = delta(hidden)
+        return hidden if isinstance(output, torch.Tensor) else _replace_first(output, hidden)
+
+
+def attach(host: nn.Module, name: str, delta: nn.Module, route: Route, order: int) -> None:
+    """Route ``host``'s tensors through ``delta`` (registered as ``host.deltas[name]``)."""
+    slot = host._modules.get(DELTA_SLOT)
+    if slot is None:
+        slot = DeltaSlot(host)
+        host.add_module(DELTA_SLOT, slot)
+    elif not isinstance(slot, DeltaSlot):
+        raise ValueError(f"{type(host).__name__} already has a child named {DELTA_SLOT!r}; it cannot host deltas")
+    slot.add(host, name, delta, route, order)
+
+
+def detach(host: nn.Module, name: str) -> nn.Module:
+    """Undo :func:`attach`; the last delta to leave removes the slot and its hooks."""
+    slot = host._modules[DELTA_SLOT]
+    delta = slot.remove(host, name)
+    if not len(slot):
+        del host._modules[DELTA_SLOT]
+    return delta
+
+
+def attached_names(host: nn.Module) -> list[str]:
+    slot = host._modules.get(DELTA_SLOT)
+    return list(slot.keys()) if isinstance(slot, DeltaSlot) else []
