@@ -64,6 +64,8 @@ class DeltaSlot(nn.ModuleDict):
     def add(self, host: nn.Module, name: str, delta: nn.Module, route: Route, order: int) -> None:
         if name in self._routes:
             raise ValueError(f"a delta named {name!r} is already attached here; give the new delta another name")
+        if not name.isidentifier() or hasattr(self, name):
+            raise ValueError(f"{name!r} cannot name a delta: use an identifier that is not a ModuleDict attribute")
         self[name] = delta
         self._routes[name] = (route, order)
         self._plan()

@@ -1,0 +1,268 @@
+"""DeltaBase lifecycle: freezing, state_dict filtering, merge/unmerge, save/load and their errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from deltatune import AdapterModel, BitFitModel, DeltaBase, LoraModel
+from deltatune.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+from conftest import first_output, tiny_batch, tiny_model
+
+
+def _randomize(delta):
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.normal_(std=0.1)
+
+
+def test_freeze_module_keeps_deltas_and_named_modules_trainable():
+    model = tiny_model("bert")
+    delta = LoraModel(model, ["query", "value"]).freeze_module(exclude=["deltas", "classifier"])
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {*(k for k in trainable if ".deltas.lora." in k), "classifier.weight", "classifier.bias"}
+    assert len([k for k in trainable if "deltas" in k]) == 8
+    assert delta.num_trainable_parameters() == 4 * 2 * 8 * 32 + 32 * 2 + 2
+    # set_state_dict: the backbone's own state_dict now holds only what is trained
+    assert set(model.state_dict()) == trainable
+    delta.detach()
+    assert "bert.embeddings.word_embeddings.weight" in model.state_dict(), "detach removes the filter"
+
+
+def test_freeze_module_only_unfreezes_its_own_delta():
+    model = tiny_model("bert")
+    first = LoraModel(model, ["query"])
+    second = LoraModel(model, ["query"])
+    second.freeze_module()
+    assert all(p.requires_grad for p in second.delta_parameters())
+    assert not any(p.requires_grad for p in first.delta_parameters())
+
+
+def test_freeze_module_exclude_that_matches_nothing_is_an_error():
+    delta = LoraModel(tiny_model("bert"), ["query"])
+    with pytest.raises(ValueError, match="freeze_module exclude entry 'clasifier'"):
+        delta.freeze_module(exclude=["deltas", "clasifier"])
+
+
+@pytest.mark.parametrize("family,positions", [("bert", ["query", "value"]), ("gpt2", ["c_attn", "c_fc"]),
+                                              ("llama", ["q_proj", "embed_tokens"])])
+def test_lora_merge_matches_unmerged_and_removes_hooks(family, positions):
+    model = tiny_model(family)
+    batch = tiny_batch(family)
+    reference = first_output(model, batch)
+    delta = LoraModel(model, positions)
+    _randomize(delta)
+    unmerged = first_output(model, batch)
+    delta.merge()
+    assert not any(m._forward_hooks for m in model.modules())
+    # merged weights round differently from the two-step product: equal up to float32 round-off
+    torch.testing.assert_close(first_output(model, batch), unmerged, rtol=0, atol=1e-5)
+    delta.unmerge()
+    torch.testing.assert_close(first_output(model, batch), unmerged, rtol=0, atol=1e-5)
+    delta.merge(exact=True).unmerge()
+    delta.detach()
+    torch.testing.assert_close(first_output(model, batch), reference, rtol=0, atol=1e-5)
+
+
+def test_exact_merge_restores_the_original_weights_bit_for_bit():
+    model = tiny_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = LoraModel(model, ["query"])
+    _randomize(delta)
+    delta.merge(exact=True)
+    delta.detach()  # detaching a merged delta unmerges it first
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bitfit_merge_creates_a_bias_where_there_was_none():
+    model = tiny_model("llama")
+    batch = tiny_batch("llama")
+    delta = BitFitModel(model, ["q_proj", "input_layernorm"], exclude_modules=["input_layernorm"])
+    _randomize(delta)
+    unmerged = first_output(model, batch)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.bias is None
+    delta.merge()
+    assert torch.equal(q_proj.bias, delta.deltas["model.layers.0.self_attn.q_proj"].bias)
+    torch.testing.assert_close(first_output(model, batch), unmerged, rtol=0, atol=1e-6)
+    delta.unmerge()
+    assert q_proj.bias is None and "bias" not in dict(q_proj.named_parameters())
+
+
+def test_bitfit_refuses_to_merge_into_a_module_without_a_bias_slot_and_changes_nothing():
+    model = tiny_model("bert")
+    delta = BitFitModel(model, ["attention.output", "query"])
+    _randomize(delta)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="not BertSelfOutput"):
+        delta.merge()
+    assert not delta.merged and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_adapter_is_not_mergeable():
+    with pytest.raises(TypeError, match="cannot be merged"):
+        AdapterModel(tiny_model("bert"), ["output"]).merge()
+
+
+def test_probe_restores_training_flags_and_accepts_a_pseudo_input():
+    model = tiny_model("bert").train()
+    model.bert.encoder.layer[0].eval()
+    LoraModel(model, ["query"], pseudo_input={"input_ids": torch.tensor([[5, 6, 7]])})
+    assert model.training and not model.bert.encoder.layer[0].training
+    assert model.bert.encoder.layer[1].training
+
+
+def test_probe_failure_names_the_cause():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="pass pseudo_input"):
+        AdapterModel(model, ["0"])
+    with pytest.raises(RuntimeError, match="probe forward pass of Sequential failed: RuntimeError"):
+        AdapterModel(model, ["0"], pseudo_input=torch.ones(3, 5))
+    delta = AdapterModel(model, ["0"], pseudo_input=torch.ones(3, 4), bottleneck_dim=2)
+    assert delta.deltas["0"].down.in_features == 8
+
+
+def test_delta_parameters_take_the_backbone_dtype():
+    model = tiny_model("bert").double()
+    for method, positions in ((LoraModel, ["query"]), (AdapterModel, ["output"]), (BitFitModel, ["LayerNorm"])):
+        delta = method(model, positions)
+        assert {p.dtype for p in delta.delta_parameters()} == {torch.float64}
+
+
+def test_unknown_hyperparameter_lists_the_fields():
+    with pytest.raises(TypeError, match=r"unknown LoraConfig field\(s\) \['lora_rank'\]; the fields are: .*lora_r"):
+        LoraModel(tiny_model("bert"), ["query"], lora_rank=4)
+
+
+def test_bad_hyperparameter_values():
+    with pytest.raises(ValueError, match="lora_r must be a positive integer"):
+        LoraModel(tiny_model("bert"), ["query"], lora_r=0)
+    with pytest.raises(ValueError, match="unknown non_linearity 'gelux'"):
+        AdapterModel(tiny_model("bert"), ["output"], non_linearity="gelux")
+
+
+def test_lora_on_an_unsupported_module_type():
+    with pytest.raises(TypeError, match="cannot modify bert.encoder.layer.0.attention.output .*supports nn.Linear"):
+        LoraModel(tiny_model("bert"), ["attention.output"])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.fixture()
+def saved(tmp_path):
+    model = tiny_model("bert")
+    delta = LoraModel(model, ["query", "value"], lora_r=4).freeze_module(exclude=["deltas", "classifier"])
+    _randomize(delta)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    out = first_output(model, tiny_batch("bert"))
+    return delta.save_finetuned(tmp_path / "ckpt"), out
+
+
+def test_checkpoint_holds_only_the_delta_and_unfrozen_parameters(saved):
+    folder, _ = saved
+    tensors = load_file(folder / WEIGHTS_FILE)
+    assert sorted(k for k in tensors if k.startswith("backbone.")) == ["backbone.classifier.bias",
+                                                                      "backbone.classifier.weight"]
+    assert len([k for k in tensors if k.startswith("deltas.")]) == 8
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["delta_type"] == "lora" and config["config"]["lora_r"] == 4
+    assert config["backbone"]["class"] == "BertForSequenceClassification" and len(config["positions"]) == 4
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_from_finetuned_restores_the_delta_and_the_unfrozen_head(saved):
+    folder, out = saved
+    model = tiny_model("bert")
+    delta = LoraModel.from_finetuned(folder, model)
+    assert delta.config.lora_r == 4
+    assert torch.equal(first_output(model, tiny_batch("bert")), out)
+
+
+def test_loading_onto_the_wrong_backbone(saved):
+    folder, _ = saved
+    gpt2 = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="trained on a BertForSequenceClassification backbone, this one is GPT2"):
+        DeltaBase.from_finetuned(folder, gpt2)
+    assert not any("deltas" in k for k in gpt2.state_dict())
+
+
+def test_loading_onto_a_backbone_with_other_shapes(saved):
+    import transformers as tf
+
+    folder, _ = saved
+    wider = tf.BertForSequenceClassification(tf.BertConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2,
+                                                           num_attention_heads=4, intermediate_size=64))
+    with pytest.warns(UserWarning, match="differ"), pytest.raises(ValueError, match="does not fit") as info:
+        DeltaBase.from_finetuned(folder, wider)
+    assert "checkpoint [4, 32] torch.float32, delta expects [4, 48]" in str(info.value)
+    assert not any("deltas" in k for k in wider.state_dict()), "nothing attached after a failed load"
+
+
+def test_loading_with_the_wrong_method_class(saved):
+    with pytest.raises(TypeError, match="holds a 'lora' delta, not 'adapter'; use LoraModel"):
+        AdapterModel.from_finetuned(saved[0], tiny_model("bert"))
+
+
+def test_missing_or_corrupt_weights(saved):
+    folder, _ = saved
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    (folder / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        DeltaBase.from_finetuned(folder, tiny_model("bert"))
+    (folder / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{WEIGHTS_FILE} is missing"):
+        DeltaBase.from_finetuned(folder, tiny_model("bert"))
+
+
+def test_edited_config(saved):
+    folder, _ = saved
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["config"]["lora_rank"] = 3
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(TypeError, match="unknown LoraConfig field"):
+        DeltaBase.from_finetuned(folder, tiny_model("bert"))
+    config["config"].pop("lora_rank")
+    config["config"]["lora_r"] = 8
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match="missing|delta expects"):
+        DeltaBase.from_finetuned(folder, model)
+    assert not any(m._forward_hooks for m in model.modules())
+    (folder / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        DeltaBase.from_finetuned(folder, tiny_model("bert"))
+
+
+def test_save_refuses_to_overwrite_a_foreign_folder_and_replaces_its_own(saved, tmp_path):
+    folder, _ = saved
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    delta = LoraModel(tiny_model("bert"), ["query"])
+    with pytest.raises(FileExistsError, match="not a delta checkpoint"):
+        delta.save_finetuned(foreign)
+    assert [p.name for p in foreign.iterdir()] == ["todo.txt"]
+    delta.save_finetuned(folder)
+    assert json.loads((folder / CONFIG_FILE).read_text())["config"]["lora_r"] == 8
+
+
+def test_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    import deltatune.checkpoint as checkpoint
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        LoraModel(tiny_model("bert"), ["query"]).save_finetuned(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_reports_counts_and_ratios(capsys):
+    LoraModel(tiny_model("bert"), ["query", "value"]).log()
+    text = capsys.readouterr().out
+    assert "LoraModel 'lora' (input->output) on 4 modules" in text
+    assert "delta parameters:     2,048" in text
