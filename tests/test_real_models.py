@@ -1,0 +1,111 @@
+"""The lifecycle on real pretrained weights: MiniLM-L6 (encoder) and SmolLM2-135M (decoder)."""
+
+import pytest
+import torch
+import transformers as tf
+
+from deltatune import AdapterModel, BitFitModel, DeltaBase, LoraModel
+
+pytestmark = pytest.mark.real
+
+SENTENCES = [
+    "a gripping, beautifully acted film that stays with you.",
+    "tedious, overlong and never once funny.",
+    "the best thing i have seen all year.",
+    "a mess of a plot with nothing to say.",
+] * 2
+LABELS = torch.tensor([1, 0, 1, 0] * 2)
+
+METHODS = {
+    "lora": (LoraModel, ["query", "value"]),
+    "adapter": (AdapterModel, ["attention.output", r"[r]layer\.\d+\.output"]),
+    "bitfit": (BitFitModel, ["query", "key", "value", "dense", "LayerNorm"]),
+}
+LEARNING_RATES = {"lora": 3e-3, "adapter": 3e-3, "bitfit": 1e-2}  # bias-only tuning wants a larger step
+
+
+def test_lora_on_minilm_has_the_closed_form_parameter_count(minilm):
+    delta = LoraModel(minilm, ["query", "value"], lora_r=8)
+    assert delta.num_delta_parameters() == 6 * 2 * (384 * 8 + 8 * 384) == 73_728
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_minilm_lifecycle(method, minilm, minilm_tokenizer, minilm_path, tmp_path):
+    batch = minilm_tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = minilm(**batch).logits
+    frozen_before = {k: v.clone() for k, v in minilm.state_dict().items() if not k.startswith("classifier")}
+    cls, positions = METHODS[method]
+    delta = cls(minilm, positions).freeze_module(exclude=["deltas", "classifier"])
+    with torch.no_grad():
+        assert torch.equal(minilm(**batch).logits, reference), "identity at init"
+
+    minilm.train()
+    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=LEARNING_RATES[method])
+    losses = []
+    for _ in range(8):
+        loss = minilm(**batch, labels=LABELS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    minilm.eval()
+    assert losses[-1] < 0.7 * losses[0], losses
+    for key, value in minilm.state_dict().items():  # filtered: only trainable tensors
+        assert "deltas" in key or key.startswith("classifier"), key
+    delta.detach()
+    assert all(torch.equal(frozen_before[k], v) for k, v in minilm.state_dict().items() if k in frozen_before)
+    delta.attach()
+    with torch.no_grad():
+        tuned = minilm(**batch).logits
+
+    delta.save_finetuned(tmp_path / method)
+    fresh = tf.AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=2).eval()
+    DeltaBase.from_finetuned(tmp_path / method, fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, tuned)
+
+    if cls.mergeable and method == "lora":
+        delta.merge()
+        assert not any(m._forward_hooks for m in minilm.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(minilm(**batch).logits, tuned, rtol=0, atol=1e-5)
+        delta.unmerge()
+        with torch.no_grad():
+            torch.testing.assert_close(minilm(**batch).logits, tuned, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    model = tf.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_path)
+    return model, tokenizer
+
+
+def test_smollm2_lora_trains_and_generates(smollm2):
+    model, tokenizer = smollm2
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    bare = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+
+    delta = LoraModel(model, ["q_proj", "v_proj"], lora_r=8).freeze_module()
+    assert delta.num_delta_parameters() == 30 * 8 * ((576 + 576) + (576 + 192))
+    text = tokenizer(["Delta tuning trains a few parameters and keeps the backbone frozen.",
+                      "The quick brown fox jumps over the lazy dog near the river bank."],
+                     return_tensors="pt", padding=True)
+    labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=2e-3)
+    losses = []
+    for _ in range(4):
+        loss = model(**text, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+    tuned = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert tuned.shape[1] > prompt["input_ids"].shape[1]
+    delta.detach()
+    assert torch.equal(model.generate(**prompt, max_new_tokens=8, do_sample=False), bare)
+    for p in model.parameters():
+        p.requires_grad_(True)
