@@ -266,3 +266,13 @@ def test_log_reports_counts_and_ratios(capsys):
     text = capsys.readouterr().out
     assert "LoraModel 'lora' (input->output) on 4 modules" in text
     assert "delta parameters:     2,048" in text
+
+
+def test_two_saved_deltas_of_one_type_load_side_by_side(saved, tmp_path):
+    folder, _ = saved
+    model = tiny_model("bert")
+    first = DeltaBase.from_finetuned(folder, model)
+    second = DeltaBase.from_finetuned(folder, model)
+    assert (first.name, second.name) == ("lora", "lora_1")
+    second.detach()
+    assert torch.equal(first_output(model, tiny_batch("bert")), saved[1])

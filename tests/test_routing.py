@@ -116,3 +116,19 @@ def test_a_slot_name_collision_is_an_error():
 def test_reserved_delta_names_are_refused():
     with pytest.raises(ValueError, match="cannot name a delta"):
         LoraModel(tiny_model("bert"), POSITIONS, name="keys")
+
+
+def test_deepcopy_of_a_modified_backbone_routes_through_its_own_copies(batch):
+    import copy
+
+    model = tiny_model("bert")
+    delta = LoraModel(model, POSITIONS)
+    _randomize(delta)
+    tuned = first_output(model, batch)
+    clone = copy.deepcopy(model)
+    delta.detach()
+    assert torch.equal(first_output(clone, batch), tuned), "the copy keeps its delta when the original detaches"
+    with torch.no_grad():
+        for slot in (m for n, m in clone.named_modules() if n.endswith(".deltas")):
+            slot.lora.lora_B.zero_()
+    assert torch.equal(first_output(clone, batch), first_output(model, batch))

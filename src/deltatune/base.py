@@ -299,7 +299,7 @@ class DeltaBase:
             raise TypeError(f"{folder} holds a {kind!r} delta, not {cls.delta_type!r}; use {method.__name__}")
         _check_backbone(saved, backbone_model, folder)
         tensors = checkpoint.read_tensors(folder)
-        options = {"name": saved.get("name"), **saved["config"], **options}
+        options = {**saved["config"], **options}  # the saved name is informative: a free one is chosen
         delta = method(backbone_model, positions=saved["positions"], attach=False, **options)
         delta.unfrozen_backbone = list(saved.get("unfrozen_backbone", []))
         checkpoint.check_tensors(tensors, delta.delta_state_dict(), folder)
