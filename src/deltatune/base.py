@@ -68,6 +68,7 @@ class DeltaBase:
         self.positions = list(positions)
         modules = dict(backbone_model.named_modules())
         seen = probe(backbone_model, self.positions, pseudo_input)
+        self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
         self.deltas: dict[str, nn.Module] = {p: self.build(p, modules[p], seen[p]) for p in self.positions}
         self.order = next(_creation)
         self.name = name or self._free_name(modules)
@@ -100,17 +101,13 @@ class DeltaBase:
         candidates = itertools.chain([self.delta_type], (f"{self.delta_type}_{i}" for i in itertools.count(1)))
         return next(n for n in candidates if n not in taken)
 
-    def _modules(self) -> dict[str, nn.Module]:
-        modules = dict(self.backbone_model.named_modules())
-        return {p: modules[p] for p in self.positions}
-
     def attach(self) -> DeltaBase:
         """Route the backbone through this delta (again). Returns self."""
         if self.attached:
             raise RuntimeError(f"delta {self.name!r} is already attached")
         done = []
         try:
-            for position, host in self._modules().items():
+            for position, host in self._hosts.items():
                 routing.attach(host, self.name, self.deltas[position], self.route, self.order)
                 done.append(host)
         except Exception:
@@ -128,7 +125,7 @@ class DeltaBase:
             self.unmerge()
         if not self.attached:
             raise RuntimeError(f"delta {self.name!r} is not attached")
-        for host in self._modules().values():
+        for host in self._hosts.values():
             routing.detach(host, self.name)
         self.attached = False
         if self._state_dict_hook is not None:
@@ -203,7 +200,7 @@ class DeltaBase:
             raise RuntimeError(f"delta {self.name!r} is already merged")
         if not self.attached:
             raise RuntimeError(f"delta {self.name!r} is detached; attach it before merging")
-        hosts = self._modules()
+        hosts = self._hosts
         updates = {p: self.deltas[p].weight_update(host) for p, host in hosts.items()}  # may refuse: nothing done yet
         with torch.no_grad():
             for position, host in hosts.items():
@@ -225,7 +222,7 @@ class DeltaBase:
         if not self.merged:
             raise RuntimeError(f"delta {self.name!r} is not merged")
         with torch.no_grad():
-            for position, host in self._modules().items():
+            for position, host in self._hosts.items():
                 updates = self.deltas[position].weight_update(host)
                 for attr, saved in self._merge_state.pop(position).items():
                     if saved is None:

@@ -17,6 +17,7 @@ the module is back to its original state, bit for bit.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from enum import Enum
 
@@ -32,8 +33,10 @@ class Route(str, Enum):
     OUTPUT_OUTPUT = "output->output"
 
 
-def _first_parameter(module: nn.Module) -> str | None:
-    for parameter in inspect.signature(module.forward).parameters.values():
+@functools.lru_cache(maxsize=None)
+def _first_parameter(module_class: type[nn.Module]) -> str | None:
+    # Cached per class: inspecting a signature costs more than attaching a delta.
+    for parameter in list(inspect.signature(module_class.forward).parameters.values())[1:]:  # skip self
         if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
             return parameter.name
     return None
@@ -57,7 +60,7 @@ class DeltaSlot(nn.ModuleDict):
     def __init__(self, host: nn.Module) -> None:
         super().__init__()
         self._routes: dict[str, tuple[Route, int]] = {}
-        self._first_input = _first_parameter(host)
+        self._first_input = _first_parameter(type(host))
         self._handles: list = []
         self._plan()
 
