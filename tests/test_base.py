@@ -276,3 +276,18 @@ def test_two_saved_deltas_of_one_type_load_side_by_side(saved, tmp_path):
     assert (first.name, second.name) == ("lora", "lora_1")
     second.detach()
     assert torch.equal(first_output(model, tiny_batch("bert")), saved[1])
+
+
+def test_lora_dropout_acts_in_training_only():
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    delta = LoraModel(model, ["query"], lora_dropout=0.5)
+    _randomize(delta)
+    evaluated = first_output(model, batch)
+    assert torch.equal(first_output(model, batch), evaluated), "no dropout in eval mode"
+    model.train()
+    for module in model.modules():  # only LoRA's dropout stays active
+        if isinstance(module, nn.Dropout) and module is not delta.deltas["bert.encoder.layer.0.attention.self.query"].dropout:
+            module.eval()
+    torch.manual_seed(0)
+    assert not torch.equal(first_output(model, batch), evaluated)

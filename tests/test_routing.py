@@ -132,3 +132,16 @@ def test_deepcopy_of_a_modified_backbone_routes_through_its_own_copies(batch):
         for slot in (m for n, m in clone.named_modules() if n.endswith(".deltas")):
             slot.lora.lora_B.zero_()
     assert torch.equal(first_output(clone, batch), first_output(model, batch))
+
+
+def test_a_model_output_keeps_its_other_fields(batch):
+    model = tiny_model("bert")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        bare = model.bert(**inputs)
+    delta = AdapterModel(model, ["bert"])  # BertModel returns a ModelOutput: last_hidden_state, pooler_output
+    _randomize(delta)
+    with torch.no_grad():
+        out = model.bert(**inputs)
+    assert not torch.equal(out.last_hidden_state, bare.last_hidden_state)
+    assert torch.equal(out.pooler_output, bare.pooler_output), "only the first field is re-routed"

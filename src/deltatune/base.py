@@ -24,6 +24,12 @@ _creation = itertools.count()  # fixes the order in which deltas on one module r
 class DeltaBase:
     """A set of delta modules attached to chosen positions of a frozen, unmodified backbone.
 
+    Arguments: the backbone; ``modified_modules`` / ``exclude_modules`` (see :mod:`deltatune.addressing`); the
+    method's hyper-parameters (fields of its ``config_class``); ``name``, the slot name on each module (default: the
+    delta type, or ``<type>_<n>`` when taken); ``pseudo_input`` for the probe pass when the model's own config cannot
+    provide one; ``attach=False`` to build without attaching; ``positions``, exact full module names that replace
+    the specs (used when loading a checkpoint).
+
     Subclasses declare ``delta_type``, ``config_class``, ``route`` and ``mergeable`` and implement :meth:`build`,
     which makes the delta module for one position from the module and what the probe saw flow through it.
     """
@@ -71,7 +77,7 @@ class DeltaBase:
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
         self.deltas: dict[str, nn.Module] = {p: self.build(p, modules[p], seen[p]) for p in self.positions}
         self.order = next(_creation)
-        self.name = name or self._free_name(modules)
+        self.name = name or self._free_name()
         self.unfrozen_backbone: list[str] = []
         self.attached = False
         self.merged = False
@@ -96,8 +102,8 @@ class DeltaBase:
         )
 
     # -------------------------------------------------------------------------------------------- lifecycle
-    def _free_name(self, modules: dict[str, nn.Module]) -> str:
-        taken = {n for p in self.positions for n in routing.attached_names(modules[p])}
+    def _free_name(self) -> str:
+        taken = {n for host in self._hosts.values() for n in routing.attached_names(host)}
         candidates = itertools.chain([self.delta_type], (f"{self.delta_type}_{i}" for i in itertools.count(1)))
         return next(n for n in candidates if n not in taken)
 
