@@ -75,7 +75,9 @@ class DeltaBase:
         modules = dict(backbone_model.named_modules())
         seen = probe(backbone_model, self.positions, pseudo_input)
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
-        self.deltas: dict[str, nn.Module] = {p: self.build(p, modules[p], seen[p]) for p in self.positions}
+        self.deltas: dict[str, nn.Module] = {
+            p: self.build(p, modules[p], seen[p]).train(modules[p].training) for p in self.positions  # match its host
+        }
         self.order = next(_creation)
         self.name = name or self._free_name()
         self.unfrozen_backbone: list[str] = []
