@@ -219,7 +219,8 @@ class DeltaBase:
                         setattr(host, attr, nn.Parameter(update.clone(), requires_grad=False))
                         state[attr] = None
                         continue
-                    state[attr] = current.detach().clone() if exact else "subtract"
+                    keep = exact or getattr(self.deltas[position], "needs_exact_unmerge", False)
+                    state[attr] = current.detach().clone() if keep else "subtract"
                     current.add_(update.to(current.dtype))
                 routing.detach(host, self.name)
         self.merged = True

@@ -9,6 +9,18 @@
 ``A`` starts Kaiming-uniform and ``B`` at zero, so the model is unchanged at init.  Works on ``nn.Linear``,
 transformers' ``Conv1D`` (GPT-2; weight stored transposed) and ``nn.Embedding`` (``A`` is indexed by token id,
 as in PEFT: ``A`` starts at zero and ``B`` normal).  Mergeable: ``W <- W + (α/r) B A``.
+
+Options:
+
+- ``use_rslora`` (Kalajdzievski 2023): scale by ``α/√r`` instead of ``α/r``, so the update's size does not shrink
+  as the rank grows.
+- ``use_dora`` (Liu et al. 2024, weight-decomposed LoRA): the adapted weight ``W' = W + s·B A`` is split into a
+  direction and a trainable magnitude ``m`` (one per output feature, initialised to the row norms of ``W``)::
+
+      h = (m / ‖W + s·B A‖_row) ⊙ (W x + s·B A x) + b
+
+  The norm is treated as a constant in the backward pass (as in the paper and PEFT), which saves memory.
+  Linear and Conv1D only.  Merging sets ``W <- m/‖W'‖ ⊙ W'``; unmerging restores the kept original weight.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ class LoraConfig(DeltaConfig):
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lora_r, int) and self.lora_r > 0):
@@ -43,7 +57,7 @@ class LoraConfig(DeltaConfig):
 class LoraLayer(nn.Module):
     """``h <- h + (α/r) · dropout(x) Aᵀ Bᵀ`` for one Linear, Conv1D or Embedding."""
 
-    def __init__(self, host: nn.Module, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, host: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> None:
         super().__init__()
         weight = host.weight
         self.embedding = isinstance(host, nn.Embedding)
@@ -60,27 +74,54 @@ class LoraLayer(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
-        self.scaling = alpha / r
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.embedding else None
+        self.magnitude = None
+        if dora:
+            self._host = (host,)  # a tuple, so the host is not registered as a submodule of its own delta
+            self.magnitude = nn.Parameter(self._host_weight().detach().norm(dim=1))
+
+    def _host_weight(self) -> torch.Tensor:
+        """The host's weight in (out, in) layout."""
+        weight = self._host[0].weight
+        return weight.t() if self.transposed else weight
+
+    def _dora_scale(self) -> torch.Tensor:
+        adapted = self._host_weight() + self.scaling * (self.lora_B @ self.lora_A)
+        return self.magnitude / adapted.norm(dim=1).detach()
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.embedding:
             a = F.embedding(x, self.lora_A.t(), padding_idx=self.padding_idx)
         else:
             a = F.linear(self.dropout(x) if self.dropout is not None else x, self.lora_A)
+        if self.magnitude is not None:
+            bias = self._host[0].bias  # h = W x + b: the magnitude rescales W x and the update, not b
+            update = F.linear(a, self.lora_B) * self.scaling
+            if bias is None:
+                return self._dora_scale() * (h + update)
+            return self._dora_scale() * (h - bias + update) + bias
         # one fused kernel for h + scaling * (a @ Bᵀ)
         out = torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.t(), alpha=self.scaling)
         return out.view(h.shape)
 
+    @property
+    def needs_exact_unmerge(self) -> bool:
+        # DoRA's merged weight is a rescaling of W: W cannot be recovered by subtracting an update.
+        return self.magnitude is not None
+
     def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # out × in
+        if self.magnitude is not None:
+            weight = self._host_weight()
+            delta = self._dora_scale()[:, None] * (weight + delta) - weight
         return {"weight": delta.t() if self.transposed or self.embedding else delta}
 
 
 class LoraModel(DeltaBase):
     """Low-rank adaptation of Linear / Conv1D / Embedding modules: ``h = W x + (lora_alpha/lora_r) · B A x``.
 
-    Parameters per module: ``lora_r · (in + out)``.
+    Parameters per module: ``lora_r · (in + out)``, plus ``out`` with ``use_dora``.
     """
 
     delta_type = "lora"
@@ -91,4 +132,8 @@ class LoraModel(DeltaBase):
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             raise self._unsupported(position, module, "nn.Linear, transformers Conv1D and nn.Embedding")
-        return LoraLayer(module, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout)
+        if self.config.use_dora and isinstance(module, nn.Embedding):
+            raise self._unsupported(position, module, "nn.Linear and transformers Conv1D when use_dora=True")
+        config = self.config
+        return LoraLayer(module, config.lora_r, config.lora_alpha, config.lora_dropout, config.use_rslora,
+                         config.use_dora)
