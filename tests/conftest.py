@@ -16,8 +16,9 @@ VOCAB = 96
 @dataclass(frozen=True)
 class Family:
     build: Callable[[], nn.Module]
-    # Default positions per delta type for this family (AutoDelta will provide these later).
-    positions: dict[str, list[str]]
+    # Positions per delta type for this family (AutoDelta will provide defaults later): a list of
+    # modified_modules, or a dict of keyword arguments when the method takes more than positions.
+    positions: dict[str, list[str] | dict[str, list[str]]]
     seq2seq: bool = False
     labels: str = "tokens"  # "tokens" for LM heads, "class" for sequence classification
 
@@ -34,11 +35,14 @@ ENCODER_POSITIONS = {
     "lora": ["query", "value"],
     "adapter": ["attention.output", r"[r]layer\.\d+\.output"],
     "bitfit": ["query", "key", "value", "dense", "LayerNorm"],
+    "ia3": {"modified_modules": ["key", "value", r"[r]layer\.\d+\.output\.dense"],
+            "feedforward_modules": [r"[r]layer\.\d+\.output\.dense"]},
 }
 DECODER_POSITIONS = {  # LLaMA / OPT / BART naming
     "lora": ["q_proj", "v_proj"],
     "adapter": ["self_attn", "fc2"],
     "bitfit": ["q_proj", "fc1", "final_layer_norm"],
+    "ia3": {"modified_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
 }
 
 FAMILIES: dict[str, Family] = {
@@ -48,12 +52,14 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(
         lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                                  bos_token_id=1, eos_token_id=2)),
-        {"lora": ["c_attn", "attn.c_proj"], "adapter": ["attn", "mlp"], "bitfit": ["c_attn", "c_proj", "ln_1"]},
+        {"lora": ["c_attn", "attn.c_proj"], "adapter": ["attn", "mlp"], "bitfit": ["c_attn", "c_proj", "ln_1"],
+         "ia3": {"modified_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]}},
     ),
     "t5": Family(
         lambda: tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                                           num_heads=4, decoder_start_token_id=0)),
-        {"lora": ["q", "v"], "adapter": ["SelfAttention", "DenseReluDense"], "bitfit": ["q", "v", "o", "wo"]},
+        {"lora": ["q", "v"], "adapter": ["SelfAttention", "DenseReluDense"], "bitfit": ["q", "v", "o", "wo"],
+         "ia3": {"modified_modules": ["k", "v", "wo"], "feedforward_modules": ["wo"]}},
         seq2seq=True,
     ),
     "bart": Family(
@@ -68,7 +74,8 @@ FAMILIES: dict[str, Family] = {
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)),
         {"lora": ["q_proj", "v_proj", "embed_tokens"], "adapter": ["self_attn", "mlp"],
-         "bitfit": ["q_proj", "down_proj", "input_layernorm"]},
+         "bitfit": ["q_proj", "down_proj", "input_layernorm"],
+         "ia3": {"modified_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}},
     ),
     "opt": Family(
         lambda: tf.OPTForCausalLM(tf.OPTConfig(

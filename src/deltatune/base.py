@@ -93,6 +93,10 @@ class DeltaBase:
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         raise NotImplementedError
 
+    def route_at(self, position: str) -> Route:
+        """The route at one position: the class's ``route`` unless a method mixes routes."""
+        return self.route
+
     @classmethod
     def _example_modules(cls) -> list[str]:
         return ["query", "value"]
@@ -116,7 +120,7 @@ class DeltaBase:
         done = []
         try:
             for position, host in self._hosts.items():
-                routing.attach(host, self.name, self.deltas[position], self.route, self.order)
+                routing.attach(host, self.name, self.deltas[position], self.route_at(position), self.order)
                 done.append(host)
         except Exception:
             for host in done:
@@ -240,7 +244,7 @@ class DeltaBase:
                         getattr(host, attr).copy_(saved)
                     else:
                         getattr(host, attr).sub_(updates[attr].to(getattr(host, attr).dtype))
-                routing.attach(host, self.name, self.deltas[position], self.route, self.order)
+                routing.attach(host, self.name, self.deltas[position], self.route_at(position), self.order)
         self.merged = False
         return self
 
@@ -252,7 +256,7 @@ class DeltaBase:
         state = "merged" if self.merged else "attached" if self.attached else "detached"
         shown = self.positions if len(self.positions) <= 8 else [*self.positions[:3], "...", *self.positions[-3:]]
         lines = [
-            f"{type(self).__name__} {self.name!r} ({self.route.value}) on {len(self.positions)} modules "
+            f"{type(self).__name__} {self.name!r} ({', '.join(sorted({self.route_at(p).value for p in self.positions}))}) on {len(self.positions)} modules "
             f"of {type(self.backbone_model).__name__}, {state}",
             *(f"  {p}" for p in shown),
             f"  backbone parameters:  {total:,}",

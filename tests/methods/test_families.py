@@ -3,11 +3,16 @@
 import pytest
 import torch
 
-from deltatune import AdapterModel, BitFitModel, DeltaBase, LoraModel
+from deltatune import AdapterModel, BitFitModel, DeltaBase, IA3Model, LoraModel
 
 from conftest import FAMILIES, first_output, tiny_batch, tiny_model
 
-METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel}
+METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel, "ia3": IA3Model}
+
+
+def build(method: str, family: str, model):
+    spec = FAMILIES[family].positions[method]
+    return METHODS[method](model, **(spec if isinstance(spec, dict) else {"modified_modules": spec}))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -18,9 +23,9 @@ def test_attach_train_save_load_detach(family, method, tmp_path):
     reference = first_output(model, batch)
     backbone_before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    delta = METHODS[method](model, FAMILIES[family].positions[method])
+    delta = build(method, family, model)
     delta.freeze_module(exclude=["deltas"])
-    # Every method here is the identity at init (LoRA B=0, adapter up=0, BitFit Δb=0).
+    # Every method here is the identity at init (LoRA B=0, adapter up=0, BitFit Δb=0, (IA)³ l=1).
     assert torch.equal(first_output(model, batch), reference)
 
     model.train()
