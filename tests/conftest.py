@@ -85,6 +85,13 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+PARALLEL_POSITIONS = {"bert": ["attention.self", "intermediate"], "roberta": ["attention.self", "intermediate"],
+                      "gpt2": ["attn", "mlp"], "t5": ["SelfAttention", "DenseReluDense"], "bart": ["self_attn", "fc2"],
+                      "llama": ["self_attn", "mlp"], "opt": ["self_attn", "fc2"]}
+for _name, _family in FAMILIES.items():
+    _family.positions["parallel_adapter"] = PARALLEL_POSITIONS[_name]
+    _family.positions["low_rank_adapter"] = _family.positions["adapter"]
+
 
 def tiny_model(family: str) -> nn.Module:
     torch.manual_seed(0)

@@ -2,9 +2,17 @@
 
 from .base import DELTA_TYPES, DeltaBase
 from .config import DeltaConfig
-from .methods import AdapterModel, BitFitModel, IA3Model, LoraModel
+from .methods import (
+    AdapterModel,
+    BitFitModel,
+    IA3Model,
+    LoraModel,
+    LowRankAdapterModel,
+    ParallelAdapterModel,
+)
 from .routing import Route
 
 __version__ = "0.1.0"
 
-__all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "Route"]
+__all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
+           "ParallelAdapterModel", "Route"]

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
+from .bottleneck import Bottleneck, check_activation, check_positive
 
 
 @dataclass
@@ -30,28 +30,20 @@ class AdapterConfig(DeltaConfig):
     non_linearity: str = "gelu_new"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.bottleneck_dim, int) and self.bottleneck_dim > 0):
-            raise ValueError(f"bottleneck_dim must be a positive integer, got {self.bottleneck_dim!r}")
-        if self.non_linearity not in ACT2FN:
-            raise ValueError(f"unknown non_linearity {self.non_linearity!r}; choose one of {', '.join(sorted(ACT2FN))}")
+        check_positive("bottleneck_dim", self.bottleneck_dim)
+        check_activation(self.non_linearity)
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(Bottleneck):
     """``h <- h + up(act(down(h)))``."""
 
-    def __init__(self, hidden: int, bottleneck: int, non_linearity: str, seen: Seen) -> None:
-        super().__init__()
-        factory = {"device": seen.device, "dtype": seen.dtype}
-        self.down = nn.Linear(hidden, bottleneck, **factory)
-        self.act = ACT2FN[non_linearity]
-        self.up = nn.Linear(bottleneck, hidden, **factory)
-        nn.init.normal_(self.down.weight, std=1e-2)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
+        return h + super().forward(h)
+
+
+def hidden_state_check(method: DeltaBase, position: str, module: nn.Module, seen: Seen) -> None:
+    if not seen.dtype.is_floating_point:
+        raise method._unsupported(position, module, "modules whose output is a floating-point hidden state")
 
 
 class AdapterModel(DeltaBase):
@@ -66,6 +58,6 @@ class AdapterModel(DeltaBase):
         return ["attention.output", "output"]
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
-        if not seen.dtype.is_floating_point:
-            raise self._unsupported(position, module, "modules whose output is a floating-point hidden state")
-        return AdapterLayer(seen.hidden_size, self.config.bottleneck_dim, self.config.non_linearity, seen)
+        hidden_state_check(self, position, module, seen)
+        d = seen.hidden_size
+        return AdapterLayer(d, self.config.bottleneck_dim, d, self.config.non_linearity, seen)

@@ -1,0 +1,61 @@
+"""The bottleneck ``up(act(down(t)))`` shared by the adapter family, with full or low-rank projections."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..probe import Seen
+
+
+def check_activation(name: str) -> None:
+    if name not in ACT2FN:
+        raise ValueError(f"unknown non_linearity {name!r}; choose one of {', '.join(sorted(ACT2FN))}")
+
+
+def check_positive(name: str, value: object) -> None:
+    if not (isinstance(value, int) and value > 0):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class LowRankLinear(nn.Module):
+    """``y = x (L R)ᵀ + b`` with ``L`` (out × k) and ``R`` (k × in): a Linear whose weight has rank ``k``."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, **factory) -> None:
+        super().__init__()
+        self.left = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.right = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory))
+        nn.init.kaiming_uniform_(self.right, a=math.sqrt(5))
+        nn.init.normal_(self.left, std=1e-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.right), self.left, self.bias)
+
+
+class Bottleneck(nn.Module):
+    """``up(act(down(t)))``, ``down``: in → m, ``up``: m → out; ``up`` starts at zero so the output starts at 0."""
+
+    def __init__(self, in_features: int, bottleneck: int, out_features: int, non_linearity: str, seen: Seen,
+                 low_rank: int | None = None) -> None:
+        super().__init__()
+        factory = {"device": seen.device, "dtype": seen.dtype}
+        if low_rank is None:
+            self.down = nn.Linear(in_features, bottleneck, **factory)
+            self.up = nn.Linear(bottleneck, out_features, **factory)
+            nn.init.normal_(self.down.weight, std=1e-2)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+        else:
+            self.down = LowRankLinear(in_features, bottleneck, low_rank, **factory)
+            self.up = LowRankLinear(bottleneck, out_features, low_rank, **factory)
+            nn.init.zeros_(self.up.left)
+        nn.init.zeros_(self.up.bias)
+        self.act = ACT2FN[non_linearity]
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.up(self.act(self.down(t)))

@@ -1,0 +1,44 @@
+"""The adapter family: closed-form parameter counts, identity at init, low-rank factors of any rank."""
+
+import pytest
+import torch
+
+from deltatune import AdapterModel, LowRankAdapterModel, ParallelAdapterModel
+
+from conftest import first_output, tiny_batch, tiny_model
+
+D, FFN, LAYERS = 32, 64, 2  # the tiny BERT
+
+
+def test_adapter_parameter_count():
+    delta = AdapterModel(tiny_model("bert"), ["attention.output"], bottleneck_dim=8)
+    assert delta.num_delta_parameters() == LAYERS * (2 * D * 8 + 8 + D)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_low_rank_adapter_parameter_count_and_rank(rank):
+    delta = LowRankAdapterModel(tiny_model("bert"), ["attention.output"], reduction_factor=4, low_rank_rank=rank)
+    m = D // 4
+    assert delta.num_delta_parameters() == LAYERS * (rank * (D + m) + m + rank * (m + D) + D)
+    layer = next(iter(delta.deltas.values()))
+    with torch.no_grad():
+        layer.up.left.normal_()
+    weight = layer.up.left @ layer.up.right
+    assert torch.linalg.matrix_rank(weight) == rank, "a real matrix product of rank k, not an elementwise one"
+
+
+def test_parallel_adapter_reads_the_input_and_writes_the_output():
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    reference = first_output(model, batch)
+    delta = ParallelAdapterModel(model, ["intermediate"], bottleneck_dim=4, scaled=0.5)
+    assert delta.num_delta_parameters() == LAYERS * (D * 4 + 4 + 4 * FFN + FFN)
+    assert torch.equal(first_output(model, batch), reference)
+    layer = next(iter(delta.deltas.values()))
+    assert (layer.down.in_features, layer.up.out_features) == (D, FFN)
+    with torch.no_grad():
+        layer.up.weight.normal_()
+    x = torch.randn(1, 3, D)
+    host = model.bert.encoder.layer[0].intermediate
+    expected = host.intermediate_act_fn(host.dense(x)) + 0.5 * layer.up(layer.act(layer.down(x)))
+    torch.testing.assert_close(host(x), expected, rtol=0, atol=0)
