@@ -91,6 +91,7 @@ PARALLEL_POSITIONS = {"bert": ["attention.self", "intermediate"], "roberta": ["a
 for _name, _family in FAMILIES.items():
     _family.positions["parallel_adapter"] = PARALLEL_POSITIONS[_name]
     _family.positions["low_rank_adapter"] = _family.positions["adapter"]
+    _family.positions["compacter"] = _family.positions["adapter"]
 
 
 def tiny_model(family: str) -> nn.Module:

@@ -5,6 +5,7 @@ from .config import DeltaConfig
 from .methods import (
     AdapterModel,
     BitFitModel,
+    CompacterModel,
     IA3Model,
     LoraModel,
     LowRankAdapterModel,
@@ -14,5 +15,5 @@ from .routing import Route
 
 __version__ = "0.1.0"
 
-__all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
+__all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
            "ParallelAdapterModel", "Route"]

@@ -147,7 +147,8 @@ class DeltaBase:
 
     # --------------------------------------------------------------------------------------------- training
     def delta_parameters(self) -> list[nn.Parameter]:
-        return [p for delta in self.deltas.values() for p in delta.parameters()]
+        """This delta's parameters, each once (a method may share one tensor across positions)."""
+        return list({id(p): p for delta in self.deltas.values() for p in delta.parameters()}.values())
 
     def num_delta_parameters(self) -> int:
         return sum(p.numel() for p in self.delta_parameters())

@@ -42,3 +42,33 @@ def test_parallel_adapter_reads_the_input_and_writes_the_output():
     host = model.bert.encoder.layer[0].intermediate
     expected = host.intermediate_act_fn(host.dense(x)) + 0.5 * layer.up(layer.act(layer.down(x)))
     torch.testing.assert_close(host(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_compacter_parameter_count_follows_the_formula(shared):
+    from deltatune import CompacterModel
+
+    n, r, m = 4, 2, 8
+    delta = CompacterModel(tiny_model("bert"), ["attention.output"], reduction_factor=4, hypercomplex_division=n,
+                           phm_rank=r, shared_phm_rule=shared)
+    per_module = r * (D + m) + m + r * (m + D) + D
+    rules = 2 * n**3 * (1 if shared else LAYERS)
+    assert delta.num_delta_parameters() == LAYERS * per_module + rules
+
+
+def test_phm_weight_is_a_sum_of_kronecker_products():
+    from deltatune import CompacterModel
+
+    delta = CompacterModel(tiny_model("bert"), ["attention.output"], reduction_factor=4, phm_rank=2)
+    down = next(iter(delta.deltas.values())).down
+    blocks = down.left @ down.right
+    expected = sum(torch.kron(down.rule[i], blocks[i]) for i in range(4))
+    torch.testing.assert_close(down.weight(), expected, rtol=0, atol=1e-7)
+    assert down.weight().shape == (8, D)
+
+
+def test_compacter_division_must_divide_the_sizes():
+    from deltatune import CompacterModel
+
+    with pytest.raises(ValueError, match="hypercomplex_division=5 must divide"):
+        CompacterModel(tiny_model("bert"), ["attention.output"], hypercomplex_division=5)

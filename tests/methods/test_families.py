@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from deltatune import (AdapterModel, BitFitModel, DeltaBase, IA3Model, LoraModel, LowRankAdapterModel,
+from deltatune import (AdapterModel, BitFitModel, CompacterModel, DeltaBase, IA3Model, LoraModel, LowRankAdapterModel,
                        ParallelAdapterModel)
 
 from conftest import FAMILIES, first_output, tiny_batch, tiny_model
 
 METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel, "ia3": IA3Model,
-           "low_rank_adapter": LowRankAdapterModel, "parallel_adapter": ParallelAdapterModel}
+           "low_rank_adapter": LowRankAdapterModel, "compacter": CompacterModel, "parallel_adapter": ParallelAdapterModel}
 
 
 def build(method: str, family: str, model):

@@ -33,6 +33,9 @@ class LowRankLinear(nn.Module):
         nn.init.kaiming_uniform_(self.right, a=math.sqrt(5))
         nn.init.normal_(self.left, std=1e-2)
 
+    def start_at_zero(self) -> None:
+        nn.init.zeros_(self.left)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.right), self.left, self.bias)
 
@@ -41,19 +44,19 @@ class Bottleneck(nn.Module):
     """``up(act(down(t)))``, ``down``: in → m, ``up``: m → out; ``up`` starts at zero so the output starts at 0."""
 
     def __init__(self, in_features: int, bottleneck: int, out_features: int, non_linearity: str, seen: Seen,
-                 low_rank: int | None = None) -> None:
+                 projections: tuple[nn.Module, nn.Module] | None = None) -> None:
+        """``projections``: (down, up) modules with a ``start_at_zero()`` method instead of plain Linears."""
         super().__init__()
-        factory = {"device": seen.device, "dtype": seen.dtype}
-        if low_rank is None:
+        if projections is None:
+            factory = {"device": seen.device, "dtype": seen.dtype}
             self.down = nn.Linear(in_features, bottleneck, **factory)
             self.up = nn.Linear(bottleneck, out_features, **factory)
             nn.init.normal_(self.down.weight, std=1e-2)
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.weight)
         else:
-            self.down = LowRankLinear(in_features, bottleneck, low_rank, **factory)
-            self.up = LowRankLinear(bottleneck, out_features, low_rank, **factory)
-            nn.init.zeros_(self.up.left)
+            self.down, self.up = projections
+            self.up.start_at_zero()
         nn.init.zeros_(self.up.bias)
         self.act = ACT2FN[non_linearity]
 

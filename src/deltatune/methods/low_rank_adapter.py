@@ -20,7 +20,7 @@ from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
 from .adapter import AdapterLayer, hidden_state_check
-from .bottleneck import check_activation, check_positive
+from .bottleneck import LowRankLinear, check_activation, check_positive
 
 
 @dataclass
@@ -49,5 +49,7 @@ class LowRankAdapterModel(DeltaBase):
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         hidden_state_check(self, position, module, seen)
         d, config = seen.hidden_size, self.config
-        return AdapterLayer(d, max(1, d // config.reduction_factor), d, config.non_linearity, seen,
-                            low_rank=config.low_rank_rank)
+        m, k = max(1, d // config.reduction_factor), config.low_rank_rank
+        factory = {"device": seen.device, "dtype": seen.dtype}
+        projections = LowRankLinear(d, m, k, **factory), LowRankLinear(m, d, k, **factory)
+        return AdapterLayer(d, m, d, config.non_linearity, seen, projections)

@@ -1,0 +1,106 @@
+"""Compacter (Karimi Mahabadi et al. 2021): a sequential adapter whose projections are PHM layers.
+
+A parameterized hypercomplex multiplication (PHM) layer builds its weight as a sum of Kronecker products::
+
+    W = Σ_{i=1..n} A_i ⊗ B_i,    A_i: n × n  (the "rule"),    B_i = s_i t_iᵀ: (out/n) × (in/n), rank phm_rank
+
+    h <- h + up(act(down(h))),   down: d → m,  up: m → d,   m = d / reduction_factor,   n = hypercomplex_division
+
+With ``shared_phm_rule`` (the default, as in the paper) one rule ``A`` for all down projections and one for all up
+projections is shared across every modified module.  ``s`` of the up projection starts at zero, so the model is
+unchanged at init.  Output -> output route.  Parameters: per module ``r·(d + m) + m + r·(m + d) + d`` (factors and
+biases), plus ``2·n³`` for the shared rules (``2·n³`` per module without sharing).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import DeltaBase
+from ..config import DeltaConfig
+from ..probe import Seen
+from ..routing import Route
+from .adapter import AdapterLayer, hidden_state_check
+from .bottleneck import check_activation, check_positive
+
+
+@dataclass
+class CompacterConfig(DeltaConfig):
+    reduction_factor: int = 16
+    hypercomplex_division: int = 4
+    phm_rank: int = 1
+    shared_phm_rule: bool = True
+    phm_init_range: float = 0.0001
+    non_linearity: str = "gelu_new"
+
+    def __post_init__(self) -> None:
+        for name in ("reduction_factor", "hypercomplex_division", "phm_rank"):
+            check_positive(name, getattr(self, name))
+        check_activation(self.non_linearity)
+
+
+class PHMLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W = Σ_i A_i ⊗ (s_i t_iᵀ)``."""
+
+    def __init__(self, in_features: int, out_features: int, n: int, rank: int, rule: nn.Parameter | None,
+                 init_range: float, **factory) -> None:
+        super().__init__()
+        if in_features % n or out_features % n:
+            raise ValueError(
+                f"hypercomplex_division={n} must divide both sizes of a PHM layer ({in_features} → {out_features}); "
+                "choose another hypercomplex_division or reduction_factor"
+            )
+        self.rule = rule if rule is not None else new_rule(n, **factory)
+        self.left = nn.Parameter(torch.empty(n, out_features // n, rank, **factory).uniform_(-init_range, init_range))
+        self.right = nn.Parameter(torch.empty(n, rank, in_features // n, **factory).uniform_(-init_range, init_range))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory))
+
+    def start_at_zero(self) -> None:
+        nn.init.zeros_(self.left)
+
+    def weight(self) -> torch.Tensor:
+        n, out_n, _ = self.left.shape
+        blocks = self.left @ self.right  # B_i: n × (out/n) × (in/n)
+        # kron(A_i, B_i)[p·out/n + q, r·in/n + s] = A_i[p, r] · B_i[q, s], summed over i
+        return torch.einsum("ipr,iqs->pqrs", self.rule, blocks).reshape(n * out_n, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+def new_rule(n: int, **factory) -> nn.Parameter:
+    return nn.Parameter(torch.empty(n, n, n, **factory).normal_(std=0.01))
+
+
+class CompacterModel(DeltaBase):
+    """Adapters with PHM (sum-of-Kronecker-products) projections, bottleneck ``d / reduction_factor``."""
+
+    delta_type = "compacter"
+    config_class = CompacterConfig
+    route = Route.OUTPUT_OUTPUT
+
+    @classmethod
+    def _example_modules(cls) -> list[str]:
+        return ["attention.output", "output"]
+
+    @functools.cached_property
+    def shared_rules(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """One rule for every down projection and one for every up projection."""
+        weight = next(self.backbone_model.parameters())
+        n = self.config.hypercomplex_division
+        return new_rule(n, device=weight.device, dtype=weight.dtype), new_rule(n, device=weight.device, dtype=weight.dtype)
+
+    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        hidden_state_check(self, position, module, seen)
+        config = self.config
+        n, d = config.hypercomplex_division, seen.hidden_size
+        m = max(n, d // config.reduction_factor)
+        down_rule, up_rule = self.shared_rules if config.shared_phm_rule else (None, None)
+        phm = functools.partial(PHMLinear, n=n, rank=config.phm_rank, init_range=config.phm_init_range,
+                                device=seen.device, dtype=seen.dtype)
+        return AdapterLayer(d, m, d, config.non_linearity, seen, (phm(d, m, rule=down_rule), phm(m, d, rule=up_rule)))
