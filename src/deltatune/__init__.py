@@ -10,10 +10,11 @@ from .methods import (
     LoraModel,
     LowRankAdapterModel,
     ParallelAdapterModel,
+    SoftPromptModel,
 )
 from .routing import Route
 
 __version__ = "0.1.0"
 
 __all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
-           "ParallelAdapterModel", "Route"]
+           "ParallelAdapterModel", "Route", "SoftPromptModel"]

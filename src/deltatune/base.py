@@ -68,7 +68,7 @@ class DeltaBase:
                 )
             positions = resolve_positions(backbone_model, self.config.modified_modules, self.config.exclude_modules)
         else:
-            unknown = sorted(set(positions) - set(addressable_names(backbone_model)))
+            unknown = sorted(set(positions) - {"", *addressable_names(backbone_model)})  # "": the model itself
             if unknown:
                 raise ValueError(f"{type(backbone_model).__name__} has no module(s) {unknown[:5]}")
         self.positions = list(positions)
@@ -259,7 +259,7 @@ class DeltaBase:
         lines = [
             f"{type(self).__name__} {self.name!r} ({', '.join(sorted({self.route_at(p).value for p in self.positions}))}) on {len(self.positions)} modules "
             f"of {type(self.backbone_model).__name__}, {state}",
-            *(f"  {p}" for p in shown),
+            *(f"  {p or '(the model itself)'}" for p in shown),
             f"  backbone parameters:  {total:,}",
             f"  delta parameters:     {delta:,} ({100 * delta / max(total, 1):.4f}% of the backbone)",
             f"  trainable parameters: {trainable:,} ({100 * trainable / max(total + delta, 1):.4f}% of all)",
@@ -276,7 +276,8 @@ class DeltaBase:
     # ---------------------------------------------------------------------------------------- save and load
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensors: ``deltas.<position>.<name>`` and ``backbone.<key>`` for unfrozen parameters."""
-        tensors = {f"deltas.{p}.{k}": t for p, delta in self.deltas.items() for k, t in delta.state_dict().items()}
+        tensors = {".".join(filter(None, ("deltas", p, k))): t
+                   for p, delta in self.deltas.items() for k, t in delta.state_dict().items()}
         backbone = dict(self.backbone_model.named_parameters(remove_duplicate=False))
         tensors.update({f"backbone.{k}": backbone[k] for k in self.unfrozen_backbone})
         return tensors

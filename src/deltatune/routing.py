@@ -3,6 +3,7 @@
 Three routes cover the methods (He et al. 2022)::
 
     input -> input    x <- m(x)        before the module runs      (prompts, prefixes)
+                      or (args, kwargs) <- m(args, kwargs) for a delta with ``rewrites_call = True``
     input -> output   h <- m(x, h)     after, reading its input    (LoRA, parallel adapter, (IA)^3)
     output -> output  h <- m(h)        after, reading its output   (sequential adapter, BitFit, Compacter)
 
@@ -84,7 +85,9 @@ class DeltaSlot(nn.ModuleDict):
 
     def _plan(self) -> None:
         ordered = sorted(self._routes.items(), key=lambda item: item[1][1])
-        self._input_rewrites = [self[n] for n, (r, _) in ordered if r is Route.INPUT_INPUT]
+        rewrites = [self[n] for n, (r, _) in ordered if r is Route.INPUT_INPUT]
+        self._call_rewrites = [m for m in rewrites if getattr(m, "rewrites_call", False)]
+        self._input_rewrites = [m for m in rewrites if not getattr(m, "rewrites_call", False)]
         self._parallel = [self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT]
         self._output_rewrites = [self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT]
 
@@ -93,7 +96,7 @@ class DeltaSlot(nn.ModuleDict):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._input_rewrites:
+        if self._call_rewrites or self._input_rewrites:
             self._handles.append(host.register_forward_pre_hook(self._before, with_kwargs=True))
         if self._parallel or self._output_rewrites:
             self._handles.append(host.register_forward_hook(self._after, with_kwargs=True))
@@ -106,6 +109,10 @@ class DeltaSlot(nn.ModuleDict):
         raise RuntimeError(f"the module was called without its first input {self._first_input!r}; cannot re-route it")
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        for delta in self._call_rewrites:
+            args, kwargs = delta(args, kwargs)
+        if not self._input_rewrites:
+            return args, kwargs
         x = self._input(args, kwargs)
         for delta in self._input_rewrites:
             x = delta(x)

@@ -1,0 +1,124 @@
+"""Prompt tuning (Lester et al. 2021): trainable soft token embeddings inserted into the input, input -> input route.
+
+::
+
+    [e(x_1) … e(x_L)]  ->  [e(x_1) … e(x_i)] P [e(x_i+1) … e(x_L)],   P: soft_token_num × d, trainable
+
+The delta rewrites the model's call: ``input_ids`` become ``inputs_embeds`` with ``P`` inserted, and the
+``attention_mask`` (ones), ``token_type_ids`` (zeros), ``position_ids`` and causal-LM ``labels`` (-100) are
+extended to match.  Decoders get ``P`` first (``i = 0``); encoders that pool their first token get it after that
+token (``i = 1``), so the pooler keeps reading ``[CLS]``.  During ``generate()`` the prompt enters the KV cache at
+the first step; later steps only get their mask and positions shifted.  Outputs are ``soft_token_num`` positions
+longer than the inputs.  With ``token_init`` the prompt starts as embeddings of random vocabulary tokens (their norm
+matches the model's, which matters: random vectors of the wrong scale stall training), else uniform in
+``±init_range``.  Parameters: ``soft_token_num · d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..base import DeltaBase
+from ..config import DeltaConfig
+from ..probe import Seen
+from ..routing import Route
+from .bottleneck import check_positive
+
+
+@dataclass
+class SoftPromptConfig(DeltaConfig):
+    soft_token_num: int = 100
+    init_range: float = 0.5
+    token_init: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive("soft_token_num", self.soft_token_num)
+
+
+def _insert(tensor: torch.Tensor, at: int, block: torch.Tensor) -> torch.Tensor:
+    return torch.cat([tensor[:, :at], block.to(tensor.dtype), tensor[:, at:]], dim=1)
+
+
+class SoftPrompt(nn.Module):
+    """Insert ``soft_embeds`` into the embedded input of every call that does not continue a cached prefix."""
+
+    rewrites_call = True
+
+    def __init__(self, embedding: nn.Embedding, config: SoftPromptConfig, insert_at: int, causal_lm: bool) -> None:
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered, it belongs to the backbone
+        weight = embedding.weight
+        n = config.soft_token_num
+        if config.token_init:
+            low = min(1000, weight.shape[0] // 10)  # skip the special / rare low ids most vocabularies start with
+            ids = torch.randint(low, weight.shape[0], (n,), device=weight.device)
+            initial = weight.detach()[ids].clone()
+        else:
+            initial = torch.empty(n, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            initial.uniform_(-config.init_range, config.init_range)
+        self.soft_embeds = nn.Parameter(initial)
+        self.insert_at = insert_at
+        self.causal_lm = causal_lm
+
+    def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        if args:  # HF models take input_ids first
+            kwargs["input_ids"], args = args[0], args[1:]
+        n, at = self.soft_embeds.shape[0], self.insert_at
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            # A generation step after the first: the prompt is in the cache; shift the mask and positions past it.
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                kwargs["attention_mask"] = _insert(mask, at, mask.new_ones(mask.shape[0], n))
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = kwargs["position_ids"] + n
+            return args, kwargs
+        embeds = kwargs.pop("inputs_embeds", None)
+        ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            if ids is None:
+                raise ValueError("soft prompts need input_ids or inputs_embeds")
+            embeds = self._embedding[0](ids)
+        batch = embeds.shape[0]
+        kwargs["inputs_embeds"] = _insert(embeds, at, self.soft_embeds.expand(batch, -1, -1))
+        for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _insert(kwargs[key], at, kwargs[key].new_full((batch, n), fill))
+        if self.causal_lm and kwargs.get("labels") is not None:
+            kwargs["labels"] = _insert(kwargs["labels"], at, kwargs["labels"].new_full((batch, n), -100))
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            start = positions[:, at:at + 1] if at < positions.shape[1] else positions[:, -1:] + 1
+            prompt = start + torch.arange(n, device=positions.device)
+            kwargs["position_ids"] = torch.cat([positions[:, :at], prompt, positions[:, at:] + n], dim=1)
+        return args, kwargs
+
+
+class SoftPromptModel(DeltaBase):
+    """Prompt tuning: ``soft_token_num`` trainable embeddings inserted into every input of the model."""
+
+    delta_type = "soft_prompt"
+    config_class = SoftPromptConfig
+    route = Route.INPUT_INPUT
+
+    def __init__(self, backbone_model: nn.Module, modified_modules: list[str] | None = None, *args, **kwargs) -> None:
+        if modified_modules:
+            raise ValueError("SoftPromptModel rewrites the inputs of the whole model; it takes no modified_modules")
+        kwargs.setdefault("positions", [""])  # the model itself
+        super().__init__(backbone_model, None, *args, **kwargs)
+
+    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        config = getattr(module, "config", None)
+        get_embeddings = getattr(module, "get_input_embeddings", None)
+        if config is None or get_embeddings is None or getattr(config, "is_encoder_decoder", False):
+            raise TypeError(
+                f"SoftPromptModel supports transformers encoder and decoder models, not {type(module).__name__}"
+                + (" (encoder-decoder models are not supported yet)" if config is not None else "")
+            )
+        causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
+        decoder = causal_lm or getattr(config, "is_decoder", False)
+        return SoftPrompt(get_embeddings(), self.config, insert_at=0 if decoder else 1, causal_lm=causal_lm)

@@ -1,0 +1,74 @@
+"""Soft prompts: where they go, how they start, generation with a KV cache, errors."""
+
+import pytest
+import torch
+
+from deltatune import DeltaBase, SoftPromptModel
+
+from conftest import tiny_batch, tiny_model
+
+
+def _left_padded(family):
+    batch = tiny_batch(family)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].flip(1)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_cached_generation_equals_uncached_and_survives_a_round_trip(family, tmp_path):
+    model = tiny_model(family)
+    inputs = _left_padded(family)
+    delta = SoftPromptModel(model, soft_token_num=5)
+    with torch.no_grad():
+        delta.delta_parameters()[0].normal_()
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    cached = model.generate(**inputs, **options)
+    # Without a cache every step re-reads the prompt: equal tokens show the cached steps' mask and positions are right.
+    assert torch.equal(cached, model.generate(**inputs, **options, use_cache=False))
+    assert cached.shape == (2, inputs["input_ids"].shape[1] + 6)
+
+    delta.save_finetuned(tmp_path / "prompt")
+    fresh = tiny_model(family)
+    DeltaBase.from_finetuned(tmp_path / "prompt", fresh)
+    assert torch.equal(fresh.generate(**inputs, **options), cached)
+
+
+def test_encoders_keep_cls_first_and_decoders_put_the_prompt_first():
+    seen = {}
+    for family in ("bert", "llama"):
+        model = tiny_model(family)
+        delta = SoftPromptModel(model, soft_token_num=3)
+        embeddings = model.get_input_embeddings()
+        base = model.bert if family == "bert" else model.model
+        handle = base.register_forward_pre_hook(
+            lambda m, a, k, f=family: seen.__setitem__(f, k["inputs_embeds"]), with_kwargs=True)
+        ids = tiny_batch(family)["input_ids"]
+        model(input_ids=ids)
+        handle.remove()
+        prompt = delta.delta_parameters()[0]
+        if family == "bert":
+            assert torch.equal(seen[family][:, 0], embeddings(ids)[:, 0])
+            assert torch.equal(seen[family][0, 1:4], prompt)
+        else:
+            assert torch.equal(seen[family][0, :3], prompt)
+
+
+def test_token_init_uses_vocabulary_embeddings_and_labels_ignore_the_prompt():
+    model = tiny_model("llama")
+    delta = SoftPromptModel(model, soft_token_num=6)
+    vocabulary = model.get_input_embeddings().weight
+    prompt = delta.delta_parameters()[0]
+    assert all(any(torch.equal(row, v) for v in vocabulary) for row in prompt)
+    random_init = SoftPromptModel(tiny_model("llama"), soft_token_num=6, token_init=False, init_range=0.25)
+    assert random_init.delta_parameters()[0].abs().max() <= 0.25
+    batch = tiny_batch("llama")
+    loss = model(**batch).loss  # would fail on a length mismatch if labels were not extended with -100
+    assert torch.isfinite(loss)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="takes no modified_modules"):
+        SoftPromptModel(tiny_model("bert"), ["query"])
+    with pytest.raises(TypeError, match="encoder-decoder models are not supported yet"):
+        SoftPromptModel(tiny_model("t5"))
+    with pytest.raises(ValueError, match="soft_token_num must be a positive integer"):
+        SoftPromptModel(tiny_model("bert"), soft_token_num=0)
