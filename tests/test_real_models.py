@@ -109,3 +109,34 @@ def test_smollm2_lora_trains_and_generates(smollm2):
     assert torch.equal(model.generate(**prompt, max_new_tokens=8, do_sample=False), bare)
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def test_smollm2_soft_prompt_learns_and_generates_left_padded_batches(smollm2):
+    from deltatune import SoftPromptModel
+
+    model, tokenizer = smollm2
+    torch.manual_seed(0)
+    sentences = ["Delta tuning trains a few parameters.", "The backbone stays frozen.",
+                 "Paris is the capital of France.", "Cats sleep for most of the day."] * 2
+    text = tokenizer(sentences, return_tensors="pt", padding=True)
+    labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+    delta = SoftPromptModel(model, soft_token_num=16).freeze_module()
+    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=0.05)
+    losses = []
+    for _ in range(12):
+        loss = model(**text, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    prompts = tokenizer(["The capital of France is", "Cats"], return_tensors="pt", padding=True, padding_side="left")
+    assert prompts["attention_mask"][1, 0] == 0, "the short prompt is left-padded"
+    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad():
+        cached = model.generate(**prompts, **options)
+        assert torch.equal(cached, model.generate(**prompts, **options, use_cache=False))
+    delta.detach()
+    for p in model.parameters():
+        p.requires_grad_(True)
