@@ -174,12 +174,11 @@ class DeltaBase:
         specs = [e for e in exclude if e != "deltas"]
         names = addressable_names(self.backbone_model)
         keep = {n for hits in match_names(names, specs, "freeze_module exclude").values() for n in hits}
-        own = {id(p) for p in self.delta_parameters()}
         self.unfrozen_backbone = []
         for key, param in self.backbone_model.named_parameters():
             parts = key.split(".")
-            if DELTA_SLOT in parts:
-                param.requires_grad_(id(param) in own and "deltas" in exclude)
+            if DELTA_SLOT in parts:  # other deltas are frozen too; this one's are set below
+                param.requires_grad_(False)
                 continue
             owners = {".".join(parts[:i]) for i in range(1, len(parts))}
             param.requires_grad_(bool(owners & keep))
