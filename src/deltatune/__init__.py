@@ -10,6 +10,7 @@ from .methods import (
     LoraModel,
     LowRankAdapterModel,
     ParallelAdapterModel,
+    PrefixModel,
     SoftPromptModel,
 )
 from .routing import Route
@@ -17,4 +18,4 @@ from .routing import Route
 __version__ = "0.1.0"
 
 __all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
-           "ParallelAdapterModel", "Route", "SoftPromptModel"]
+           "ParallelAdapterModel", "PrefixModel", "Route", "SoftPromptModel"]

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from deltatune import (AdapterModel, BitFitModel, CompacterModel, DeltaBase, IA3Model, LoraModel, LowRankAdapterModel,
-                       ParallelAdapterModel, SoftPromptModel)
+                       ParallelAdapterModel, PrefixModel, SoftPromptModel)
 
 from conftest import FAMILIES, first_output, tiny_batch, tiny_model
 
 METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel, "ia3": IA3Model,
            "low_rank_adapter": LowRankAdapterModel, "compacter": CompacterModel,
-           "soft_prompt": SoftPromptModel, "parallel_adapter": ParallelAdapterModel}
+           "soft_prompt": SoftPromptModel, "prefix": PrefixModel, "parallel_adapter": ParallelAdapterModel}
 
 
 def build(method: str, family: str, model):
@@ -30,7 +30,7 @@ def test_attach_train_save_load_detach(family, method, tmp_path):
 
     delta = build(method, family, model)
     delta.freeze_module(exclude=["deltas"])
-    if method != "soft_prompt":  # the others are the identity at init (LoRA B=0, adapter up=0, Δb=0, l=1)
+    if method not in ("soft_prompt", "prefix"):  # the others are the identity at init (LoRA B=0, adapter up=0, Δb=0, l=1)
         assert torch.equal(first_output(model, batch), reference)
 
     model.train()
