@@ -111,19 +111,34 @@ def test_smollm2_lora_trains_and_generates(smollm2):
         p.requires_grad_(True)
 
 
-def test_smollm2_soft_prompt_learns_and_generates_left_padded_batches(smollm2):
-    from deltatune import SoftPromptModel
+SENTENCES_LM = ["Delta tuning trains a few parameters.", "The backbone stays frozen.",
+                "Paris is the capital of France.", "Cats sleep for most of the day."] * 2
+# (options, learning rate, steps): prefix tuning is known to need a small step, and so more of them.
+PROMPT_METHODS = {"soft_prompt": ({"soft_token_num": 16}, 0.05, 12), "prefix": ({"prefix_token_num": 8}, 3e-4, 20)}
+
+
+@pytest.mark.parametrize("method", sorted(PROMPT_METHODS))
+def test_smollm2_prompt_methods_learn_and_generate_left_padded_batches(smollm2, method):
+    from deltatune import PrefixModel, SoftPromptModel
 
     model, tokenizer = smollm2
     torch.manual_seed(0)
-    sentences = ["Delta tuning trains a few parameters.", "The backbone stays frozen.",
-                 "Paris is the capital of France.", "Cats sleep for most of the day."] * 2
-    text = tokenizer(sentences, return_tensors="pt", padding=True)
+    text = tokenizer(SENTENCES_LM, return_tensors="pt", padding=True)
     labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
-    delta = SoftPromptModel(model, soft_token_num=16).freeze_module()
-    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=0.05)
+    options, lr, steps = PROMPT_METHODS[method]
+    delta = (SoftPromptModel if method == "soft_prompt" else PrefixModel)(model, **options).freeze_module()
+    try:
+        _learn_and_generate(model, tokenizer, delta, text, labels, lr, steps)
+    finally:  # the model is shared by the module's tests
+        delta.detach()
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def _learn_and_generate(model, tokenizer, delta, text, labels, lr, steps):
+    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=lr)
     losses = []
-    for _ in range(12):
+    for _ in range(steps):
         loss = model(**text, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -133,10 +148,7 @@ def test_smollm2_soft_prompt_learns_and_generates_left_padded_batches(smollm2):
 
     prompts = tokenizer(["The capital of France is", "Cats"], return_tensors="pt", padding=True, padding_side="left")
     assert prompts["attention_mask"][1, 0] == 0, "the short prompt is left-padded"
-    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    generate = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():
-        cached = model.generate(**prompts, **options)
-        assert torch.equal(cached, model.generate(**prompts, **options, use_cache=False))
-    delta.detach()
-    for p in model.parameters():
-        p.requires_grad_(True)
+        cached = model.generate(**prompts, **generate)
+        assert torch.equal(cached, model.generate(**prompts, **generate, use_cache=False))
