@@ -92,8 +92,7 @@ for _name, _family in FAMILIES.items():
     _family.positions["parallel_adapter"] = PARALLEL_POSITIONS[_name]
     _family.positions["low_rank_adapter"] = _family.positions["adapter"]
     _family.positions["compacter"] = _family.positions["adapter"]
-    if not _family.seq2seq:  # soft prompts on encoder-decoders are not supported yet
-        _family.positions["soft_prompt"] = {"soft_token_num": 4}
+    _family.positions["soft_prompt"] = {"soft_token_num": 4}
     if _family.labels == "tokens" and not _family.seq2seq:  # prefixes: decoder-only models so far
         _family.positions["prefix"] = {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16}
 

@@ -68,7 +68,35 @@ def test_token_init_uses_vocabulary_embeddings_and_labels_ignore_the_prompt():
 def test_errors():
     with pytest.raises(ValueError, match="takes no modified_modules"):
         SoftPromptModel(tiny_model("bert"), ["query"])
-    with pytest.raises(TypeError, match="encoder-decoder models are not supported yet"):
-        SoftPromptModel(tiny_model("t5"))
+    with pytest.raises(TypeError, match="supports transformers models, not Sequential"):
+        SoftPromptModel(torch.nn.Sequential(torch.nn.Linear(2, 2)), pseudo_input=torch.ones(1, 2))
     with pytest.raises(ValueError, match="soft_token_num must be a positive integer"):
         SoftPromptModel(tiny_model("bert"), soft_token_num=0)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoders_prompt_the_encoder_in_forward_and_generate(family, tmp_path):
+    model = tiny_model(family)
+    # Plain greedy decoding of exactly 5 tokens, so one forward pass can check every one of them.
+    model.generation_config.eos_token_id = model.generation_config.forced_bos_token_id = None
+    model.generation_config.forced_eos_token_id = None
+    inputs = _left_padded(family)
+    delta = SoftPromptModel(model, soft_token_num=4)
+    assert delta.positions == ["", "encoder" if family == "t5" else "model.encoder"]
+    with torch.no_grad():
+        delta.delta_parameters()[0].normal_()
+    options = {"max_new_tokens": 5, "do_sample": False}
+    generated = model.generate(**inputs, **options)
+    assert torch.equal(generated, model.generate(**inputs, **options, use_cache=False))
+    # The ground truth: one forward pass (which runs the encoder itself) picks the same tokens.
+    with torch.no_grad():
+        logits = model(**inputs, decoder_input_ids=generated[:, :-1]).logits
+    assert torch.equal(logits.argmax(-1)[:, -5:], generated[:, -5:])
+    encoder_out = model.get_encoder()(**inputs).last_hidden_state
+    assert encoder_out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+    delta.save_finetuned(tmp_path / "prompt")
+    fresh = tiny_model(family)
+    fresh.generation_config = model.generation_config
+    DeltaBase.from_finetuned(tmp_path / "prompt", fresh)
+    assert torch.equal(fresh.generate(**inputs, **options), generated)

@@ -7,7 +7,9 @@
 The delta rewrites the model's call: ``input_ids`` become ``inputs_embeds`` with ``P`` inserted, and the
 ``attention_mask`` (ones), ``token_type_ids`` (zeros), ``position_ids`` and causal-LM ``labels`` (-100) are
 extended to match.  Decoders get ``P`` first (``i = 0``); encoders that pool their first token get it after that
-token (``i = 1``), so the pooler keeps reading ``[CLS]``.  During ``generate()`` the prompt enters the KV cache at
+token (``i = 1``), so the pooler keeps reading ``[CLS]``.  In an encoder-decoder the encoder's input gets ``P``
+first (the encoder is hooked itself, since ``generate()`` calls it on its own) and the mask the decoder's
+cross-attention reads is extended on the model's call.  During ``generate()`` the prompt enters the KV cache at
 the first step; later steps only get their mask and positions shifted.  Outputs are ``soft_token_num`` positions
 longer than the inputs.  With ``token_init`` the prompt starts as embeddings of random vocabulary tokens (their norm
 matches the model's, which matters: random vectors of the wrong scale stall training), else uniform in
@@ -36,6 +38,13 @@ class SoftPromptConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         check_positive("soft_token_num", self.soft_token_num)
+
+
+def _encoder_name(model: nn.Module) -> list[str]:
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return []
+    encoder = model.get_encoder()
+    return [name for name, module in model.named_modules() if module is encoder][:1]
 
 
 def _insert(tensor: torch.Tensor, at: int, block: torch.Tensor) -> torch.Tensor:
@@ -86,7 +95,8 @@ class SoftPrompt(nn.Module):
         batch = embeds.shape[0]
         kwargs["inputs_embeds"] = _insert(embeds, at, self.soft_embeds.expand(batch, -1, -1))
         for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-            if kwargs.get(key) is not None:
+            # A mask already longer than the input was extended by the enclosing encoder-decoder call.
+            if kwargs.get(key) is not None and kwargs[key].shape[1] == embeds.shape[1]:
                 kwargs[key] = _insert(kwargs[key], at, kwargs[key].new_full((batch, n), fill))
         if self.causal_lm and kwargs.get("labels") is not None:
             kwargs["labels"] = _insert(kwargs["labels"], at, kwargs["labels"].new_full((batch, n), -100))
@@ -95,6 +105,23 @@ class SoftPrompt(nn.Module):
             start = positions[:, at:at + 1] if at < positions.shape[1] else positions[:, -1:] + 1
             prompt = start + torch.arange(n, device=positions.device)
             kwargs["position_ids"] = torch.cat([positions[:, :at], prompt, positions[:, at:] + n], dim=1)
+        return args, kwargs
+
+
+class EncoderMaskExtension(nn.Module):
+    """On an encoder-decoder's own call: the encoder's outputs are ``n`` positions longer, so is the mask the
+    decoder's cross-attention reads."""
+
+    rewrites_call = True
+
+    def __init__(self, soft_token_num: int) -> None:
+        super().__init__()
+        self.soft_token_num = soft_token_num
+
+    def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs = {**kwargs, "attention_mask": _insert(mask, 0, mask.new_ones(mask.shape[0], self.soft_token_num))}
         return args, kwargs
 
 
@@ -108,17 +135,20 @@ class SoftPromptModel(DeltaBase):
     def __init__(self, backbone_model: nn.Module, modified_modules: list[str] | None = None, *args, **kwargs) -> None:
         if modified_modules:
             raise ValueError("SoftPromptModel rewrites the inputs of the whole model; it takes no modified_modules")
-        kwargs.setdefault("positions", [""])  # the model itself
+        # The model itself; for an encoder-decoder also its encoder, which generate() calls on its own.
+        kwargs.setdefault("positions", ["", *_encoder_name(backbone_model)])
         super().__init__(backbone_model, None, *args, **kwargs)
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
-        config = getattr(module, "config", None)
-        get_embeddings = getattr(module, "get_input_embeddings", None)
-        if config is None or get_embeddings is None or getattr(config, "is_encoder_decoder", False):
-            raise TypeError(
-                f"SoftPromptModel supports transformers encoder and decoder models, not {type(module).__name__}"
-                + (" (encoder-decoder models are not supported yet)" if config is not None else "")
-            )
+        root = self.backbone_model
+        config = getattr(root, "config", None)
+        if config is None or not hasattr(root, "get_input_embeddings"):
+            raise TypeError(f"SoftPromptModel supports transformers models, not {type(root).__name__}")
+        if getattr(config, "is_encoder_decoder", False):
+            if position == "":
+                return EncoderMaskExtension(self.config.soft_token_num)
+            return SoftPrompt(module.embed_tokens, self.config, insert_at=0, causal_lm=False)
+        get_embeddings = module.get_input_embeddings
         causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
         decoder = causal_lm or getattr(config, "is_decoder", False)
         return SoftPrompt(get_embeddings(), self.config, insert_at=0 if decoder else 1, causal_lm=causal_lm)
