@@ -93,7 +93,7 @@ for _name, _family in FAMILIES.items():
     _family.positions["low_rank_adapter"] = _family.positions["adapter"]
     _family.positions["compacter"] = _family.positions["adapter"]
     _family.positions["soft_prompt"] = {"soft_token_num": 4}
-    if _family.labels == "tokens" and not _family.seq2seq:  # prefixes: decoder-only models so far
+    if not _family.seq2seq:  # prefixes: not on encoder-decoders yet
         _family.positions["prefix"] = {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16}
 
 

@@ -1,4 +1,4 @@
-"""Prefix tuning on decoder-only models: parameter count, generation with a KV cache, folding, errors."""
+"""Prefix tuning: parameter count, generation with a KV cache, padding in encoders, folding, errors."""
 
 import pytest
 import torch
@@ -43,9 +43,26 @@ def test_generation_with_a_cache_equals_without_and_survives_fold_and_reload(fam
     assert torch.equal(fresh.generate(**inputs, **options), model.generate(**inputs, **options))
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_encoders_hook_the_bare_model_and_respect_padding(family):
+    model = tiny_model(family)
+    batch = tiny_batch(family)
+    delta = PrefixModel(model, **SMALL)
+    assert delta.positions == [family]  # BertForSequenceClassification.forward takes no cache; BertModel does
+    tuned = first_output(model, batch)
+    assert not torch.allclose(tuned, first_output(tiny_model(family), batch))
+    padded_row_changed = dict(batch, input_ids=batch["input_ids"].clone())
+    padded_row_changed["input_ids"][0, -2:] = 7  # row 0's last two tokens are masked out
+    torch.testing.assert_close(first_output(model, padded_row_changed)[0], tuned[0], rtol=0, atol=1e-6)
+
+
 def test_unsupported_models_and_arguments():
-    with pytest.raises(TypeError, match="decoder-only transformers models, not BertForSequenceClassification"):
-        PrefixModel(tiny_model("bert"))
+    import transformers as tf
+
+    distilbert = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        vocab_size=96, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64))
+    with pytest.raises(TypeError, match="whose forward takes past_key_values, not DistilBertModel"):
+        PrefixModel(distilbert)
     with pytest.raises(TypeError, match="not T5ForConditionalGeneration"):
         PrefixModel(tiny_model("t5"))
     with pytest.raises(ValueError, match="takes no modified_modules"):

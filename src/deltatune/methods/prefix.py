@@ -12,14 +12,16 @@ prefixes it produces once training is done.  Without it the prefixes are trained
 The prefix enters the model as a pre-filled KV cache: the delta rewrites the model's call so ``past_key_values``
 holds the ``n`` prefix positions and the ``attention_mask`` is extended by ``n`` ones; explicit ``position_ids``
 shift by ``n``, as when a cache holds ``n`` earlier tokens.  ``generate()`` works (the cache it passes is filled at
-its first step), and outputs keep the length of the inputs.  Decoder-only transformers models (GPT-2, OPT, the LLaMA
-family with grouped-query attention); encoders and encoder-decoders are not supported yet.
+its first step), and outputs keep the length of the inputs.  Decoders (GPT-2, OPT, the LLaMA family with
+grouped-query attention) and encoders whose attention reads a cache (BERT, RoBERTa: the bare model under the task
+head is hooked; token positions then start after the prefix, as with any cache); encoder-decoders not yet.
 Parameters: ``n·embed_dim + embed_dim·mid_dim + mid_dim + mid_dim·L·2·h_kv·d_h + L·2·h_kv·d_h`` reparameterized,
 ``n·L·2·h_kv·d_h`` otherwise.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,19 @@ def _attention_shape(config) -> tuple[int, int, int]:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return layers, kv_heads, head_dim
+
+
+def _takes_cache(module: nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(type(module).forward).parameters
+
+
+def _cache_taking_module(model: nn.Module) -> str:
+    """Where the prefix enters: the model's own call if it takes a cache (decoders with an LM head), else the bare
+    model under the task head (``BertForSequenceClassification`` -> ``bert``)."""
+    if _takes_cache(model):
+        return ""
+    base = getattr(model, "base_model", model)
+    return next((name for name, module in model.named_modules() if module is base), "")
 
 
 class Prefix(nn.Module):
@@ -126,7 +141,7 @@ class PrefixModel(DeltaBase):
     def __init__(self, backbone_model: nn.Module, modified_modules: list[str] | None = None, *args, **kwargs) -> None:
         if modified_modules:
             raise ValueError("PrefixModel adds prefixes to every attention layer; it takes no modified_modules")
-        kwargs.setdefault("positions", [""])  # the model itself: the prefix is part of its call
+        kwargs.setdefault("positions", [_cache_taking_module(backbone_model)])
         super().__init__(backbone_model, None, *args, **kwargs)
 
     def fold(self) -> PrefixModel:
@@ -139,10 +154,10 @@ class PrefixModel(DeltaBase):
         return self
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
-        config = getattr(module, "config", None)
-        if config is None or getattr(config, "is_encoder_decoder", False) or not module.can_generate():
+        config = getattr(self.backbone_model, "config", None)
+        if config is None or getattr(config, "is_encoder_decoder", False) or not _takes_cache(module):
             raise TypeError(
-                f"PrefixModel supports decoder-only transformers models, not {type(module).__name__} "
-                "(encoders and encoder-decoders are not supported yet)"
+                f"PrefixModel supports transformers decoders and encoders whose forward takes past_key_values, "
+                f"not {type(module).__name__} (encoder-decoders are not supported yet)"
             )
         return Prefix(self.config, _attention_shape(config), seen)
