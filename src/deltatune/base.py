@@ -66,14 +66,14 @@ class DeltaBase:
                     f"{type(self).__name__} needs modified_modules, e.g. {self._example_modules()!r}: "
                     "names (tail match) or '[r]<regex>' of the modules to modify"
                 )
-            positions = resolve_positions(backbone_model, self.config.modified_modules, self.config.exclude_modules)
+            positions = self.resolve_positions()
         else:
             unknown = sorted(set(positions) - {"", *addressable_names(backbone_model)})  # "": the model itself
             if unknown:
                 raise ValueError(f"{type(backbone_model).__name__} has no module(s) {unknown[:5]}")
         self.positions = list(positions)
         modules = dict(backbone_model.named_modules())
-        seen = probe(backbone_model, self.positions, pseudo_input)
+        self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
         self.deltas: dict[str, nn.Module] = {
             p: self.build(p, modules[p], seen[p]).train(modules[p].training) for p in self.positions  # match its host
@@ -90,6 +90,10 @@ class DeltaBase:
             self.attach()
 
     # ----------------------------------------------------------------------------------------- for subclasses
+    def resolve_positions(self) -> list[str]:
+        """Full names of the modules to modify, from the config's specs."""
+        return resolve_positions(self.backbone_model, self.config.modified_modules, self.config.exclude_modules)
+
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         raise NotImplementedError
 

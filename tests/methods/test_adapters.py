@@ -72,3 +72,38 @@ def test_compacter_division_must_divide_the_sizes():
 
     with pytest.raises(ValueError, match="hypercomplex_division=5 must divide"):
         CompacterModel(tiny_model("bert"), ["attention.output"], hypercomplex_division=5)
+
+
+def test_parallel_adapter_pair_form_spans_the_feed_forward_block(tmp_path):
+    from deltatune import DeltaBase
+
+    model = tiny_model("bert")
+    batch = tiny_batch("bert")
+    reference = first_output(model, batch)
+    ffn_out = r"[r]layer\.\d+\.output\.dense"
+    delta = ParallelAdapterModel(model, ["intermediate"], output_modules=[ffn_out], bottleneck_dim=4, scaled=2.0)
+    assert delta.num_delta_parameters() == LAYERS * (D * 4 + 4 + 4 * D + D)
+    assert torch.equal(first_output(model, batch), reference)
+    layer = delta.deltas["bert.encoder.layer.0.output.dense"]
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.normal_(std=0.1)
+    x = torch.randn(1, 3, D)
+    block = model.bert.encoder.layer[0]
+    hidden = block.intermediate(x)  # keeps x for the adapter
+    expected = torch.nn.functional.linear(hidden, block.output.dense.weight, block.output.dense.bias)
+    expected = expected + 2.0 * layer.up(layer.act(layer.down(x)))
+    torch.testing.assert_close(block.output.dense(hidden), expected, rtol=0, atol=1e-6)
+
+    tuned = first_output(model, batch)
+    delta.save_finetuned(tmp_path / "pair")
+    fresh = tiny_model("bert")
+    DeltaBase.from_finetuned(tmp_path / "pair", fresh)
+    assert torch.equal(first_output(fresh, batch), tuned)
+    delta.detach()
+    assert torch.equal(first_output(model, batch), reference)
+
+
+def test_parallel_adapter_pairs_must_line_up():
+    with pytest.raises(ValueError, match="as many modules as modified_modules"):
+        ParallelAdapterModel(tiny_model("bert"), ["intermediate"], output_modules=["dense"])
