@@ -13,9 +13,11 @@ from .methods import (
     PrefixModel,
     SoftPromptModel,
 )
+from .peft_format import export_peft, from_peft
 from .routing import Route
 
 __version__ = "0.1.0"
 
 __all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
-           "ParallelAdapterModel", "PrefixModel", "Route", "SoftPromptModel"]
+           "ParallelAdapterModel", "PrefixModel", "Route", "SoftPromptModel", "export_peft",
+           "from_peft"]

@@ -317,7 +317,7 @@ class DeltaBase:
         options = {**saved["config"], **options}  # the saved name is informative: a free one is chosen
         delta = method(backbone_model, positions=saved["positions"], attach=False, **options)
         delta.unfrozen_backbone = list(saved.get("unfrozen_backbone", []))
-        checkpoint.check_tensors(tensors, delta.delta_state_dict(), folder)
+        checkpoint.check_tensors(tensors, delta.delta_state_dict(), folder / checkpoint.WEIGHTS_FILE)
         with torch.no_grad():
             for key, value in delta.delta_state_dict().items():
                 value.copy_(tensors[key])

@@ -49,17 +49,19 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     return {"class": type(model).__name__, "tensors": len(lines), "sha256": digest}
 
 
-def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write a checkpoint folder atomically. An existing folder is replaced only if it is a delta checkpoint."""
+def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+          config_file: str = CONFIG_FILE, weights_file: str = WEIGHTS_FILE) -> Path:
+    """Write a checkpoint folder atomically. An existing folder is replaced only if it is a checkpoint itself
+    (it holds ``config_file``) or empty."""
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / CONFIG_FILE).exists())):
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / config_file).exists())):
         raise FileExistsError(f"{folder} exists and is not a delta checkpoint; refusing to overwrite it")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         # safetensors wants contiguous tensors that share no memory.
-        save_file({k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}, staging / weights_file)
+        (staging / config_file).write_text(json.dumps(config, indent=2) + "\n")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
@@ -92,10 +94,10 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def read_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(folder) / WEIGHTS_FILE
+def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    path = Path(folder) / weights_file
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a complete delta checkpoint: {WEIGHTS_FILE} is missing")
+        raise FileNotFoundError(f"{folder} is not a complete checkpoint: {weights_file} is missing")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -103,7 +105,7 @@ def read_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
 
 
-def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], folder: Path) -> None:
+def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
     """Every expected key present with its shape and dtype, and nothing else."""
     problems = [f"missing {k}" for k in expected if k not in loaded]
     problems += [f"unexpected {k}" for k in loaded if k not in expected]
@@ -114,4 +116,4 @@ def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     ]
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
-        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit this backbone and delta:\n  {shown}")
+        raise ValueError(f"{path} does not fit this backbone and delta:\n  {shown}")

@@ -129,6 +129,12 @@ class LoraModel(DeltaBase):
     route = Route.INPUT_OUTPUT
     mergeable = True
 
+    def export_peft(self, save_directory):
+        """Write this delta in PEFT's format (see :mod:`deltatune.peft_format`)."""
+        from ..peft_format import export_peft
+
+        return export_peft(self, save_directory)
+
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             raise self._unsupported(position, module, "nn.Linear, transformers Conv1D and nn.Embedding")
