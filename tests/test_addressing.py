@@ -55,9 +55,10 @@ def test_modules_inside_a_delta_are_not_addressable():
     assert all("deltas" not in p for p in resolve_positions(model, ["[r].*"]))
 
 
-def test_modified_modules_is_required_until_autodelta():
-    with pytest.raises(ValueError, match="needs modified_modules"):
-        LoraModel(tiny_model("bert"))
+def test_modified_modules_is_required_where_no_family_mapping_exists():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"needs modified_modules here \(no common-name mapping for 'Sequential'"):
+        LoraModel(model, pseudo_input=torch.ones(1, 4))
 
 
 def test_excluding_everything_is_an_error():

@@ -1,5 +1,6 @@
 """deltatune: delta tuning for PyTorch models with an unmodified, frozen backbone."""
 
+from .auto import AutoDeltaConfig, AutoDeltaModel, register
 from .base import DELTA_TYPES, DeltaBase
 from .config import DeltaConfig
 from .methods import (
@@ -18,6 +19,6 @@ from .routing import Route
 
 __version__ = "0.1.0"
 
-__all__ = ["DELTA_TYPES", "AdapterModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
+__all__ = ["DELTA_TYPES", "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
            "ParallelAdapterModel", "PrefixModel", "Route", "SoftPromptModel", "export_peft",
-           "from_peft"]
+           "from_peft", "register"]

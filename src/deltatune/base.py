@@ -42,6 +42,9 @@ class DeltaBase:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "delta_type" in cls.__dict__:
+            known = DELTA_TYPES.get(cls.delta_type)
+            if known is not None and known.__module__.startswith("deltatune.") and known.__qualname__ != cls.__qualname__:
+                raise ValueError(f"delta_type {cls.delta_type!r} is deltatune's {known.__name__}; choose another name")
             DELTA_TYPES[cls.delta_type] = cls
 
     def __init__(
@@ -60,12 +63,10 @@ class DeltaBase:
         self.config = self.config_class.from_dict(
             {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}
         )
+        self.default_positions_of: str | None = None  # the family whose common names chose the positions
         if positions is None:
             if self.config.modified_modules is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs modified_modules, e.g. {self._example_modules()!r}: "
-                    "names (tail match) or '[r]<regex>' of the modules to modify"
-                )
+                self._use_default_positions()
             positions = self.resolve_positions()
         else:
             unknown = sorted(set(positions) - {"", *addressable_names(backbone_model)})  # "": the model itself
@@ -104,6 +105,21 @@ class DeltaBase:
     @classmethod
     def _example_modules(cls) -> list[str]:
         return ["query", "value"]
+
+    def _use_default_positions(self) -> None:
+        from .structures import default_positions, family_of
+
+        try:
+            defaults = default_positions(self.delta_type, self.backbone_model)
+        except ValueError as error:
+            raise ValueError(
+                f"{type(self).__name__} needs modified_modules here ({error}), e.g. {self._example_modules()!r}: "
+                "names (tail match) or '[r]<regex>' of the modules to modify"
+            ) from None
+        for field, specs in defaults.items():
+            if not getattr(self.config, field):
+                setattr(self.config, field, specs)
+        self.default_positions_of = family_of(self.backbone_model)
 
     def _unsupported(self, position: str, module: nn.Module, supported: str) -> TypeError:
         return TypeError(
@@ -262,6 +278,8 @@ class DeltaBase:
         lines = [
             f"{type(self).__name__} {self.name!r} ({', '.join(sorted({self.route_at(p).value for p in self.positions}))}) on {len(self.positions)} modules "
             f"of {type(self.backbone_model).__name__}, {state}",
+            *([f"  default positions for {self.default_positions_of}: {self.config.modified_modules}"]
+              if self.default_positions_of else []),
             *(f"  {p or '(the model itself)'}" for p in shown),
             f"  backbone parameters:  {total:,}",
             f"  delta parameters:     {delta:,} ({100 * delta / max(total, 1):.4f}% of the backbone)",

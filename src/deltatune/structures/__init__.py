@@ -1,0 +1,57 @@
+"""The common name convention: each family's module names for the parts every transformer has.
+
+A family maps common names to addressing specs (see :mod:`deltatune.addressing`); a method's default positions are
+common names, so ``LoraModel(model)`` knows where ``q`` and ``v`` are in BERT, GPT-2, LLaMA or T5.  The names:
+
+    q, k, v, o        attention projections (self- and, in encoder-decoders, cross-attention)
+    attn              the attention sublayer (its input and output are the hidden state)
+    attn_out          where a sequential adapter follows attention
+    ffn_in, ffn_out   the feed-forward's first and last projection
+    ffn               the feed-forward sublayer as one module (hidden state in and out), where the family has one
+    ffn_block_out     where a sequential adapter follows the feed-forward
+    norm              layer norms
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .families import FAMILIES
+
+# Default positions per method, in common names (OpenDelta paper Table 1; He et al. 2022 for the parallel adapter).
+# A pair (a, b) means: input of a, output added after b.
+DEFAULTS: dict[str, dict] = {
+    "lora": {"modified_modules": ["q", "v"]},
+    "adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
+    "low_rank_adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
+    "compacter": {"modified_modules": ["attn_out", "ffn_block_out"]},
+    "bitfit": {"modified_modules": ["q", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
+    "ia3": {"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
+    "parallel_adapter": {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]},
+}
+
+
+def family_of(model: nn.Module) -> str | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type if model_type in FAMILIES else None
+
+
+def default_positions(delta_type: str, model: nn.Module) -> dict[str, list[str]]:
+    """The addressing specs a method uses on ``model`` when the user names no modules."""
+    if delta_type not in DEFAULTS:
+        raise ValueError(f"{delta_type!r} has no default positions; pass modified_modules")
+    family = family_of(model)
+    if family is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise ValueError(
+            f"no common-name mapping for {model_type!r} (mapped: {', '.join(sorted(FAMILIES))}); "
+            "pass modified_modules"
+        )
+    names = FAMILIES[family]
+    resolved = {}
+    for field, common in DEFAULTS[delta_type].items():
+        missing = [c for c in common if c not in names]
+        if missing:
+            raise ValueError(f"{family} has no {missing} in its common names; pass modified_modules")
+        resolved[field] = [spec for c in common for spec in names[c]]
+    return resolved
