@@ -152,3 +152,14 @@ def _learn_and_generate(model, tokenizer, delta, text, labels, lr, steps):
     with torch.no_grad():
         cached = model.generate(**prompts, **generate)
         assert torch.equal(cached, model.generate(**prompts, **generate, use_cache=False))
+
+
+def test_autodelta_defaults_on_the_real_models(minilm, smollm2, tmp_path):
+    from deltatune import AutoDeltaModel
+
+    model, _ = smollm2
+    for backbone, family, count in ((minilm, "bert", 12), (model, "llama", 60)):
+        delta = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=backbone)
+        assert delta.default_positions_of == family and len(delta.positions) == count
+        assert delta.num_delta_parameters() == (73_728 if family == "bert" else 460_800)
+        delta.detach()
