@@ -291,3 +291,45 @@ def test_lora_dropout_acts_in_training_only():
             module.eval()
     torch.manual_seed(0)
     assert not torch.equal(first_output(model, batch), evaluated)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("extra", "unexpected deltas.extra"),
+    ("missing", "missing deltas.bert.encoder.layer.0.attention.self.query.lora_A"),
+    ("dtype", "checkpoint [4, 32] torch.float16, delta expects [4, 32] torch.float32"),
+])
+def test_damaged_tensor_files_are_named_precisely(saved, damage, message):
+    from safetensors.torch import save_file
+
+    folder, _ = saved
+    tensors = load_file(folder / WEIGHTS_FILE)
+    key = "deltas.bert.encoder.layer.0.attention.self.query.lora_A"
+    if damage == "extra":
+        tensors["deltas.extra"] = torch.zeros(1)
+    elif damage == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = tensors[key].half()
+    save_file(tensors, folder / WEIGHTS_FILE)
+    model = tiny_model("bert")
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        DeltaBase.from_finetuned(folder, model)
+    assert not any(m._forward_hooks for m in model.modules()), "nothing attached after a failed load"
+
+
+def test_legacy_bin_is_read_only_as_plain_tensors(saved):
+    folder, out = saved
+    tensors = load_file(folder / WEIGHTS_FILE)
+    (folder / WEIGHTS_FILE).unlink()
+    torch.save(tensors, folder / "delta_model.bin")
+    model = tiny_model("bert")
+    DeltaBase.from_finetuned(folder, model)
+    assert torch.equal(first_output(model, tiny_batch("bert")), out)
+
+    class Payload:  # a pickle that would run code if loaded without weights_only
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Payload()}, folder / "delta_model.bin")
+    with pytest.raises(ValueError, match="refused with weights_only=True"):
+        DeltaBase.from_finetuned(folder, tiny_model("bert"))

@@ -96,6 +96,13 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
 
 def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     path = Path(folder) / weights_file
+    legacy = path.with_suffix(".bin")
+    if not path.is_file() and legacy.is_file():
+        # A pickled file can run code when loaded: only ever read with weights_only=True (tensors, no objects).
+        try:
+            return dict(torch.load(legacy, map_location="cpu", weights_only=True))
+        except Exception as error:
+            raise ValueError(f"{legacy} is not a plain tensor file (refused with weights_only=True): {error}") from None
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint: {weights_file} is missing")
     try:
