@@ -93,3 +93,44 @@ def test_a_registered_outside_method_works_through_autodelta(tmp_path):
     assert torch.equal(first_output(fresh, batch), out)
     with pytest.raises(ValueError, match="is deltatune's LoraModel"):
         register(type("Clash", (ScaleModel,), {"delta_type": "lora"}))
+
+
+def _extra_family(name):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "distilbert":
+        return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)).eval()
+    if name == "deberta-v2":
+        return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64)).eval()
+    return tf.ViTForImageClassification(tf.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=8, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("family", ["distilbert", "deberta-v2", "vit"])
+@pytest.mark.parametrize("delta_type", DEFAULTED)
+def test_defaults_on_more_families(family, delta_type, tmp_path):
+    model = _extra_family(family)
+    if family == "vit":
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    else:
+        inputs = {"input_ids": torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))}
+    labels = torch.tensor([0, 1])
+    options = {"reduction_factor": 4} if delta_type in ("low_rank_adapter", "compacter") else {}
+    delta = AutoDeltaModel.from_config({"delta_type": delta_type, **options}, backbone_model=model).freeze_module()
+    assert delta.default_positions_of == family
+    model.train()
+    model(**inputs, labels=labels).loss.backward()
+    torch.optim.SGD(delta.trainable_parameters(), lr=0.5).step()
+    model.eval()
+    with torch.no_grad():
+        tuned = model(**inputs).logits
+    delta.save_finetuned(tmp_path / "delta")
+    fresh = _extra_family(family)
+    AutoDeltaModel.from_finetuned(tmp_path / "delta", fresh)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits, tuned)

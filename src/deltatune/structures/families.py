@@ -18,8 +18,21 @@ _OPT_BART = {  # self- and cross-attention share projection names; the feed-forw
     "ffn_block_out": ["fc2"], "norm": ["self_attn_layer_norm", "final_layer_norm"],
 }
 
+_DEBERTA_V2 = {**_BERT, "q": ["query_proj"], "k": ["key_proj"], "v": ["value_proj"]}
+
 FAMILIES: dict[str, dict[str, list[str]]] = {
     "bert": _BERT,
+    "deberta-v2": _DEBERTA_V2,
+    "distilbert": {
+        "q": ["q_lin"], "k": ["k_lin"], "v": ["v_lin"], "o": ["out_lin"], "attn": ["attention"],
+        "attn_out": ["attention"], "ffn_in": ["lin1"], "ffn_in_block": ["ffn"], "ffn_out": ["lin2"], "ffn": ["ffn"],
+        "ffn_block_out": ["ffn"], "norm": ["sa_layer_norm", "output_layer_norm"],
+    },
+    "vit": {
+        "q": ["attention.q_proj"], "k": ["attention.k_proj"], "v": ["attention.v_proj"], "o": ["attention.o_proj"],
+        "attn": ["attention"], "attn_out": ["attention"], "ffn_in": ["fc1"], "ffn_in_block": ["mlp"],
+        "ffn_out": ["fc2"], "ffn": ["mlp"], "ffn_block_out": ["mlp"], "norm": ["layernorm_before", "layernorm_after"],
+    },
     "roberta": _BERT,
     "electra": _BERT,
     # GPT-2 fuses q, k and v into one Conv1D (c_attn): LoRA's default "q, v" targets the whole fused projection.
