@@ -134,3 +134,63 @@ def test_defaults_on_more_families(family, delta_type, tmp_path):
     AutoDeltaModel.from_finetuned(tmp_path / "delta", fresh)
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).logits, tuned)
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        weights = torch.softmax(self.to_q(x) @ self.to_k(x).transpose(-1, -2), dim=-1)
+        return self.to_out(weights @ self.to_v(x))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.attn = TinyAttention(d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyTransformer(nn.Module):
+    """A transformer no family file knows."""
+
+    def __init__(self, d=16, layers=3):
+        super().__init__()
+        self.embed = nn.Embedding(50, d)
+        self.blocks = nn.ModuleList(TinyBlock(d) for _ in range(layers))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_positions_are_inferred_for_an_unmapped_transformer(capsys):
+    model = TinyTransformer()
+    ids = torch.randint(0, 50, (2, 5))
+    lora = AutoDeltaModel.from_config({"delta_type": "lora"}, model, pseudo_input=ids)
+    assert lora.positions == [f"blocks.{i}.attn.to_{n}" for i in range(3) for n in ("q", "v")]
+    lora.log()
+    assert "inferred from the structure of TinyTransformer" in capsys.readouterr().out
+    adapter = AutoDeltaModel.from_config({"delta_type": "adapter"}, model, pseudo_input=ids)
+    assert adapter.positions == [f"blocks.{i}.{n}" for i in range(3) for n in ("attn", "mlp")]
+    bitfit = AutoDeltaModel.from_config({"delta_type": "bitfit"}, model, pseudo_input=ids)
+    assert {p.rsplit(".", 1)[-1] for p in bitfit.positions} == {"to_q", "to_k", "to_v", "to_out", "0", "2",
+                                                                 "norm1", "norm2"}
+    parallel = AutoDeltaModel.from_config({"delta_type": "parallel_adapter"}, model, pseudo_input=ids)
+    assert parallel.pairs == {f"blocks.{i}.mlp.2": f"blocks.{i}.mlp" for i in range(3)}
+
+
+def test_a_plain_mlp_asks_for_modified_modules():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="no repeated block with attention projections .*pass modified_modules"):
+        AutoDeltaModel.from_config({"delta_type": "lora"}, mlp, pseudo_input=torch.ones(1, 4))

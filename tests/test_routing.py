@@ -145,3 +145,18 @@ def test_a_model_output_keeps_its_other_fields(batch):
         out = model.bert(**inputs)
     assert not torch.equal(out.last_hidden_state, bare.last_hidden_state)
     assert torch.equal(out.pooler_output, bare.pooler_output), "only the first field is re-routed"
+
+
+def test_a_sequential_host_still_runs_its_own_children():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    model = nn.Sequential(mlp)
+    x = torch.randn(2, 4)
+    reference = model(x)
+    delta = AdapterModel(model, ["0"], pseudo_input=x, bottleneck_dim=2)  # the host is itself a Sequential
+    assert list(mlp._modules)[-1] == "deltas", "the slot is the host's last child, which Sequential calls too"
+    assert torch.equal(model(x), reference)
+    with torch.no_grad():
+        delta.deltas["0"].up.weight.normal_()
+    assert not torch.equal(model(x), reference)
+    delta.detach()
+    assert torch.equal(model(x), reference)

@@ -107,10 +107,10 @@ class DeltaBase:
         return ["query", "value"]
 
     def _use_default_positions(self) -> None:
-        from .structures import default_positions, family_of
+        from .structures import default_positions
 
         try:
-            defaults = default_positions(self.delta_type, self.backbone_model)
+            source, defaults = default_positions(self.delta_type, self.backbone_model)
         except ValueError as error:
             raise ValueError(
                 f"{type(self).__name__} needs modified_modules here ({error}), e.g. {self._example_modules()!r}: "
@@ -119,7 +119,7 @@ class DeltaBase:
         for field, specs in defaults.items():
             if not getattr(self.config, field):
                 setattr(self.config, field, specs)
-        self.default_positions_of = family_of(self.backbone_model)
+        self.default_positions_of = source
 
     def _unsupported(self, position: str, module: nn.Module, supported: str) -> TypeError:
         return TypeError(

@@ -65,6 +65,10 @@ class DeltaSlot(nn.ModuleDict):
         self._handles: list = []
         self._plan()
 
+    def forward(self, x, *args, **kwargs):
+        # Hosts such as nn.Sequential call every child in turn: the slot, their last child, passes x through.
+        return x
+
     def add(self, host: nn.Module, name: str, delta: nn.Module, route: Route, order: int) -> None:
         if name in self._routes:
             raise ValueError(f"a delta named {name!r} is already attached here; give the new delta another name")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from .families import FAMILIES
+from .infer import infer_common_names
 
 # Default positions per method, in common names (OpenDelta paper Table 1; He et al. 2022 for the parallel adapter).
 # A pair (a, b) means: input of a, output added after b.
@@ -36,22 +37,31 @@ def family_of(model: nn.Module) -> str | None:
     return model_type if model_type in FAMILIES else None
 
 
-def default_positions(delta_type: str, model: nn.Module) -> dict[str, list[str]]:
-    """The addressing specs a method uses on ``model`` when the user names no modules."""
-    if delta_type not in DEFAULTS:
-        raise ValueError(f"{delta_type!r} has no default positions; pass modified_modules")
+def common_names(model: nn.Module) -> tuple[str, dict[str, list[str]]]:
+    """(where the names come from, the names): the family's file, or else inference from the structure."""
     family = family_of(model)
-    if family is None:
+    if family is not None:
+        return family, FAMILIES[family]
+    inferred = infer_common_names(model)
+    if inferred is None:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
-            f"no common-name mapping for {model_type!r} (mapped: {', '.join(sorted(FAMILIES))}); "
-            "pass modified_modules"
+            f"no common-name mapping for {model_type!r} (mapped: {', '.join(sorted(FAMILIES))}) and no repeated "
+            "block with attention projections could be inferred; pass modified_modules"
         )
-    names = FAMILIES[family]
+    return f"inferred from the structure of {type(model).__name__}", inferred
+
+
+def default_positions(delta_type: str, model: nn.Module) -> tuple[str, dict[str, list[str]]]:
+    """(source, addressing specs) a method uses on ``model`` when the user names no modules."""
+    if delta_type not in DEFAULTS:
+        raise ValueError(f"{delta_type!r} has no default positions; pass modified_modules")
+    source, names = common_names(model)
     resolved = {}
     for field, common in DEFAULTS[delta_type].items():
-        missing = [c for c in common if c not in names]
-        if missing:
-            raise ValueError(f"{family} has no {missing} in its common names; pass modified_modules")
-        resolved[field] = [spec for c in common for spec in names[c]]
-    return resolved
+        missing = [c for c in common if not names.get(c)] if field != "modified_modules" else []
+        specs = [spec for c in common for spec in names.get(c, [])]
+        if missing or not specs:
+            raise ValueError(f"{source} gives no {missing or common} for {delta_type}; pass modified_modules")
+        resolved[field] = specs
+    return source, resolved
