@@ -333,3 +333,15 @@ def test_legacy_bin_is_read_only_as_plain_tensors(saved):
     torch.save({"x": Payload()}, folder / "delta_model.bin")
     with pytest.raises(ValueError, match="refused with weights_only=True"):
         DeltaBase.from_finetuned(folder, tiny_model("bert"))
+
+
+def test_same_architecture_other_weights_loads_with_a_warning(saved):
+    folder, _ = saved
+    torch.manual_seed(123)
+    import transformers as tf
+
+    other = tiny_model("bert")
+    with torch.no_grad():
+        other.bert.embeddings.word_embeddings.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="same architecture but other weights"):
+        DeltaBase.from_finetuned(folder, other)

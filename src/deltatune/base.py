@@ -313,7 +313,7 @@ class DeltaBase:
             "config": self.config.to_dict(),
             "positions": self.positions,
             "unfrozen_backbone": self.unfrozen_backbone,
-            "backbone": checkpoint.fingerprint(self.backbone_model),
+            "backbone": checkpoint.fingerprint(self.backbone_model, self.unfrozen_backbone),
         }
         return checkpoint.write(save_directory, config, self.delta_state_dict())
 
@@ -343,7 +343,8 @@ class DeltaBase:
 
 
 def _check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) -> None:
-    expected, actual = saved["backbone"], checkpoint.fingerprint(backbone)
+    expected = saved["backbone"]
+    actual = checkpoint.fingerprint(backbone, saved.get("unfrozen_backbone", []))
     if expected.get("class") != actual["class"]:
         raise ValueError(
             f"{folder} was trained on a {expected.get('class')} backbone, this one is {actual['class']}; "
@@ -354,5 +355,11 @@ def _check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) ->
             f"{folder} was saved with a backbone whose parameter names/shapes/dtypes differ from this "
             f"{actual['class']} ({expected.get('tensors')} vs {actual['tensors']} tensors); every tensor the delta "
             "needs is still checked",
+            stacklevel=3,
+        )
+    elif expected.get("weights_sample", actual["weights_sample"]) != actual["weights_sample"]:
+        warnings.warn(
+            f"{folder} was saved on a {actual['class']} with the same architecture but other weights; "
+            "the delta loads, but was not trained for these weights",
             stacklevel=3,
         )

@@ -43,10 +43,17 @@ def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in named if DELTA_SLOT not in name.split(".")}
 
 
-def fingerprint(model: nn.Module) -> dict[str, Any]:
-    lines = sorted(f"{k}:{list(t.shape)}:{t.dtype}" for k, t in backbone_tensors(model).items())
-    digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    return {"class": type(model).__name__, "tensors": len(lines), "sha256": digest}
+def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str, Any]:
+    """Structure: class and every name/shape/dtype.  Weights: a hash of the first 8 values of every parameter,
+    enough to tell another checkpoint of the same architecture apart without reading all bytes.  Parameters saved
+    with the delta (``saved_with_delta``) are left out of the sample: loading overwrites them."""
+    tensors = backbone_tensors(model)
+    lines = sorted(f"{k}:{list(t.shape)}:{t.dtype}" for k, t in tensors.items())
+    sample = hashlib.sha256()
+    for key in sorted(set(tensors) - set(saved_with_delta)):
+        sample.update(tensors[key].detach().reshape(-1)[:8].float().cpu().numpy().tobytes())
+    return {"class": type(model).__name__, "tensors": len(lines),
+            "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(), "weights_sample": sample.hexdigest()}
 
 
 def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
