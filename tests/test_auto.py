@@ -1,5 +1,6 @@
 """AutoDelta: default positions from the common names, type-free loading, the registry."""
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -13,11 +14,35 @@ from conftest import FAMILIES, first_output, tiny_batch, tiny_model
 
 DEFAULTED = ["lora", "adapter", "low_rank_adapter", "compacter", "bitfit", "ia3", "parallel_adapter"]
 
-EXPECTED_LORA = {  # the documented defaults, as resolved names of layer 0
-    "bert": ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"],
-    "gpt2": ["transformer.h.0.attn.c_attn"],  # q, k and v are one fused Conv1D: the whole projection
-    "llama": ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
-    "t5": ["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.v"],
+# The documented defaults, as resolved names in the first block(s): LoRA (q, v) and adapters (after attention and FFN).
+EXPECTED = {
+    "bert": (["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value"],
+             ["bert.encoder.layer.0.attention.output", "bert.encoder.layer.0.output"]),
+    "roberta": (["roberta.encoder.layer.0.attention.self.query", "roberta.encoder.layer.0.attention.self.value"],
+                ["roberta.encoder.layer.0.attention.output", "roberta.encoder.layer.0.output"]),
+    # q, k and v are one fused Conv1D in GPT-2: LoRA takes the whole projection
+    "gpt2": (["transformer.h.0.attn.c_attn"], ["transformer.h.0.attn", "transformer.h.0.mlp"]),
+    "llama": (["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"],
+              ["model.layers.0.self_attn", "model.layers.0.mlp"]),
+    "opt": (["model.decoder.layers.0.self_attn.v_proj", "model.decoder.layers.0.self_attn.q_proj"],
+            ["model.decoder.layers.0.self_attn", "model.decoder.layers.0.fc2"]),
+    "bart": (["model.encoder.layers.0.self_attn.v_proj", "model.encoder.layers.0.self_attn.q_proj",
+              "model.decoder.layers.0.self_attn.v_proj", "model.decoder.layers.0.self_attn.q_proj",
+              "model.decoder.layers.0.encoder_attn.v_proj", "model.decoder.layers.0.encoder_attn.q_proj"],
+             ["model.encoder.layers.0.self_attn", "model.encoder.layers.0.fc2", "model.decoder.layers.0.self_attn",
+              "model.decoder.layers.0.fc2"]),
+    "t5": (["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.v",
+            "decoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.v",
+            "decoder.block.0.layer.1.EncDecAttention.q", "decoder.block.0.layer.1.EncDecAttention.v"],
+           ["encoder.block.0.layer.0.SelfAttention", "encoder.block.0.layer.1.DenseReluDense",
+            "decoder.block.0.layer.0.SelfAttention", "decoder.block.0.layer.2.DenseReluDense"]),
+    "distilbert": (["distilbert.transformer.layer.0.attention.q_lin", "distilbert.transformer.layer.0.attention.v_lin"],
+                   ["distilbert.transformer.layer.0.attention", "distilbert.transformer.layer.0.ffn"]),
+    "deberta-v2": (["deberta.encoder.layer.0.attention.self.query_proj",
+                    "deberta.encoder.layer.0.attention.self.value_proj"],
+                   ["deberta.encoder.layer.0.attention.output", "deberta.encoder.layer.0.output"]),
+    "vit": (["vit.layers.0.attention.q_proj", "vit.layers.0.attention.v_proj"],
+            ["vit.layers.0.attention", "vit.layers.0.mlp"]),
 }
 
 
@@ -43,12 +68,17 @@ def test_defaults_attach_train_and_reload_without_the_type(family, delta_type, t
     assert torch.equal(first_output(fresh, batch), tuned)
 
 
-@pytest.mark.parametrize("family", sorted(EXPECTED_LORA))
-def test_default_lora_positions(family):
-    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": "lora"}), tiny_model(family))
-    layer0 = [p for p in delta.positions if ".0." in p][: len(EXPECTED_LORA[family])]
-    assert layer0 == EXPECTED_LORA[family]
-    assert "default positions for" in delta.summary()
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+@pytest.mark.parametrize("delta_type", ["lora", "adapter"])
+def test_documented_default_positions(family, delta_type):
+    model = tiny_model(family) if family in FAMILIES else _extra_family(family)
+    pseudo = {"pixel_values": torch.zeros(1, 3, 16, 16)} if family == "vit" else None
+    delta = AutoDeltaModel.from_config(AutoDeltaConfig.from_dict({"delta_type": delta_type}), model,
+                                       pseudo_input=pseudo)
+    # the outermost numbered block of each position is the first one
+    first_blocks = [p for p in delta.positions if re.search(r"\.(layers?|h|block)\.(\d+)", p).group(2) == "0"]
+    assert first_blocks == EXPECTED[family][delta_type == "adapter"]
+    assert f"default positions for {family}" in delta.summary()
 
 
 def test_unknown_delta_type_lists_the_registered_ones():
