@@ -154,12 +154,37 @@ def _learn_and_generate(model, tokenizer, delta, text, labels, lr, steps):
         assert torch.equal(cached, model.generate(**prompts, **generate, use_cache=False))
 
 
-def test_autodelta_defaults_on_the_real_models(minilm, smollm2, tmp_path):
+AUTO_TYPES = ["lora", "adapter", "low_rank_adapter", "compacter", "bitfit", "ia3", "parallel_adapter"]
+
+
+@pytest.mark.parametrize("delta_type", AUTO_TYPES)
+def test_autodelta_defaults_on_the_real_models(delta_type, minilm, minilm_tokenizer, smollm2, tmp_path):
     from deltatune import AutoDeltaModel
 
-    model, _ = smollm2
-    for backbone, family, count in ((minilm, "bert", 12), (model, "llama", 60)):
-        delta = AutoDeltaModel.from_config({"delta_type": "lora"}, backbone_model=backbone)
-        assert delta.default_positions_of == family and len(delta.positions) == count
-        assert delta.num_delta_parameters() == (73_728 if family == "bert" else 460_800)
-        delta.detach()
+    model, tokenizer = smollm2
+    for backbone, tok, family in ((minilm, minilm_tokenizer, "bert"), (model, tokenizer, "llama")):
+        batch = tok(SENTENCES[:2], return_tensors="pt", padding=True)
+        labels = torch.tensor([1, 0]) if family == "bert" else batch["input_ids"]
+        delta = AutoDeltaModel.from_config({"delta_type": delta_type}, backbone_model=backbone)
+        try:
+            assert delta.default_positions_of == family
+            if delta_type == "lora":
+                assert len(delta.positions) == (12 if family == "bert" else 60)
+                assert delta.num_delta_parameters() == (73_728 if family == "bert" else 460_800)
+            delta.freeze_module()
+            backbone(**batch, labels=labels).loss.backward()
+            torch.optim.SGD(delta.trainable_parameters(), lr=0.1).step()
+            with torch.no_grad():
+                tuned = backbone(**batch).logits
+            delta.save_finetuned(tmp_path / family)
+        finally:
+            delta.detach()
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+        loaded = AutoDeltaModel.from_finetuned(tmp_path / family, backbone)  # the bare model again, after detach
+        try:
+            assert type(loaded) is type(delta) and loaded.positions == delta.positions
+            with torch.no_grad():
+                assert torch.equal(backbone(**batch).logits, tuned)
+        finally:
+            loaded.detach()
