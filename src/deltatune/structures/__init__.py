@@ -8,6 +8,7 @@ common names, so ``LoraModel(model)`` knows where ``q`` and ``v`` are in BERT, G
     attn_out          where a sequential adapter follows attention
     ffn_in, ffn_out   the feed-forward's first and last projection
     ffn               the feed-forward sublayer as one module (hidden state in and out), where the family has one
+    ffn_in_block      the module whose input is the feed-forward's input (the parallel adapter reads it)
     ffn_block_out     where a sequential adapter follows the feed-forward
     norm              layer norms
 """
