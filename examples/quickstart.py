@@ -72,7 +72,9 @@ def main() -> None:
 
     optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=args.lr)
     steps = args.epochs * -(-len(train) // args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.1)
+    warmup = max(1, steps // 10)  # linear warm-up over 10% of the steps, then linear decay to zero
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup))))
     start, step = time.time(), 0
     for epoch in range(args.epochs):
         random.Random(args.seed + epoch).shuffle(train)
