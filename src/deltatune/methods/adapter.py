@@ -60,4 +60,13 @@ class AdapterModel(DeltaBase):
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         hidden_state_check(self, position, module, seen)
         d = seen.hidden_size
-        return AdapterLayer(d, self.config.bottleneck_dim, d, self.config.non_linearity, seen)
+        m = self.bottleneck_size(d)
+        return AdapterLayer(d, m, d, self.config.non_linearity, seen, self.projections(d, m, seen))
+
+    # Variants of the sequential adapter override these two.
+    def bottleneck_size(self, hidden: int) -> int:
+        return self.config.bottleneck_dim
+
+    def projections(self, hidden: int, bottleneck: int, seen: Seen) -> tuple[nn.Module, nn.Module] | None:
+        """(down, up) modules; None for plain Linears."""
+        return None

@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..probe import Seen
-from ..routing import Route
-from .adapter import AdapterLayer, hidden_state_check
+from .adapter import AdapterModel
 from .bottleneck import check_activation, check_positive
 
 
@@ -77,30 +75,25 @@ def new_rule(n: int, **factory) -> nn.Parameter:
     return nn.Parameter(torch.empty(n, n, n, **factory).normal_(std=0.01))
 
 
-class CompacterModel(DeltaBase):
+class CompacterModel(AdapterModel):
     """Adapters with PHM (sum-of-Kronecker-products) projections, bottleneck ``d / reduction_factor``."""
 
     delta_type = "compacter"
     config_class = CompacterConfig
-    route = Route.OUTPUT_OUTPUT
-
-    @classmethod
-    def _example_modules(cls) -> list[str]:
-        return ["attention.output", "output"]
 
     @functools.cached_property
     def shared_rules(self) -> tuple[nn.Parameter, nn.Parameter]:
         """One rule for every down projection and one for every up projection."""
         weight = next(self.backbone_model.parameters())
-        n = self.config.hypercomplex_division
-        return new_rule(n, device=weight.device, dtype=weight.dtype), new_rule(n, device=weight.device, dtype=weight.dtype)
+        n, factory = self.config.hypercomplex_division, {"device": weight.device, "dtype": weight.dtype}
+        return new_rule(n, **factory), new_rule(n, **factory)
 
-    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
-        hidden_state_check(self, position, module, seen)
+    def bottleneck_size(self, hidden: int) -> int:
+        return max(self.config.hypercomplex_division, hidden // self.config.reduction_factor)
+
+    def projections(self, hidden: int, bottleneck: int, seen: Seen) -> tuple[nn.Module, nn.Module]:
         config = self.config
-        n, d = config.hypercomplex_division, seen.hidden_size
-        m = max(n, d // config.reduction_factor)
         down_rule, up_rule = self.shared_rules if config.shared_phm_rule else (None, None)
-        phm = functools.partial(PHMLinear, n=n, rank=config.phm_rank, init_range=config.phm_init_range,
-                                device=seen.device, dtype=seen.dtype)
-        return AdapterLayer(d, m, d, config.non_linearity, seen, (phm(d, m, rule=down_rule), phm(m, d, rule=up_rule)))
+        phm = functools.partial(PHMLinear, n=config.hypercomplex_division, rank=config.phm_rank,
+                                init_range=config.phm_init_range, device=seen.device, dtype=seen.dtype)
+        return phm(hidden, bottleneck, rule=down_rule), phm(bottleneck, hidden, rule=up_rule)

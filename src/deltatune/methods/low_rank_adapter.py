@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..probe import Seen
-from ..routing import Route
-from .adapter import AdapterLayer, hidden_state_check
+from .adapter import AdapterModel
 from .bottleneck import LowRankLinear, check_activation, check_positive
 
 
@@ -35,21 +33,15 @@ class LowRankAdapterConfig(DeltaConfig):
         check_activation(self.non_linearity)
 
 
-class LowRankAdapterModel(DeltaBase):
+class LowRankAdapterModel(AdapterModel):
     """Sequential adapters with rank-``low_rank_rank`` projections and bottleneck ``d / reduction_factor``."""
 
     delta_type = "low_rank_adapter"
     config_class = LowRankAdapterConfig
-    route = Route.OUTPUT_OUTPUT
 
-    @classmethod
-    def _example_modules(cls) -> list[str]:
-        return ["attention.output", "output"]
+    def bottleneck_size(self, hidden: int) -> int:
+        return max(1, hidden // self.config.reduction_factor)
 
-    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
-        hidden_state_check(self, position, module, seen)
-        d, config = seen.hidden_size, self.config
-        m, k = max(1, d // config.reduction_factor), config.low_rank_rank
-        factory = {"device": seen.device, "dtype": seen.dtype}
-        projections = LowRankLinear(d, m, k, **factory), LowRankLinear(m, d, k, **factory)
-        return AdapterLayer(d, m, d, config.non_linearity, seen, projections)
+    def projections(self, hidden: int, bottleneck: int, seen: Seen) -> tuple[nn.Module, nn.Module]:
+        k, factory = self.config.low_rank_rank, {"device": seen.device, "dtype": seen.dtype}
+        return LowRankLinear(hidden, bottleneck, k, **factory), LowRankLinear(bottleneck, hidden, k, **factory)
