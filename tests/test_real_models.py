@@ -16,6 +16,19 @@ SENTENCES = [
 ] * 2
 LABELS = torch.tensor([1, 0, 1, 0] * 2)
 
+def train(model, delta, batch, lr: float, steps: int) -> list[float]:
+    """AdamW on the delta's trainable parameters; the loss of every step."""
+    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 METHODS = {
     "lora": (LoraModel, ["query", "value"]),
     "adapter": (AdapterModel, ["attention.output", r"[r]layer\.\d+\.output"]),
@@ -41,14 +54,7 @@ def test_minilm_lifecycle(method, minilm, minilm_tokenizer, minilm_path, tmp_pat
         assert torch.equal(minilm(**batch).logits, reference), "identity at init"
 
     minilm.train()
-    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=LEARNING_RATES[method])
-    losses = []
-    for _ in range(8):
-        loss = minilm(**batch, labels=LABELS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(minilm, delta, dict(batch, labels=LABELS), LEARNING_RATES[method], steps=8)
     minilm.eval()
     assert losses[-1] < 0.7 * losses[0], losses
     for key, value in minilm.state_dict().items():  # filtered: only trainable tensors
@@ -93,14 +99,7 @@ def test_smollm2_lora_trains_and_generates(smollm2):
                       "The quick brown fox jumps over the lazy dog near the river bank."],
                      return_tensors="pt", padding=True)
     labels = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=2e-3)
-    losses = []
-    for _ in range(4):
-        loss = model(**text, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, delta, dict(text, labels=labels), lr=2e-3, steps=4)
     assert losses[-1] < losses[0], losses
 
     tuned = model.generate(**prompt, max_new_tokens=8, do_sample=False)
@@ -136,14 +135,7 @@ def test_smollm2_prompt_methods_learn_and_generate_left_padded_batches(smollm2, 
 
 
 def _learn_and_generate(model, tokenizer, delta, text, labels, lr, steps):
-    optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = model(**text, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, delta, dict(text, labels=labels), lr, steps)
     assert losses[-1] < 0.5 * losses[0], losses
 
     prompts = tokenizer(["The capital of France is", "Cats"], return_tensors="pt", padding=True, padding_side="left")

@@ -38,6 +38,7 @@ class DeltaBase:
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
     route: ClassVar[Route]
     mergeable: ClassVar[bool] = False
+    takes_modules: ClassVar[bool] = True  # False: the method rewrites the model's call and picks its own positions
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -65,7 +66,9 @@ class DeltaBase:
         )
         self.default_positions_of: str | None = None  # the family whose common names chose the positions
         if positions is None:
-            if self.config.modified_modules is None:
+            if not self.takes_modules and self.config.modified_modules:
+                raise ValueError(f"{type(self).__name__} acts on the model's call; it takes no modified_modules")
+            if self.takes_modules and self.config.modified_modules is None:
                 self._use_default_positions()
             positions = self.resolve_positions()
         else:

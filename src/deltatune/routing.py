@@ -4,6 +4,7 @@ Three routes cover the methods (He et al. 2022)::
 
     input -> input    x <- m(x)        before the module runs      (prompts, prefixes)
                       or (args, kwargs) <- m(args, kwargs) for a delta with ``rewrites_call = True``
+                      (positional inputs arrive as keyword arguments)
     input -> output   h <- m(x, h)     after, reading its input    (LoRA, parallel adapter, (IA)^3)
     output -> output  h <- m(h)        after, reading its output   (sequential adapter, BitFit, Compacter)
 
@@ -35,12 +36,10 @@ class Route(str, Enum):
 
 
 @functools.lru_cache(maxsize=None)
-def _first_parameter(module_class: type[nn.Module]) -> str | None:
+def _positional_names(module_class: type[nn.Module]) -> tuple[str, ...]:
     # Cached per class: inspecting a signature costs more than attaching a delta.
-    for parameter in list(inspect.signature(module_class.forward).parameters.values())[1:]:  # skip self
-        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-            return parameter.name
-    return None
+    parameters = list(inspect.signature(module_class.forward).parameters.values())[1:]  # skip self
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _replace_first(output, hidden: torch.Tensor):
@@ -61,7 +60,8 @@ class DeltaSlot(nn.ModuleDict):
     def __init__(self, host: nn.Module) -> None:
         super().__init__()
         self._routes: dict[str, tuple[Route, int]] = {}
-        self._first_input = _first_parameter(type(host))
+        self._positional = _positional_names(type(host))
+        self._first_input = self._positional[0] if self._positional else None
         self._handles: list = []
         self._plan()
 
@@ -113,8 +113,11 @@ class DeltaSlot(nn.ModuleDict):
         raise RuntimeError(f"the module was called without its first input {self._first_input!r}; cannot re-route it")
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
-        for delta in self._call_rewrites:
-            args, kwargs = delta(args, kwargs)
+        if self._call_rewrites:
+            if args and len(args) <= len(self._positional):  # call rewrites see every input by name
+                kwargs, args = {**kwargs, **dict(zip(self._positional, args))}, ()
+            for delta in self._call_rewrites:
+                args, kwargs = delta(args, kwargs)
         if not self._input_rewrites:
             return args, kwargs
         x = self._input(args, kwargs)
@@ -126,14 +129,15 @@ class DeltaSlot(nn.ModuleDict):
         return args, kwargs
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        hidden = output if isinstance(output, torch.Tensor) else output[0]
+        plain = isinstance(output, torch.Tensor)
+        hidden = output if plain else output[0]
         if self._parallel:
             x = self._input(args, kwargs)
             for delta in self._parallel:
                 hidden = delta(x, hidden)
         for delta in self._output_rewrites:
             hidden = delta(hidden)
-        return hidden if isinstance(output, torch.Tensor) else _replace_first(output, hidden)
+        return hidden if plain else _replace_first(output, hidden)
 
 
 def attach(host: nn.Module, name: str, delta: nn.Module, route: Route, order: int) -> None:

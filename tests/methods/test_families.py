@@ -30,8 +30,9 @@ def test_attach_train_save_load_detach(family, method, tmp_path):
 
     delta = build(method, family, model)
     delta.freeze_module(exclude=["deltas"])
+    initial = first_output(model, batch)
     if method not in ("soft_prompt", "prefix"):  # the others are the identity at init (LoRA B=0, adapter up=0, Δb=0, l=1)
-        assert torch.equal(first_output(model, batch), reference)
+        assert torch.equal(initial, reference)
 
     model.train()
     optimizer = torch.optim.AdamW(delta.trainable_parameters(), lr=1e-2)
@@ -46,7 +47,7 @@ def test_attach_train_save_load_detach(family, method, tmp_path):
     assert losses[1] != losses[0]
     assert all(p.abs().sum() > 0 for p in delta.delta_parameters()), "every delta tensor received an update"
     tuned = first_output(model, batch)
-    assert not torch.equal(tuned, reference)
+    assert tuned.shape == initial.shape and not torch.equal(tuned, initial), "training changed the outputs"
 
     delta.save_finetuned(tmp_path / "delta")
     delta.detach()

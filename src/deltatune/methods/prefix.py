@@ -80,6 +80,7 @@ class Prefix(nn.Module):
         self.layers, self.kv_heads, self.head_dim = shape
         factory = {"device": seen.device, "dtype": seen.dtype}
         n, width = config.prefix_token_num, self.layers * 2 * self.kv_heads * self.head_dim
+        self.length = n
         if config.reparameterize:
             self.embedding = nn.Parameter(torch.randn(n, config.embed_dim, **factory))
             self.mlp = nn.Sequential(nn.Linear(config.embed_dim, config.mid_dim, **factory), nn.Tanh(),
@@ -95,8 +96,6 @@ class Prefix(nn.Module):
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
-        if args:
-            kwargs["input_ids"], args = args[0], args[1:]
         reference = kwargs.get("input_ids")
         if reference is None:
             reference = kwargs["inputs_embeds"]
@@ -112,7 +111,7 @@ class Prefix(nn.Module):
                 keys, values = (t.unsqueeze(0).expand(batch, -1, -1, -1) for t in key_values[layer])
                 cache.update(keys, values, layer)
             kwargs["past_key_values"] = cache
-        n = self.key_values_length()
+        n = self.length
         mask = kwargs.get("attention_mask")
         if mask is None:  # attend to everything: the prefix, earlier cached tokens and the new ones
             mask = torch.ones(batch, cache.get_seq_length() - n + length, dtype=torch.long, device=reference.device)
@@ -120,9 +119,6 @@ class Prefix(nn.Module):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
         return args, kwargs
-
-    def key_values_length(self) -> int:
-        return (self.embedding if hasattr(self, "mlp") else self.prefix).shape[0]
 
     def fold(self) -> None:
         with torch.no_grad():
@@ -138,11 +134,10 @@ class PrefixModel(DeltaBase):
     config_class = PrefixConfig
     route = Route.INPUT_INPUT
 
-    def __init__(self, backbone_model: nn.Module, modified_modules: list[str] | None = None, *args, **kwargs) -> None:
-        if modified_modules:
-            raise ValueError("PrefixModel adds prefixes to every attention layer; it takes no modified_modules")
-        kwargs.setdefault("positions", [_cache_taking_module(backbone_model)])
-        super().__init__(backbone_model, None, *args, **kwargs)
+    takes_modules = False
+
+    def resolve_positions(self) -> list[str]:
+        return [_cache_taking_module(self.backbone_model)]
 
     def fold(self) -> PrefixModel:
         """Replace the reparameterization MLP by the prefixes it produces (after training: same outputs, and the

@@ -74,8 +74,6 @@ class SoftPrompt(nn.Module):
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
-        if args:  # HF models take input_ids first
-            kwargs["input_ids"], args = args[0], args[1:]
         n, at = self.soft_embeds.shape[0], self.insert_at
         cache = kwargs.get("past_key_values")
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
@@ -132,12 +130,11 @@ class SoftPromptModel(DeltaBase):
     config_class = SoftPromptConfig
     route = Route.INPUT_INPUT
 
-    def __init__(self, backbone_model: nn.Module, modified_modules: list[str] | None = None, *args, **kwargs) -> None:
-        if modified_modules:
-            raise ValueError("SoftPromptModel rewrites the inputs of the whole model; it takes no modified_modules")
+    takes_modules = False
+
+    def resolve_positions(self) -> list[str]:
         # The model itself; for an encoder-decoder also its encoder, which generate() calls on its own.
-        kwargs.setdefault("positions", ["", *_encoder_name(backbone_model)])
-        super().__init__(backbone_model, None, *args, **kwargs)
+        return ["", *_encoder_name(self.backbone_model)]
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         root = self.backbone_model
