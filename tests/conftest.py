@@ -93,8 +93,7 @@ for _name, _family in FAMILIES.items():
     _family.positions["low_rank_adapter"] = _family.positions["adapter"]
     _family.positions["compacter"] = _family.positions["adapter"]
     _family.positions["soft_prompt"] = {"soft_token_num": 4}
-    if not _family.seq2seq:  # prefixes: not on encoder-decoders yet
-        _family.positions["prefix"] = {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16}
+    _family.positions["prefix"] = {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16}
 
 
 def tiny_model(family: str) -> nn.Module:

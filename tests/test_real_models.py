@@ -112,8 +112,11 @@ def test_smollm2_lora_trains_and_generates(smollm2):
 
 SENTENCES_LM = ["Delta tuning trains a few parameters.", "The backbone stays frozen.",
                 "Paris is the capital of France.", "Cats sleep for most of the day."] * 2
-# (options, learning rate, steps): prefix tuning is known to need a small step, and so more of them.
-PROMPT_METHODS = {"soft_prompt": ({"soft_token_num": 16}, 0.05, 12), "prefix": ({"prefix_token_num": 8}, 3e-4, 20)}
+# (options, learning rate, steps).  The reparameterized prefix is unstable under AdamW on SmolLM2 (every one of the
+# MLP's 5.9M output weights moves by lr, coherently: one step at lr 1e-4 took the loss 6.08 -> 8.04), so the prefix
+# is trained directly, as docs/methods.md recommends for decoder LLMs.
+PROMPT_METHODS = {"soft_prompt": ({"soft_token_num": 16}, 0.05, 12),
+                  "prefix": ({"prefix_token_num": 8, "reparameterize": False}, 1e-2, 20)}
 
 
 @pytest.mark.parametrize("method", sorted(PROMPT_METHODS))

@@ -2,37 +2,47 @@
 
 ::
 
-    E: n × embed_dim (trainable)  --MLP-->  [K_1, V_1, …, K_L, V_L]: n keys and values per layer and KV head
+    E: n × embed_dim (trainable)  --MLP-->  [K_1, V_1, …, K_L, V_L]: n keys and values per attention layer and head
     attention_l(x) = softmax(q [K_l; k(x)]ᵀ / √d) [V_l; v(x)]
 
 With ``reparameterize`` (the default) the prefixes come from ``E`` through ``Linear(embed_dim, mid_dim) → tanh →
-Linear(mid_dim, L·2·h_kv·d_h)``, which trains more stably; :meth:`PrefixModel.fold` replaces the MLP by the
+Linear(mid_dim, Σ_l 2·h_l·d_l)``, which trains more stably; :meth:`PrefixModel.fold` replaces the MLP by the
 prefixes it produces once training is done.  Without it the prefixes are trained directly.
 
-The prefix enters the model as a pre-filled KV cache: the delta rewrites the model's call so ``past_key_values``
-holds the ``n`` prefix positions and the ``attention_mask`` is extended by ``n`` ones; explicit ``position_ids``
-shift by ``n``, as when a cache holds ``n`` earlier tokens.  ``generate()`` works (the cache it passes is filled at
-its first step), and outputs keep the length of the inputs.  Decoders (GPT-2, OPT, the LLaMA family with
-grouped-query attention) and encoders whose attention reads a cache (BERT, RoBERTa: the bare model under the task
-head is hooked; token positions then start after the prefix, as with any cache); encoder-decoders not yet.
-Parameters: ``n·embed_dim + embed_dim·mid_dim + mid_dim + mid_dim·L·2·h_kv·d_h + L·2·h_kv·d_h`` reparameterized,
-``n·L·2·h_kv·d_h`` otherwise.
+The prefixes enter as keys and values the attention reads from a KV cache, so no attention code is replaced:
+
+- decoders (GPT-2, OPT, the LLaMA family with grouped-query attention) and encoders whose attention reads a cache
+  (BERT, RoBERTa: the bare model under the task head): the model's call is rewritten so ``past_key_values`` holds
+  the ``n`` prefix positions and the ``attention_mask`` is extended by ``n`` ones; explicit ``position_ids`` shift
+  by ``n``, as when a cache holds ``n`` earlier tokens;
+- encoder-decoders (T5, BART): the decoder stack's call gets the decoder self-attention prefixes the same way (in
+  the self-attention half of an ``EncoderDecoderCache``); each encoder self-attention and decoder cross-attention
+  call gets its prefix through the attention's own ``past_key_values`` argument (a one-call cache, or the cross
+  half of the model's cache before the encoder keys enter it) and its 4-D mask is extended by ``n`` columns.
+
+``generate()`` works (the cache it passes is filled at its first step), and outputs keep the length of the inputs.
+Parameters: ``n·embed_dim + embed_dim·mid_dim + mid_dim + (mid_dim + 1)·Σ_l 2·h_l·d_l`` reparameterized,
+``n·Σ_l 2·h_l·d_l`` otherwise (``L·2·h_kv·d_h`` for a decoder of ``L`` layers).
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from torch.nn import functional as F
+from transformers import DynamicCache, EncoderDecoderCache
 
 from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
 from .bottleneck import check_positive
+
+CROSS_ATTENTION = re.compile(r"encdec|encoder_?attn|cross", re.IGNORECASE)  # T5, BART/Marian/…, BERT-style
 
 
 @dataclass
@@ -47,52 +57,74 @@ class PrefixConfig(DeltaConfig):
             check_positive(name, getattr(self, name))
 
 
-def _attention_shape(config) -> tuple[int, int, int]:
-    """(layers, key/value heads, head size) of a decoder config."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return layers, kv_heads, head_dim
-
-
 def _takes_cache(module: nn.Module) -> bool:
     return "past_key_values" in inspect.signature(type(module).forward).parameters
 
 
-def _cache_taking_module(model: nn.Module) -> str:
-    """Where the prefix enters: the model's own call if it takes a cache (decoders with an LM head), else the bare
-    model under the task head (``BertForSequenceClassification`` -> ``bert``)."""
-    if _takes_cache(model):
-        return ""
-    base = getattr(model, "base_model", model)
-    return next((name for name, module in model.named_modules() if module is base), "")
+def _config_shapes(config) -> list[tuple[int, int]]:
+    """(key/value heads, head size) of every layer of a decoder or BERT-like encoder config."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    return [(kv_heads, getattr(config, "head_dim", None) or hidden // heads)] * layers
+
+
+def _attention_shape(attention: nn.Module) -> tuple[int, int]:
+    """(key/value heads, head size) of a T5 / BART-style attention module, from its key projection."""
+    head_dim = getattr(attention, "head_dim", None) or getattr(attention, "key_value_proj_dim")
+    key = getattr(attention, "k_proj", None) or getattr(attention, "k")
+    return key.out_features // head_dim, head_dim
+
+
+def _cache_attentions(stack: nn.Module, prefix: str) -> list[str]:
+    """Full names of the innermost modules under ``stack`` that take a cache: its attention modules, in order."""
+    named = [(n, m) for n, m in stack.named_modules() if _takes_cache(m)]
+    return [".".join(filter(None, (prefix, n))) for n, m in named
+            if not any(o is not m and _takes_cache(o) for o in m.modules())]
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
+
+
+def _extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Let every query see ``n`` more keys on the left: boolean masks get True, additive masks 0."""
+    if mask is None:
+        return None
+    fill = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+    return torch.cat([fill(*mask.shape[:-1], n), mask], dim=-1)
 
 
 class Prefix(nn.Module):
-    """Fill the call's KV cache with the prefix and extend its mask."""
+    """The prefixes of every attention layer; fills a model call's KV cache with those of the first ``filled``."""
 
     rewrites_call = True
 
-    def __init__(self, config: PrefixConfig, shape: tuple[int, int, int], seen: Seen) -> None:
+    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int]], filled: int, seen: Seen,
+                 encoder_decoder: bool = False) -> None:
         super().__init__()
-        self.layers, self.kv_heads, self.head_dim = shape
         factory = {"device": seen.device, "dtype": seen.dtype}
-        n, width = config.prefix_token_num, self.layers * 2 * self.kv_heads * self.head_dim
-        self.length = n
+        self.length = n = config.prefix_token_num
+        self.shapes, self.filled, self.encoder_decoder = shapes, filled, encoder_decoder
+        widths = [2 * heads * size for heads, size in shapes]
+        ends = torch.tensor(widths).cumsum(0).tolist()
+        self.rows = [slice(end - width, end) for end, width in zip(ends, widths)]  # layer l's columns of the table
         if config.reparameterize:
             self.embedding = nn.Parameter(torch.randn(n, config.embed_dim, **factory))
             self.mlp = nn.Sequential(nn.Linear(config.embed_dim, config.mid_dim, **factory), nn.Tanh(),
-                                     nn.Linear(config.mid_dim, width, **factory))
+                                     nn.Linear(config.mid_dim, ends[-1], **factory))
         else:
-            self.prefix = nn.Parameter(torch.randn(n, width, **factory) * 0.02)
+            self.prefix = nn.Parameter(torch.randn(n, ends[-1], **factory) * 0.02)
 
-    def key_values(self) -> torch.Tensor:
-        """(layers, 2, kv_heads, n, head_dim)."""
-        flat = self.mlp(self.embedding) if hasattr(self, "mlp") else self.prefix
-        n = flat.shape[0]
-        return flat.view(n, self.layers, 2, self.kv_heads, self.head_dim).permute(1, 2, 3, 0, 4)
+    def key_values(self, layers: range) -> list[torch.Tensor]:
+        """Per layer ``(2, heads, n, head_dim)``; only the needed rows of the MLP's last layer are computed."""
+        if hasattr(self, "mlp"):
+            hidden, last = self.mlp[1](self.mlp[0](self.embedding)), self.mlp[2]
+            flats = [F.linear(hidden, last.weight[self.rows[i]], last.bias[self.rows[i]]) for i in layers]
+        else:
+            flats = [self.prefix[:, self.rows[i]] for i in layers]
+        return [flat.view(self.length, 2, *self.shapes[i]).permute(1, 2, 0, 3) for flat, i in zip(flats, layers)]
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
@@ -104,13 +136,13 @@ class Prefix(nn.Module):
         if kwargs.get("use_cache") is False:
             # The model returns the cache made here even then, and generate() would feed it back: start afresh.
             cache = None
-        if cache is None or cache.get_seq_length() == 0:  # first call: put the prefix in the cache
-            cache = cache if cache is not None else DynamicCache()
-            key_values = self.key_values()
-            for layer in range(self.layers):
-                keys, values = (t.unsqueeze(0).expand(batch, -1, -1, -1) for t in key_values[layer])
-                cache.update(keys, values, layer)
-            kwargs["past_key_values"] = cache
+        if cache is None:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if self.encoder_decoder else DynamicCache()
+        if cache.get_seq_length() == 0:  # first call: put the prefix in the (self-attention) cache
+            target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            for layer, (keys, values) in enumerate(self.key_values(range(self.filled))):
+                target.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+        kwargs["past_key_values"] = cache
         n = self.length
         mask = kwargs.get("attention_mask")
         if mask is None:  # attend to everything: the prefix, earlier cached tokens and the new ones
@@ -127,6 +159,38 @@ class Prefix(nn.Module):
         self.prefix = nn.Parameter(folded)
 
 
+class AttentionPrefix(nn.Module):
+    """One encoder self-attention or decoder cross-attention: its prefix enters through the call's own cache."""
+
+    rewrites_call = True
+
+    def __init__(self, table: Prefix, layer: int, attention: nn.Module) -> None:
+        super().__init__()
+        self._table = [table]  # in a list: the table's parameters belong to the stack's delta, not to this one
+        self.layer, self.cache_layer = layer, attention.layer_idx
+        self.mask_name = "mask" if "mask" in inspect.signature(type(attention).forward).parameters else "attention_mask"
+
+    def _fill(self, cache, batch: int) -> None:
+        keys, values = self._table[0].key_values(range(self.layer, self.layer + 1))[0]
+        cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), self.cache_layer)
+
+    def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        states = kwargs.get("key_value_states")
+        batch = (states if states is not None else kwargs["hidden_states"]).shape[0]
+        cache = kwargs.get("past_key_values")
+        if cache is None:  # encoder self-attention, or cross-attention without a cache: a cache for this call
+            cache = DynamicCache()
+            self._fill(cache, batch)
+        elif not isinstance(cache, EncoderDecoderCache):
+            raise TypeError(f"a cross-attention prefix needs an EncoderDecoderCache, got {type(cache).__name__}")
+        elif not cache.is_updated.get(self.cache_layer):  # first step: the prefix goes before the encoder's keys
+            self._fill(cache.cross_attention_cache, batch)
+        kwargs["past_key_values"] = cache
+        kwargs[self.mask_name] = _extend_mask(kwargs.get(self.mask_name), self._table[0].length)
+        return args, kwargs
+
+
 class PrefixModel(DeltaBase):
     """Prefix tuning: ``prefix_token_num`` trainable key/value positions prepended at every attention layer."""
 
@@ -137,22 +201,49 @@ class PrefixModel(DeltaBase):
     takes_modules = False
 
     def resolve_positions(self) -> list[str]:
-        return [_cache_taking_module(self.backbone_model)]
+        model = self.backbone_model
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            decoder = model.get_decoder()
+            if not _takes_cache(decoder):
+                raise TypeError(f"PrefixModel needs a decoder that takes past_key_values, not {type(decoder).__name__}")
+            decoder_name = _name_of(model, decoder)
+            cross = [n for n in _cache_attentions(decoder, decoder_name) if CROSS_ATTENTION.search(n.split(".")[-1])]
+            return [decoder_name, *_cache_attentions(model.get_encoder(), _name_of(model, model.get_encoder())), *cross]
+        if _takes_cache(model):
+            return [""]  # decoders with an LM head
+        base = getattr(model, "base_model", model)  # BertForSequenceClassification -> bert
+        return [_name_of(model, base)]
 
     def fold(self) -> PrefixModel:
         """Replace the reparameterization MLP by the prefixes it produces (after training: same outputs, and the
-        checkpoint holds only ``n·L·2·h_kv·d_h`` numbers).  Build a new optimizer if training goes on."""
+        checkpoint holds only ``n·Σ_l 2·h_l·d_l`` numbers).  Build a new optimizer if training goes on."""
         if self.config.reparameterize:
-            for prefix in self.deltas.values():
-                prefix.fold()
+            for delta in self.deltas.values():
+                if isinstance(delta, Prefix):
+                    delta.fold()
             self.config.reparameterize = False
         return self
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        if position != self.positions[0]:  # an encoder self-attention or a cross-attention
+            return AttentionPrefix(self._table, self._layers.index(position), module)
         config = getattr(self.backbone_model, "config", None)
-        if config is None or getattr(config, "is_encoder_decoder", False) or not _takes_cache(module):
+        if config is None or not _takes_cache(module):
             raise TypeError(
-                f"PrefixModel supports transformers decoders and encoders whose forward takes past_key_values, "
-                f"not {type(module).__name__} (encoder-decoders are not supported yet)"
+                f"PrefixModel supports transformers models whose attention takes past_key_values, "
+                f"not {type(module).__name__}"
             )
-        return Prefix(self.config, _attention_shape(config), seen)
+        if not getattr(config, "is_encoder_decoder", False):
+            self._table = Prefix(self.config, _config_shapes(config), len(_config_shapes(config)), seen)
+            return self._table
+        modules = dict(self.backbone_model.named_modules())
+        cross = set(self.positions[1:]) & {n for n in modules if CROSS_ATTENTION.search(n.split(".")[-1])}
+        decoder_self = [n for n in _cache_attentions(module, position) if n not in cross]
+        self._layers = [*decoder_self, *self.positions[1:]]  # table rows: decoder self, encoder self, cross
+        if len(cross) != len(decoder_self):
+            raise TypeError(f"PrefixModel found {len(decoder_self)} decoder self-attention and {len(cross)} "
+                            f"cross-attention modules in {type(module).__name__}; expected one of each per layer")
+        shapes = [_attention_shape(modules[n]) for n in self._layers]
+        self._table = Prefix(self.config, shapes, len(decoder_self), seen, encoder_decoder=True)
+        return self._table
