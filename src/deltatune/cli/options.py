@@ -1,0 +1,19 @@
+"""``key=value`` overrides from a command line, values read as JSON when they parse (``8``, ``true``, ``["q"]``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a plain string
+    return options

@@ -1,0 +1,38 @@
+"""Print the folded module tree of a model, or of a model with a saved delta.
+
+MODEL is an asset name (minilm-l6, smollm2-135m), a local folder, or a hub id when online.  With --delta the
+backbone class is the one the delta was saved on, and the delta is loaded and marked in the tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..base import DeltaBase
+from ..loading import backbone_of_checkpoint, load_backbone
+from ..visualization import Visualization
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("--delta", metavar="DIR", help="a saved delta to load onto the model and show")
+    parser.add_argument("--no-common-names", action="store_true", help="hide AutoDelta's common names (q, v, ...)")
+    parser.add_argument("--width", type=int, help="line width (default: the terminal's)")
+    parser.add_argument("--json", metavar="FILE", help="also write the tree as JSON")
+    parser.add_argument("--html", metavar="FILE", help="also write the tree as a standalone HTML page")
+
+
+def run(args: argparse.Namespace) -> None:
+    common = not args.no_common_names
+    if args.delta:
+        from .training_info import backbone_options
+
+        model = load_backbone(args.model, backbone_of_checkpoint(args.delta), **backbone_options(args.delta))
+        DeltaBase.from_finetuned(args.delta, model).log(common_names=common, width=args.width)
+    else:
+        model = load_backbone(args.model)
+        Visualization(model).structure_graph(common_names=common, width=args.width)
+    if args.json:
+        Visualization(model).save_json(args.json)
+    if args.html:
+        Visualization(model).save_html(args.html)

@@ -1,0 +1,37 @@
+"""The ``deltatune`` command line: show (tree of an asset, a folder, or a model with a saved delta), errors."""
+
+import json
+
+import pytest
+
+from deltatune import LoraModel
+from deltatune.cli import main
+
+pytestmark = pytest.mark.real
+
+
+def test_show_prints_the_folded_tree_of_an_asset(capsys):
+    assert main(["show", "minilm-l6", "--width", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "BertModel"
+    assert "layer.0-5 (BertLayer)" in out and "query,key,value (Linear) weight:[384,384] bias:[384] = q,k,v" in out
+
+
+def test_show_loads_a_saved_delta_onto_a_local_folder_and_exports(minilm_path, tmp_path, capsys):
+    import transformers as tf
+
+    LoraModel(tf.AutoModel.from_pretrained(minilm_path), ["query", "value"]).save_finetuned(tmp_path / "lora")
+    assert main(["show", str(minilm_path), "--delta", str(tmp_path / "lora"), "--width", "100",
+                 "--json", str(tmp_path / "tree.json"), "--html", str(tmp_path / "tree.html")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("LoraModel 'lora' (input->output) on 12 modules of BertModel, attached")
+    assert "+ lora (LoraLayer, input->output) lora_A:[8,384] lora_B:[384,8]" in out
+    assert json.loads((tmp_path / "tree.json").read_text())["totals"]["delta"] == 73_728
+    assert (tmp_path / "tree.html").read_text().startswith("<!doctype html>")
+
+
+def test_bad_model_and_bad_delta_folder_are_clear_errors(tmp_path, capsys):
+    assert main(["show", "no-such-model"]) == 2
+    assert "'no-such-model' is not a model asset (minilm-l6, smollm2-135m), a local folder" in capsys.readouterr().err
+    assert main(["show", "minilm-l6", "--delta", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
