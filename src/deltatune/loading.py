@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +28,19 @@ def model_class(path: str, class_name: str | None = None) -> type:
     return getattr(transformers, class_name)
 
 
-def load_backbone(spec: str, class_name: str | None = None, **options: Any) -> nn.Module:
-    """The model ``spec`` names, in eval mode.  ``options`` go to ``from_pretrained`` (e.g. ``num_labels``)."""
+def load_backbone(spec: str, class_name: str | None = None, **options: Any) -> nn.Module | tuple[nn.Module, dict]:
+    """The model ``spec`` names, in eval mode.  ``options`` go to ``from_pretrained`` (e.g. ``num_labels``; with
+    ``output_loading_info=True`` the result is ``(model, info)`` as there)."""
     path = model_path(spec)
     if not Path(path).exists() and "/" not in path:
         raise ValueError(f"{spec!r} is not a model asset ({', '.join(assets.MODELS)}), a local folder, "
                          "or a hub id of the form owner/name")
     try:
-        return model_class(path, class_name).from_pretrained(path, **options).eval()
+        loaded = model_class(path, class_name).from_pretrained(path, **options)
     except OSError as error:
         raise ValueError(f"cannot load {spec!r}: {error}") from None
+    (loaded[0] if isinstance(loaded, tuple) else loaded).eval()
+    return loaded
 
 
 def backbone_of_checkpoint(folder: str | Path) -> str:
@@ -47,6 +49,3 @@ def backbone_of_checkpoint(folder: str | Path) -> str:
 
     return read_config(Path(folder))["backbone"]["class"]
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

@@ -86,10 +86,16 @@ def _call(model: nn.Module, pseudo_input: Any) -> None:
         model(pseudo_input)
 
 
+class _AllSeen(Exception):
+    """Raised by the last position's hook: the rest of the forward pass (an LM head, say) is not needed."""
+
+
 def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> dict[str, Seen]:
-    """Run one pseudo forward pass and return what each module in ``positions`` received and produced."""
+    """Run one pseudo forward pass and return what each module in ``positions`` received and produced; the pass
+    stops as soon as every position has been seen."""
     modules = dict(model.named_modules())
     seen: dict[str, Seen] = {}
+    wanted = set(positions)
 
     def recorder(name: str):
         def hook(module, args, kwargs, output):
@@ -101,6 +107,8 @@ def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> d
             x = _first_tensor(args) if args else _first_tensor(tuple(kwargs.values()))
             shape = tuple(x.shape) if x is not None else None
             seen[name] = Seen(shape, tuple(out.shape), out.dtype, out.device)
+            if len(seen) == len(wanted):
+                raise _AllSeen
 
         return hook
 
@@ -112,6 +120,8 @@ def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> d
         with torch.no_grad():
             try:
                 _call(model, inputs)
+            except _AllSeen:
+                pass
             except Exception as error:
                 raise RuntimeError(
                     f"the probe forward pass of {type(model).__name__} failed: {type(error).__name__}: {error}. "

@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: ``show`` and ``select`` (see docs/cli.md)."""
+"""The ``deltatune`` command: ``train``, ``eval``, ``show`` and ``select`` (see docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import sys
 
 import transformers
 
-from . import select, show
+from ..assets import AssetError
+from . import evaluate, select, show, train
 
-COMMANDS = {"show": show, "select": select}
+COMMANDS = {"train": train, "eval": evaluate, "show": show, "select": select}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,13 +21,16 @@ def main(argv: list[str] | None = None) -> int:
                                                  description=module.__doc__))
     args = parser.parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # the command's own output stays readable
+    transformers.utils.logging.set_verbosity_error()  # e.g. the load report of a new classification head
     try:
-        return COMMANDS[args.command].run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, TimeoutError) as error:
+        COMMANDS[args.command].run(args)
+        return 0
+    except (ValueError, TypeError, OSError, TimeoutError, AssetError) as error:
         print(f"deltatune {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        resume = "; the state is saved: the same command with --resume continues" if args.command == "train" else ""
+        print(f"deltatune {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 
 

@@ -11,11 +11,12 @@ import argparse
 from ..base import DeltaBase
 from ..loading import backbone_of_checkpoint, load_backbone
 from ..visualization import Visualization
+from .training_info import delta_and_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL")
-    parser.add_argument("--delta", metavar="DIR", help="a saved delta to load onto the model and show")
+    parser.add_argument("--delta", metavar="DIR", help="a saved delta (or a run folder of deltatune train) to show")
     parser.add_argument("--no-common-names", action="store_true", help="hide AutoDelta's common names (q, v, ...)")
     parser.add_argument("--width", type=int, help="line width (default: the terminal's)")
     parser.add_argument("--json", metavar="FILE", help="also write the tree as JSON")
@@ -25,10 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     common = not args.no_common_names
     if args.delta:
-        from .training_info import backbone_options
-
-        model = load_backbone(args.model, backbone_of_checkpoint(args.delta), **backbone_options(args.delta))
-        DeltaBase.from_finetuned(args.delta, model).log(common_names=common, width=args.width)
+        folder, options = delta_and_options(args.delta)
+        model = load_backbone(args.model, backbone_of_checkpoint(folder), **options)
+        DeltaBase.from_finetuned(folder, model).log(common_names=common, width=args.width)
     else:
         model = load_backbone(args.model)
         Visualization(model).structure_graph(common_names=common, width=args.width)

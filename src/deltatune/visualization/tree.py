@@ -8,14 +8,14 @@ names of every module it stands for, so ticking it in the selector ticks all of 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from ..addressing import DELTA_SLOT, match_names
+from ..addressing import DELTA_SLOT, addressable_names, match_names
 from ..routing import DeltaSlot
+from ..structures import common_names
 
 CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)  # classes that only hold children: shown as a path
 
@@ -144,9 +144,6 @@ def _join(prefix: str, name: str) -> str:
 
 def common_name_map(model: nn.Module) -> dict[str, list[str]]:
     """Full module name -> the common names (q, v, ffn_out, …) AutoDelta gives it; empty when none apply."""
-    from ..addressing import addressable_names
-    from ..structures import common_names
-
     try:
         _, specs = common_names(model)
     except ValueError:
@@ -163,7 +160,3 @@ def common_name_map(model: nn.Module) -> dict[str, list[str]]:
             for hit in hits:
                 mapping.setdefault(hit, []).append(common)
     return mapping
-
-
-def is_numeric_range(label: str) -> bool:
-    return re.fullmatch(r"[\d,\-]+", label.rsplit(".", 1)[-1]) is not None

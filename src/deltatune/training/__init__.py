@@ -1,0 +1,1 @@
+"""Training: built-in tasks and user data, objectives, the loop of ``deltatune train``."""

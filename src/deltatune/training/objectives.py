@@ -1,0 +1,119 @@
+"""How a backbone classifies text: a classification head, or (decoders) writing a label word after the text.
+
+``classify``: ``AutoModelForSequenceClassification``; the new head is trained with the delta.
+``label-words``: a causal LM reads ``"<text>\\nAnswer:"`` and is trained to continue with `` <label word>``; it
+predicts the label whose word is most likely (its first token when the label words' first tokens differ, else the
+whole word's log-likelihood).  No new head: only the delta is trained (survey: prompt-based fine-tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+from ..loading import load_backbone, model_path
+from .data import Rows, Task
+
+PROMPT_SUFFIX = "\nAnswer:"
+
+
+class Classify:
+    name = "classify"
+
+    def __init__(self, backbone: str, task: Task, max_length: int) -> None:
+        self.tokenizer = _tokenizer(backbone)
+        self.backbone_options = {"num_labels": len(task.labels), "id2label": dict(enumerate(task.labels)),
+                                 "label2id": {label: i for i, label in enumerate(task.labels)}}
+        self.model, info = _load(backbone, "AutoModelForSequenceClassification", self.backbone_options)
+        if self.model.config.pad_token_id is None:  # decoders classify at the last non-pad token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.head = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})  # newly initialised: trained
+        self.max_length = max_length
+
+    def _encode(self, rows: Rows):
+        return self.tokenizer([text for text, _ in rows], padding=True, truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+
+    def loss(self, rows: Rows) -> torch.Tensor:
+        return self.model(**self._encode(rows), labels=torch.tensor([label for _, label in rows])).loss
+
+    @torch.no_grad()
+    def predict(self, rows: Rows) -> torch.Tensor:
+        return self.model(**self._encode(rows)).logits.argmax(-1)
+
+
+class LabelWords:
+    name = "label-words"
+
+    def __init__(self, backbone: str, task: Task, max_length: int) -> None:
+        self.tokenizer = _tokenizer(backbone)
+        self.backbone_options = {}
+        self.model, _ = _load(backbone, "AutoModelForCausalLM", {})
+        self.head: list[str] = []
+        self.max_length = max_length
+        encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.suffix = encode(PROMPT_SUFFIX)
+        self.words = [encode(" " + word) for word in task.words]
+        firsts = [word[0] for word in self.words]
+        self.first_tokens = torch.tensor(firsts) if len(set(firsts)) == len(firsts) else None
+
+    def _batch(self, rows: Rows, words: list[list[int]]):
+        """Right-padded ids of text + suffix + word per row; labels only on the word; each prompt's last index."""
+        pad = self.tokenizer.pad_token_id
+        sequences, prompt_ends = [], []
+        texts = self.tokenizer([text for text, _ in rows], add_special_tokens=False)["input_ids"]
+        for text, word in zip(texts, words):
+            budget = max(1, self.max_length - len(self.suffix) - len(word))
+            prompt = text[:budget] + self.suffix
+            sequences.append((prompt, word))
+            prompt_ends.append(len(prompt) - 1)
+        width = max(len(p) + len(w) for p, w in sequences)
+        ids = torch.full((len(rows), width), pad)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (prompt, word) in enumerate(sequences):
+            row = torch.tensor(prompt + word)
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+            labels[i, len(prompt): len(row)] = torch.tensor(word)
+        return ids, mask, labels, torch.tensor(prompt_ends)
+
+    def loss(self, rows: Rows) -> torch.Tensor:
+        ids, mask, labels, _ = self._batch(rows, [self.words[label] for _, label in rows])
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    @torch.no_grad()
+    def predict(self, rows: Rows) -> torch.Tensor:
+        if self.first_tokens is not None:  # one pass: compare the label words' first tokens after the prompt
+            ids, mask, _, ends = self._batch(rows, [[] for _ in rows])
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            ends = ends + logits.shape[1] - ids.shape[1]  # a soft prompt makes the outputs longer by its length
+            return logits[torch.arange(len(rows)), ends][:, self.first_tokens].argmax(-1)
+        scores = []
+        for word in self.words:  # the whole word's log-likelihood, one pass per label
+            ids, mask, labels, _ = self._batch(rows, [word] * len(rows))
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1]  # as above
+            targets = labels[:, 1:]
+            picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scores.append((picked * (targets != -100)).sum(-1))
+        return torch.stack(scores, -1).argmax(-1)
+
+
+OBJECTIVES = {"classify": Classify, "label-words": LabelWords}
+
+
+def _tokenizer(backbone: str):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path(backbone))
+    if tokenizer.pad_token is None:  # LLaMA-family tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load(backbone: str, auto_class: str, options: dict) -> tuple[nn.Module, dict]:
+    return load_backbone(backbone, auto_class, output_loading_info=True, **options)
+
+
+def make_objective(name: str, backbone: str, task: Task, max_length: int):
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose {' or '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](backbone, task, max_length)

@@ -1,0 +1,33 @@
+"""The benchmark harness in its smoke form (tiny random models, one repeat): output format, not speed."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import compare  # noqa: E402
+
+ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
+            "ours/reference"}
+
+
+def test_smoke_run_writes_json_and_markdown_with_every_row(tmp_path, capsys):
+    results = compare.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert {"date", "command", "cpu", "cores", "threads", "versions"} <= set(saved["machine"])
+    assert set(saved["machine"]["versions"]) == {"torch", "transformers", "peft", "deltatune"}
+    rows = saved["rows"]
+    assert all(set(r) == ROW_KEYS for r in rows)
+    assert all(r["ours"] > 0 and r["peft"] > 0 and r["ours/peft"] == round(r["ours"] / r["peft"], 3) for r in rows)
+    kinds = {(r["benchmark"], r["setting"]) for r in rows}
+    for setting in ("tiny BERT", "tiny LLaMA"):
+        for benchmark in ("training step", "peak memory", "inference", "checkpoint size", "construction"):
+            assert (benchmark, setting) in kinds
+    assert ("switching", "tiny LLaMA") in kinds
+    assert [r["metric"] for r in rows if r["benchmark"] == "training step"][:4] == [
+        "lora, s/step", "ia3, s/step", "prefix, s/step", "prompt, s/step"]
+    table = (tmp_path / "smoke.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "| ours ÷ PEFT |" in table and saved["machine"]["cpu"] in table
