@@ -1,6 +1,6 @@
 """deltatune vs PEFT vs the bare backbone, side by side in one run; writes JSON and a Markdown table.
 
-    python -m benchmarks.compare [--smoke] [--repeats N] [--out benchmarks/results]
+    python -m benchmarks.compare [--smoke] [--repeats N] [--only training ...] [--out benchmarks/results]
 
 Rows: training step time (LoRA r=8 on q,v; (IA)³; prefix; prompt) against PEFT and full fine-tuning; peak memory
 of a training step at batch 1 and 16 (a fresh process each); inference latency (bare, ours unmerged / merged, PEFT
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .models import Setting, settings
+from .models import Setting, quiet, settings
 from .report import markdown
 from .timing import interleaved, median_of
 from .training import build_training
 from .variants import METHODS, ours, peft_model
 
 THREADS = 2
+GROUPS = ["training", "memory", "inference", "size", "construction", "switching"]
 
 
 def row(benchmark: str, setting: str, metric: str, ours: float, peft: float, reference: float | None = None,
@@ -165,24 +166,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny random models, one repeat: checks the format")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=GROUPS, help="run only these rows (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
+    quiet()
     repeats, warmup = (1, 0) if args.smoke else (args.repeats, args.warmup)
     command = "python -m benchmarks.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     started, rows = time.time(), []
     for index, setting in enumerate(settings(args.smoke)):
-        rows += training_steps(setting, repeats, warmup)
-        rows += peak_memory(index, setting, args.smoke)
-        rows += inference(setting, repeats * 2, warmup)
-        rows += checkpoint_size(setting)
-        rows += construction(setting, max(1, repeats // 2))
-        if setting.task == "CAUSAL_LM":
-            rows += switching(setting, repeats * 10)
+        groups = {
+            "training": lambda: training_steps(setting, repeats, warmup),
+            "memory": lambda: peak_memory(index, setting, args.smoke),
+            "inference": lambda: inference(setting, repeats * 2, warmup),
+            "size": lambda: checkpoint_size(setting),
+            "construction": lambda: construction(setting, max(1, repeats // 2)),
+            "switching": lambda: switching(setting, repeats * 10) if setting.task == "CAUSAL_LM" else [],
+        }
+        for group in args.only or GROUPS:
+            rows += groups[group]()
         print(f"{setting.name} done ({time.time() - started:.0f} s)", file=sys.stderr)
     results = {"machine": machine(command.strip()), "seconds": round(time.time() - started, 1), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "smoke" if args.smoke else "latest"
+    name = "smoke" if args.smoke else "latest" if not args.only else "only-" + "-".join(args.only)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(markdown(results))
     print(markdown(results))

@@ -22,11 +22,12 @@ def _rss_mb(field: str) -> float:
 
 
 def main(argv: list[str]) -> None:
-    from .models import settings
+    from .models import quiet, settings
     from .training import build_training
 
     index, variant, batch = int(argv[0]), argv[1], int(argv[2])
     torch.set_num_threads(2)
+    quiet()
     setting = settings("--smoke" in argv)[index]
     step = build_training(setting, variant, setting.inputs(batch))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS

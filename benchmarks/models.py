@@ -32,6 +32,12 @@ class Setting:
         return inputs
 
 
+def quiet() -> None:
+    """No loading bars or reports on stderr: the table is the output."""
+    tf.utils.logging.disable_progress_bar()
+    tf.utils.logging.set_verbosity_error()
+
+
 def _minilm() -> nn.Module:
     from deltatune import assets
 

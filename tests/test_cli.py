@@ -35,3 +35,10 @@ def test_bad_model_and_bad_delta_folder_are_clear_errors(tmp_path, capsys):
     assert "'no-such-model' is not a model asset (minilm-l6, smollm2-135m), a local folder" in capsys.readouterr().err
     assert main(["show", "minilm-l6", "--delta", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_select_without_a_submission_times_out_cleanly(capsys):
+    assert main(["select", "minilm-l6", "--timeout", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "Choose the modules to modify at http://127.0.0.1:" in captured.out
+    assert "no selection was submitted within 1 s; the selector has stopped" in captured.err
