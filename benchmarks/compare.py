@@ -27,7 +27,7 @@ import torch
 
 from .models import Setting, quiet, settings
 from .report import markdown
-from .timing import interleaved, median_of
+from .timing import alternating, interleaved, median_of
 from .training import build_training
 from .variants import METHODS, ours, peft_model
 
@@ -128,15 +128,13 @@ def switching(setting: Setting, repeats: int) -> list[dict]:
         wrapped.set_adapter("second")
         wrapped.set_adapter("first")
 
-    def disable_peft() -> None:
-        with wrapped.disable_adapter():
-            pass
-
-    detach_attach = lambda: (first.detach(), first.attach())  # noqa: E731
+    detach, attach = alternating(first.detach, first.attach, repeats)
+    disable, enable = alternating(wrapped.base_model.disable_adapter_layers,
+                                  wrapped.base_model.enable_adapter_layers, repeats)
     return [row("switching", setting.name, "switch to another LoRA and back, s", median_of(switch_ours, repeats),
                 median_of(switch_peft, repeats)),
-            row("switching", setting.name, "disable and re-enable (ours: detach + attach), s",
-                median_of(detach_attach, repeats), median_of(disable_peft, repeats))]
+            row("switching", setting.name, "detach (PEFT: disable the adapter layers), s", detach, disable),
+            row("switching", setting.name, "attach (PEFT: enable them again), s", attach, enable)]
 
 
 def construction(setting: Setting, repeats: int) -> list[dict]:

@@ -217,3 +217,25 @@ def test_a_module_named_script_is_rendered_as_text(browser, tmp_path):
         page.close()
     running.post("/api/submit", {"modules": ["parts.plain"]})
     assert running.result() == ["parts.plain"]
+
+
+def test_ctrl_c_stops_the_server_and_propagates(tiny, monkeypatch):
+    from deltatune.selector.server import SelectorServer
+
+    def interrupted(timeout=None):
+        raise KeyboardInterrupt  # as Ctrl-C arrives while the caller waits for a submission
+
+    started = SelectorServer.start
+
+    def start(self):
+        started(self)
+        self.finished.wait = interrupted
+        return self
+
+    ports = []
+    monkeypatch.setattr(SelectorServer, "start", start)
+    with pytest.raises(KeyboardInterrupt):
+        select_modules(tiny, pseudo_input=torch.zeros(1, 4), announce=lambda line: ports.append(
+            urlsplit(line.split(" at ")[1].split()[0]).port))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports[0]), timeout=2)

