@@ -18,20 +18,14 @@ class Totals:
 
     @classmethod
     def of(cls, model: nn.Module) -> Totals:
-        backbone = trainable = delta = size = 0
-        frozen_any = False
-        for name, param in model.named_parameters():
-            in_delta = DELTA_SLOT in name.split(".")
-            delta += param.numel() if in_delta else 0
-            backbone += 0 if in_delta else param.numel()
-            trainable += param.numel() if param.requires_grad else 0
-            frozen_any |= not param.requires_grad and not in_delta
-        for name, param in model.named_parameters():
-            in_delta = DELTA_SLOT in name.split(".")
-            # Backbone tensors go into a checkpoint only when the rest was frozen and they were left trainable.
-            if in_delta or (frozen_any and param.requires_grad):
-                size += param.numel() * param.element_size()
-        return cls(backbone, trainable, delta, size)
+        named = [(DELTA_SLOT in name.split("."), p) for name, p in model.named_parameters()]
+        frozen_any = any(not in_delta and not p.requires_grad for in_delta, p in named)
+        # Backbone tensors go into a checkpoint only when the rest was frozen and they were left trainable.
+        saved = [p for in_delta, p in named if in_delta or (frozen_any and p.requires_grad)]
+        return cls(backbone=sum(p.numel() for in_delta, p in named if not in_delta),
+                   trainable=sum(p.numel() for _, p in named if p.requires_grad),
+                   delta=sum(p.numel() for in_delta, p in named if in_delta),
+                   checkpoint_bytes=sum(p.numel() * p.element_size() for p in saved))
 
     def lines(self) -> list[str]:
         ratio = lambda n: f"{100 * n / max(self.backbone, 1):.4f}%"  # noqa: E731
