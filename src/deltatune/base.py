@@ -325,6 +325,15 @@ class DeltaBase:
         tensors.update({f"backbone.{k}": backbone[k] for k in self.unfrozen_backbone})
         return tensors
 
+    def load_delta_state_dict(self, tensors: dict[str, torch.Tensor], source: str | os.PathLike = "tensors") -> None:
+        """Copy ``tensors`` (keys as in :meth:`delta_state_dict`) into this delta; every key, shape and dtype is
+        checked first, so a mismatch changes nothing.  ``source`` names them in the error."""
+        own = self.delta_state_dict()
+        checkpoint.check_tensors(tensors, own, Path(source))
+        with torch.no_grad():
+            for key, value in own.items():
+                value.copy_(tensors[key])
+
     def save_finetuned(self, save_directory: str | os.PathLike) -> Path:
         """Write this delta (and explicitly unfrozen backbone parameters) as a checkpoint folder."""
         config = {
@@ -357,10 +366,7 @@ class DeltaBase:
         options = {**saved["config"], **options}  # the saved name is informative: a free one is chosen
         delta = method(backbone_model, positions=saved["positions"], attach=False, **options)
         delta.unfrozen_backbone = list(saved.get("unfrozen_backbone", []))
-        checkpoint.check_tensors(tensors, delta.delta_state_dict(), folder / checkpoint.WEIGHTS_FILE)
-        with torch.no_grad():
-            for key, value in delta.delta_state_dict().items():
-                value.copy_(tensors[key])
+        delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)
         return delta.attach()
 
 

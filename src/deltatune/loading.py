@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from . import assets
+from .checkpoint import read_config
 
 
 def model_path(spec: str) -> str:
@@ -45,7 +46,4 @@ def load_backbone(spec: str, class_name: str | None = None, **options: Any) -> n
 
 def backbone_of_checkpoint(folder: str | Path) -> str:
     """The backbone class a saved delta was trained on."""
-    from .checkpoint import read_config
-
     return read_config(Path(folder))["backbone"]["class"]
-

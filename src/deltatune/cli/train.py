@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
 
     before = evaluate(objective, task.test, len(task.labels))
     history = loop.fit(objective, delta, task, arguments, args.out, resume=args.resume)
-    _load_best(delta, args.out / "delta")
+    delta.load_delta_state_dict(read_tensors(args.out / "delta"), args.out / "delta")  # the best epoch
     metrics = loop.summary(history, {
         "task": task.name, "backbone": args.backbone, "delta": args.delta, "objective": args.objective,
         "trainable_parameters": delta.num_trainable_parameters(), "delta_parameters": delta.num_delta_parameters(),
@@ -92,13 +92,6 @@ def run(args: argparse.Namespace) -> dict:
     (args.out / loop.STATE_FILE).unlink(missing_ok=True)  # complete: nothing to resume
     _print_results(metrics, task, args.out, picture)
     return metrics
-
-
-def _load_best(delta, folder: Path) -> None:
-    best = read_tensors(folder)
-    with torch.no_grad():
-        for key, tensor in delta.delta_state_dict().items():
-            tensor.copy_(best[key])
 
 
 def _print_results(metrics: dict, task, out: Path, picture: Path | None) -> None:

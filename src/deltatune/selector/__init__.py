@@ -33,7 +33,8 @@ def _api(model: nn.Module, delta_type: str, hyperparameters: dict[str, Any], res
         unknown = sorted(set(modules) - known)
         if unknown:
             raise ValueError(f"{type(model).__name__} has no module(s) {unknown[:5]}")
-        return [n for n in names if n in set(modules)]  # model order
+        chosen = set(modules)
+        return [n for n in names if n in chosen]  # model order
 
     def match(request: dict) -> dict:
         return {"names": match_names(names, [str(request["spec"])], "selector")[str(request["spec"])]}

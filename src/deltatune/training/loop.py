@@ -171,13 +171,7 @@ def _restore(path: Path, delta: DeltaBase, optimizer, schedule) -> tuple[History
     if not path.exists():
         raise FileNotFoundError(f"nothing to resume: {path} does not exist (it is removed when a run completes)")
     state = torch.load(path, weights_only=True)
-    tensors = delta.delta_state_dict()
-    if set(state["delta"]) != set(tensors):
-        raise ValueError(f"{path} was saved for another delta ({len(state['delta'])} tensors, this one has "
-                         f"{len(tensors)}); resume with the same --backbone, --delta and --delta-config")
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            tensor.copy_(state["delta"][key])
+    delta.load_delta_state_dict(state["delta"], path)  # --resume already checked that the settings are the same
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     torch.set_rng_state(state["rng"])
