@@ -23,7 +23,8 @@ def markdown(results: dict) -> str:
     ]
     for r in results["rows"]:
         reference = f"{_number(r['reference'])} ({r['reference_is']})" if r["reference"] else ""
+        peft = _number(r["peft"]) if r["peft"] is not None else "fails (note below)"
         lines.append(f"| {r['benchmark']} | {r['setting']} | {r['metric']} | {_number(r['ours'])} | "
-                     f"{_number(r['peft'])} | {reference} | {_number(r['ours/peft'])} | "
-                     f"{_number(r['ours/reference'])} |")
-    return "\n".join(lines) + "\n"
+                     f"{peft} | {reference} | {_number(r['ours/peft'])} | {_number(r['ours/reference'])} |")
+    notes = [f"- {r['setting']}, {r['metric']}: {r['note']}" for r in results["rows"] if r.get("note")]
+    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"

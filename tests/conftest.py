@@ -122,6 +122,16 @@ def first_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
         return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
 
 
+def full_pass_logits(model: nn.Module, inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> torch.Tensor:
+    """Logits of one forward pass over generated ``sequences`` of a decoder, with the attention mask and the
+    positions that ``generate()`` gives left-padded rows (the count of real tokens before each one)."""
+    new = sequences.shape[1] - inputs["attention_mask"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(sequences.shape[0], new)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=sequences, attention_mask=mask, position_ids=positions).logits
+
+
 @pytest.fixture(scope="session")
 def minilm_path():
     from deltatune import assets

@@ -5,7 +5,7 @@ import torch
 
 from deltatune import DeltaBase, SoftPromptModel
 
-from conftest import tiny_batch, tiny_model
+from conftest import full_pass_logits, tiny_batch, tiny_model
 
 
 def _left_padded(family):
@@ -21,10 +21,15 @@ def test_cached_generation_equals_uncached_and_survives_a_round_trip(family, tmp
     with torch.no_grad():
         delta.delta_parameters()[0].normal_()
     options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    cached = model.generate(**inputs, **options)
+    generated = model.generate(**inputs, **options, output_logits=True, return_dict_in_generate=True)
+    cached = generated.sequences
     # Without a cache every step re-reads the prompt: equal tokens show the cached steps' mask and positions are right.
     assert torch.equal(cached, model.generate(**inputs, **options, use_cache=False))
     assert cached.shape == (2, inputs["input_ids"].shape[1] + 6)
+    # The ground truth: one forward pass over the generated sequence, which inserts the prompt once, yields the
+    # logits of every cached step (a prompt inserted again at a cached step would not).
+    torch.testing.assert_close(torch.stack(generated.logits, 1), full_pass_logits(model, inputs, cached)[:, -7:-1],
+                               rtol=0, atol=1e-5)  # float round-off of a different summation order
 
     delta.save_finetuned(tmp_path / "prompt")
     fresh = tiny_model(family)

@@ -12,12 +12,12 @@ prefixes it produces once training is done.  Without it the prefixes are trained
 The prefixes enter as keys and values the attention reads from a KV cache, so no attention code is replaced:
 
 - decoders (GPT-2, OPT, the LLaMA family with grouped-query attention) and encoders whose attention reads a cache
-  (BERT, RoBERTa: the bare model under the task head): the model's call is rewritten so ``past_key_values`` holds
+  (BERT, RoBERTa: the bare model under the task head): the model's call is rewritten so its KV cache argument holds
   the ``n`` prefix positions and the ``attention_mask`` is extended by ``n`` ones; explicit ``position_ids`` shift
   by ``n``, as when a cache holds ``n`` earlier tokens;
 - encoder-decoders (T5, BART): the decoder stack's call gets the decoder self-attention prefixes the same way (in
   the self-attention half of an ``EncoderDecoderCache``); each encoder self-attention and decoder cross-attention
-  call gets its prefix through the attention's own ``past_key_values`` argument (a one-call cache, or the cross
+  call gets its prefix through the attention's own cache argument (a one-call cache, or the cross
   half of the model's cache before the encoder keys enter it) and its 4-D mask is extended by ``n`` columns.
 
 ``generate()`` works (the cache it passes is filled at its first step), and outputs keep the length of the inputs.
@@ -27,20 +27,20 @@ Parameters: ``n·embed_dim + embed_dim·mid_dim + mid_dim + (mid_dim + 1)·Σ_l 
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import DynamicCache, EncoderDecoderCache
 
+from .. import compat
 from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
 from .bottleneck import check_positive
+from .positions import check_room
 
 CROSS_ATTENTION = re.compile(r"encdec|encoder_?attn|cross", re.IGNORECASE)  # T5, BART/Marian/…, BERT-style
 
@@ -55,10 +55,6 @@ class PrefixConfig(DeltaConfig):
     def __post_init__(self) -> None:
         for name in ("prefix_token_num", "embed_dim", "mid_dim"):
             check_positive(name, getattr(self, name))
-
-
-def _takes_cache(module: nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(type(module).forward).parameters
 
 
 def _config_shapes(config) -> list[tuple[int, int]]:
@@ -79,21 +75,13 @@ def _attention_shape(attention: nn.Module) -> tuple[int, int]:
 
 def _cache_attentions(stack: nn.Module, prefix: str) -> list[str]:
     """Full names of the innermost modules under ``stack`` that take a cache: its attention modules, in order."""
-    named = [(n, m) for n, m in stack.named_modules() if _takes_cache(m)]
+    named = [(n, m) for n, m in stack.named_modules() if compat.cache_argument(m)]
     return [".".join(filter(None, (prefix, n))) for n, m in named
-            if not any(o is not m and _takes_cache(o) for o in m.modules())]
+            if not any(o is not m and compat.cache_argument(o) for o in m.modules())]
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
-
-
-def _extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """Let every query see ``n`` more keys on the left: boolean masks get True, additive masks 0."""
-    if mask is None:
-        return None
-    fill = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
-    return torch.cat([fill(*mask.shape[:-1], n), mask], dim=-1)
 
 
 class Prefix(nn.Module):
@@ -101,12 +89,15 @@ class Prefix(nn.Module):
 
     rewrites_call = True
 
-    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int]], filled: int, seen: Seen,
-                 encoder_decoder: bool = False) -> None:
+    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int]], filled: int, host: nn.Module,
+                 seen: Seen, encoder_decoder: bool = False) -> None:
         super().__init__()
         factory = {"device": seen.device, "dtype": seen.dtype}
         self.length = n = config.prefix_token_num
         self.shapes, self.filled, self.encoder_decoder = shapes, filled, encoder_decoder
+        self.cache_name = compat.cache_argument(host)
+        self.limit = compat.position_limit(host)
+        check_room(self.limit, n + 1, f"prefix_token_num={n} and one token of input")
         widths = [2 * heads * size for heads, size in shapes]
         ends = torch.tensor(widths).cumsum(0).tolist()
         self.rows = [slice(end - width, end) for end, width in zip(ends, widths)]  # layer l's columns of the table
@@ -132,24 +123,25 @@ class Prefix(nn.Module):
         if reference is None:
             reference = kwargs["inputs_embeds"]
         batch, length = reference.shape[:2]
-        cache = kwargs.get("past_key_values")
-        if kwargs.get("use_cache") is False:
-            # The model returns the cache made here even then, and generate() would feed it back: start afresh.
-            cache = None
-        if cache is None:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if self.encoder_decoder else DynamicCache()
-        if cache.get_seq_length() == 0:  # first call: put the prefix in the (self-attention) cache
-            target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        cache = compat.passed_cache(kwargs)
+        if cache is None or kwargs.get("use_cache") is False:
+            # Even with use_cache=False the model returns the cache made here, and generate() would feed it back.
+            cache = compat.new_cache(self.encoder_decoder)
+        if compat.cache_length(cache) == 0:  # first call: put the prefix in the (self-attention) cache
+            target = compat.self_attention_cache(cache)
             for layer, (keys, values) in enumerate(self.key_values(range(self.filled))):
-                target.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
-        kwargs["past_key_values"] = cache
-        n = self.length
+                compat.fill_cache(target, layer, keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+        compat.put_cache(kwargs, self.cache_name, cache)
+        n, cached = self.length, compat.cache_length(cache)
+        check_room(self.limit, cached + length, f"the prefix ({n}), earlier tokens ({cached - n}) and this input "
+                                                 f"({length})")
         mask = kwargs.get("attention_mask")
         if mask is None:  # attend to everything: the prefix, earlier cached tokens and the new ones
-            mask = torch.ones(batch, cache.get_seq_length() - n + length, dtype=torch.long, device=reference.device)
+            mask = torch.ones(batch, cached - n + length, dtype=torch.long, device=reference.device)
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n
+        compat.shift_cache_position(kwargs, n)
         return args, kwargs
 
     def fold(self) -> None:
@@ -167,27 +159,26 @@ class AttentionPrefix(nn.Module):
     def __init__(self, table: Prefix, layer: int, attention: nn.Module) -> None:
         super().__init__()
         self._table = [table]  # in a list: the table's parameters belong to the stack's delta, not to this one
-        self.layer, self.cache_layer = layer, attention.layer_idx
-        self.mask_name = "mask" if "mask" in inspect.signature(type(attention).forward).parameters else "attention_mask"
+        self.layer, self.cache_layer = layer, compat.layer_index(attention)
+        self.cache_name = compat.cache_argument(attention)
+        self.mask_name = compat.attention_mask_argument(attention)
 
     def _fill(self, cache, batch: int) -> None:
         keys, values = self._table[0].key_values(range(self.layer, self.layer + 1))[0]
-        cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), self.cache_layer)
+        compat.fill_cache(cache, self.cache_layer, keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
         states = kwargs.get("key_value_states")
         batch = (states if states is not None else kwargs["hidden_states"]).shape[0]
-        cache = kwargs.get("past_key_values")
+        cache = compat.passed_cache(kwargs)
         if cache is None:  # encoder self-attention, or cross-attention without a cache: a cache for this call
-            cache = DynamicCache()
+            cache = compat.new_cache()
             self._fill(cache, batch)
-        elif not isinstance(cache, EncoderDecoderCache):
-            raise TypeError(f"a cross-attention prefix needs an EncoderDecoderCache, got {type(cache).__name__}")
-        elif not cache.is_updated.get(self.cache_layer):  # first step: the prefix goes before the encoder's keys
-            self._fill(cache.cross_attention_cache, batch)
-        kwargs["past_key_values"] = cache
-        kwargs[self.mask_name] = _extend_mask(kwargs.get(self.mask_name), self._table[0].length)
+        elif not compat.cross_attention_filled(cache, self.cache_layer):  # first step: prefix before encoder keys
+            self._fill(compat.cross_attention_cache(cache), batch)
+        compat.put_cache(kwargs, self.cache_name, cache)
+        kwargs[self.mask_name] = compat.extend_mask(kwargs.get(self.mask_name), self._table[0].length)
         return args, kwargs
 
 
@@ -205,12 +196,13 @@ class PrefixModel(DeltaBase):
         config = getattr(model, "config", None)
         if getattr(config, "is_encoder_decoder", False):
             decoder = model.get_decoder()
-            if not _takes_cache(decoder):
-                raise TypeError(f"PrefixModel needs a decoder that takes past_key_values, not {type(decoder).__name__}")
+            if not compat.cache_argument(decoder):
+                raise compat.CompatibilityError(f"PrefixModel needs a decoder that takes a KV cache argument "
+                                                f"({' or '.join(compat.CACHE_ARGUMENTS)}), not {type(decoder).__name__}")
             decoder_name = _name_of(model, decoder)
             cross = [n for n in _cache_attentions(decoder, decoder_name) if CROSS_ATTENTION.search(n.split(".")[-1])]
             return [decoder_name, *_cache_attentions(model.get_encoder(), _name_of(model, model.get_encoder())), *cross]
-        if _takes_cache(model):
+        if compat.cache_argument(model):
             return [""]  # decoders with an LM head
         base = getattr(model, "base_model", model)  # BertForSequenceClassification -> bert
         return [_name_of(model, base)]
@@ -229,13 +221,14 @@ class PrefixModel(DeltaBase):
         if position != self.positions[0]:  # an encoder self-attention or a cross-attention
             return AttentionPrefix(self._table, self._layers.index(position), module)
         config = getattr(self.backbone_model, "config", None)
-        if config is None or not _takes_cache(module):
-            raise TypeError(
-                f"PrefixModel supports transformers models whose attention takes past_key_values, "
-                f"not {type(module).__name__}"
+        if config is None or not compat.cache_argument(module):
+            raise compat.CompatibilityError(
+                f"PrefixModel supports transformers models whose attention takes a KV cache argument "
+                f"({' or '.join(compat.CACHE_ARGUMENTS)}), not {type(module).__name__}"
             )
         if not getattr(config, "is_encoder_decoder", False):
-            self._table = Prefix(self.config, _config_shapes(config), len(_config_shapes(config)), seen)
+            shapes = _config_shapes(config)
+            self._table = Prefix(self.config, shapes, len(shapes), module, seen)
             return self._table
         modules = dict(self.backbone_model.named_modules())
         cross = set(self.positions[1:]) & {n for n in modules if CROSS_ATTENTION.search(n.split(".")[-1])}
@@ -245,5 +238,5 @@ class PrefixModel(DeltaBase):
             raise TypeError(f"PrefixModel found {len(decoder_self)} decoder self-attention and {len(cross)} "
                             f"cross-attention modules in {type(module).__name__}; expected one of each per layer")
         shapes = [_attention_shape(modules[n]) for n in self._layers]
-        self._table = Prefix(self.config, shapes, len(decoder_self), seen, encoder_decoder=True)
+        self._table = Prefix(self.config, shapes, len(decoder_self), module, seen, encoder_decoder=True)
         return self._table

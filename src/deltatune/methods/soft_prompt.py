@@ -23,11 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import compat
 from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
 from .bottleneck import check_positive
+from .positions import check_room
 
 
 @dataclass
@@ -56,11 +58,14 @@ class SoftPrompt(nn.Module):
 
     rewrites_call = True
 
-    def __init__(self, embedding: nn.Embedding, config: SoftPromptConfig, insert_at: int, causal_lm: bool) -> None:
+    def __init__(self, embedding: nn.Embedding, config: SoftPromptConfig, insert_at: int, causal_lm: bool,
+                 host: nn.Module) -> None:
         super().__init__()
+        n = config.soft_token_num
+        self.limit = compat.position_limit(host)
+        check_room(self.limit, n + insert_at + 1, f"soft_token_num={n} and {insert_at + 1} token(s) of input")
         self._embedding = (embedding,)  # a tuple: not registered, it belongs to the backbone
         weight = embedding.weight
-        n = config.soft_token_num
         if config.token_init:
             low = min(1000, weight.shape[0] // 10)  # skip the special / rare low ids most vocabularies start with
             ids = torch.randint(low, weight.shape[0], (n,), device=weight.device)
@@ -75,14 +80,18 @@ class SoftPrompt(nn.Module):
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
         n, at = self.soft_embeds.shape[0], self.insert_at
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        cache = compat.passed_cache(kwargs)
+        cached = compat.cache_length(cache) if cache is not None else 0
+        if cached:
             # A generation step after the first: the prompt is in the cache; shift the mask and positions past it.
+            new = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None).shape[1]
+            check_room(self.limit, cached + new, f"the soft prompt ({n}) and {cached + new - n} tokens")
             mask = kwargs.get("attention_mask")
             if mask is not None:
                 kwargs["attention_mask"] = _insert(mask, at, mask.new_ones(mask.shape[0], n))
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = kwargs["position_ids"] + n
+            compat.shift_cache_position(kwargs, n)
             return args, kwargs
         embeds = kwargs.pop("inputs_embeds", None)
         ids = kwargs.pop("input_ids", None)
@@ -91,6 +100,7 @@ class SoftPrompt(nn.Module):
                 raise ValueError("soft prompts need input_ids or inputs_embeds")
             embeds = self._embedding[0](ids)
         batch = embeds.shape[0]
+        check_room(self.limit, embeds.shape[1] + n, f"the soft prompt ({n}) and an input of {embeds.shape[1]} tokens")
         kwargs["inputs_embeds"] = _insert(embeds, at, self.soft_embeds.expand(batch, -1, -1))
         for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
             # A mask already longer than the input was extended by the enclosing encoder-decoder call.
@@ -100,9 +110,12 @@ class SoftPrompt(nn.Module):
             kwargs["labels"] = _insert(kwargs["labels"], at, kwargs["labels"].new_full((batch, n), -100))
         positions = kwargs.get("position_ids")
         if positions is not None:
-            start = positions[:, at:at + 1] if at < positions.shape[1] else positions[:, -1:] + 1
+            # After the token before it; or first: the row's smallest position, which is its first real token's
+            # whatever position left padding was given (0 or 1, depending on the transformers release).
+            start = positions[:, at - 1:at] + 1 if at else positions.amin(dim=1, keepdim=True)
             prompt = start + torch.arange(n, device=positions.device)
             kwargs["position_ids"] = torch.cat([positions[:, :at], prompt, positions[:, at:] + n], dim=1)
+        compat.shift_cache_position(kwargs, n, extend=True)
         return args, kwargs
 
 
@@ -144,8 +157,13 @@ class SoftPromptModel(DeltaBase):
         if getattr(config, "is_encoder_decoder", False):
             if position == "":
                 return EncoderMaskExtension(self.config.soft_token_num)
-            return SoftPrompt(module.embed_tokens, self.config, insert_at=0, causal_lm=False)
-        get_embeddings = module.get_input_embeddings
+            return SoftPrompt(module.embed_tokens, self.config, insert_at=0, causal_lm=False, host=module)
         causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
+        if causal_lm and not compat.cache_argument(module):
+            # Without it, generation steps after the first could not be told apart: the prompt would go in again.
+            raise compat.CompatibilityError(
+                f"SoftPromptModel cannot find the KV cache argument of {type(module).__name__}.forward (looked for "
+                f"{', '.join(compat.CACHE_ARGUMENTS)})")
         decoder = causal_lm or getattr(config, "is_decoder", False)
-        return SoftPrompt(get_embeddings(), self.config, insert_at=0 if decoder else 1, causal_lm=causal_lm)
+        return SoftPrompt(module.get_input_embeddings(), self.config, insert_at=0 if decoder else 1,
+                          causal_lm=causal_lm, host=module)

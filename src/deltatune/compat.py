@@ -1,0 +1,174 @@
+"""Every assumption deltatune makes about transformers' internals, in one place.
+
+Features are detected by inspection (a ``forward`` signature, an attribute), never by version number; a missing
+feature raises :class:`CompatibilityError`, which names the installed transformers version, so a new release breaks
+this module and its tests loudly instead of changing a result silently.  Method files import from here; no other
+module of the package names a transformers object that is not its public model API.
+
+What is assumed, and how it is found:
+
+- a model, a decoder stack and an attention module take their KV cache as a keyword argument named ``cache``
+  (transformers 5.24 and later) or ``past_key_values`` (earlier); :func:`cache_argument` reads the signature;
+- a cache is a ``transformers.Cache``: ``get_seq_length()``, ``update(keys, values, layer)`` with tensors of shape
+  ``(batch, heads, positions, head_dim)``; an encoder-decoder's is an ``EncoderDecoderCache`` with a
+  ``self_attention_cache``, a ``cross_attention_cache`` and ``is_updated[layer]`` (cross keys already computed);
+- before 5.4, a call also names the cache slots it writes as ``cache_position`` (1-D, ascending);
+- an attention module knows its cache row as ``layer_idx`` and takes its mask as ``mask`` (T5) or
+  ``attention_mask``, a 4-D mask that is boolean (True: visible) or additive (0: visible);
+- GPT-2's projections are ``transformers.pytorch_utils.Conv1D`` (weight stored ``(in, out)``);
+- activation functions are looked up by name in ``transformers.activations.ACT2FN``;
+- a learned position table is an ``nn.Embedding`` named like ``position_embeddings``, ``wpe`` or
+  ``embed_positions``, whose first ``offset`` rows (OPT, BART) or rows up to ``padding_idx`` (RoBERTa) are unused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import Cache, DynamicCache, EncoderDecoderCache
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["ACTIVATIONS", "CACHE_ARGUMENTS", "Cache", "CompatibilityError", "Conv1D", "activation",
+           "attention_mask_argument", "cache_argument", "cache_length", "cross_attention_cache",
+           "cross_attention_filled", "extend_mask", "fill_cache", "layer_index", "new_cache", "passed_cache",
+           "position_limit", "put_cache", "self_attention_cache", "shift_cache_position"]
+
+TRANSFORMERS_VERSION = transformers.__version__
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the current name first
+ACTIVATIONS = tuple(sorted(ACT2FN))
+POSITION_TABLE = re.compile(r"^(position_embeddings|wpe|embed_positions)$")
+
+
+class CompatibilityError(TypeError):
+    """transformers does not have what deltatune relies on here (a renamed argument, a changed cache)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message} (transformers {TRANSFORMERS_VERSION}; see docs/compatibility.md for the tested "
+                         "range)")
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(module_class: type[nn.Module]) -> frozenset[str]:
+    return frozenset(inspect.signature(module_class.forward).parameters)
+
+
+def cache_argument(module: nn.Module) -> str | None:
+    """The keyword under which ``module.forward`` takes a KV cache, or None if it takes none."""
+    parameters = _forward_parameters(type(module))
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def passed_cache(kwargs: dict[str, Any]) -> Cache | None:
+    """The cache a call received, under any of its names; a ``Cache`` under an unknown name is an error, since
+    ignoring it would silently treat a continued generation as a fresh input."""
+    for name in CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            if not isinstance(cache, Cache):
+                raise CompatibilityError(f"{name!r} holds a {type(cache).__name__}, not a transformers Cache; "
+                                         "legacy tuple caches are not supported")
+            return cache
+    unknown = [key for key, value in kwargs.items() if isinstance(value, Cache)]
+    if unknown:
+        raise CompatibilityError(f"a KV cache arrived as {unknown[0]!r}, which deltatune does not know as a cache "
+                                 f"argument (known: {', '.join(CACHE_ARGUMENTS)})")
+    return None
+
+
+def put_cache(kwargs: dict[str, Any], name: str, cache: Cache) -> None:
+    """Pass ``cache`` as ``name``, dropping it under the other names (a caller may use the deprecated one)."""
+    for other in CACHE_ARGUMENTS:
+        kwargs.pop(other, None)
+    kwargs[name] = cache
+
+
+def new_cache(encoder_decoder: bool = False) -> Cache:
+    return EncoderDecoderCache(DynamicCache(), DynamicCache()) if encoder_decoder else DynamicCache()
+
+
+def cache_length(cache: Cache) -> int:
+    """Positions already in the (self-attention) cache."""
+    return cache.get_seq_length()
+
+
+def self_attention_cache(cache: Cache) -> Cache:
+    return cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+
+
+def cross_attention_cache(cache: Cache) -> Cache:
+    if not isinstance(cache, EncoderDecoderCache):
+        raise CompatibilityError(f"a cross-attention prefix needs an EncoderDecoderCache, got {type(cache).__name__}")
+    return cache.cross_attention_cache
+
+
+def fill_cache(cache: Cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Append ``keys`` and ``values`` of shape ``(batch, heads, positions, head_dim)`` to ``layer`` of ``cache``."""
+    cache.update(keys, values, layer)
+
+
+def cross_attention_filled(cache: Cache, layer: int) -> bool:
+    """Whether an encoder-decoder cache already holds ``layer``'s cross-attention keys (after the first step)."""
+    cross_attention_cache(cache)  # checks the type
+    updated = getattr(cache, "is_updated", None)
+    if not isinstance(updated, dict):
+        raise CompatibilityError("EncoderDecoderCache has no is_updated dictionary of filled cross-attention layers")
+    return bool(updated.get(layer))
+
+
+def layer_index(attention: nn.Module) -> int:
+    index = getattr(attention, "layer_idx", None)
+    if not isinstance(index, int):
+        raise CompatibilityError(f"{type(attention).__name__} has no integer layer_idx naming its cache layer")
+    return index
+
+
+def attention_mask_argument(attention: nn.Module) -> str:
+    parameters = _forward_parameters(type(attention))
+    for name in ("mask", "attention_mask"):
+        if name in parameters:
+            return name
+    raise CompatibilityError(f"{type(attention).__name__}.forward takes neither 'mask' nor 'attention_mask'")
+
+
+def extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Let every query see ``n`` more keys on the left: boolean masks get True, additive masks 0."""
+    if mask is None:
+        return None
+    fill = mask.new_ones if mask.dtype == torch.bool else mask.new_zeros
+    return torch.cat([fill(*mask.shape[:-1], n), mask], dim=-1)
+
+
+def shift_cache_position(kwargs: dict[str, Any], n: int, extend: bool = False) -> None:
+    """Before transformers 5.4 a call also named the cache slots it writes (``cache_position``): move them ``n``
+    slots on, past a prefix or prompt already cached, or (``extend``) add ``n`` slots for prompt tokens inserted now."""
+    slots = kwargs.get("cache_position")
+    if slots is None:
+        return
+    if extend:
+        kwargs["cache_position"] = torch.arange(slots.shape[-1] + n, device=slots.device) + slots[..., :1]
+    else:
+        kwargs["cache_position"] = slots + n
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACT2FN:
+        raise ValueError(f"unknown non_linearity {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACT2FN[name]
+
+
+def position_limit(module: nn.Module) -> int | None:
+    """How many token positions ``module`` can embed: the size of its learned position table, less the rows it
+    never uses (OPT and BART start at ``offset`` 2, RoBERTa after its padding index); None without such a table
+    (rotary, relative or ALiBi positions have no hard limit)."""
+    for name, table in module.named_modules():
+        if isinstance(table, nn.Embedding) and POSITION_TABLE.search(name.rsplit(".", 1)[-1]):
+            unused = getattr(table, "offset", 0) + (table.padding_idx + 1 if table.padding_idx is not None else 0)
+            return table.num_embeddings - unused
+    return None
