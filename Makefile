@@ -1,18 +1,19 @@
-# Two entry points: `make demo` and `make test`. Both build .venv when needed.
+# Two entry points: `make demo` and `make test`. Both build .venv when needed, from the committed lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
 
-.PHONY: demo test assets browser clean
+.PHONY: demo test compat canary lock assets browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+# Every version from the lock; torch first (an unpinned torch would pull a multi-GB CUDA build).
+$(STAMP): $(PY) pyproject.toml $(LOCK)
+	$(PY) -m pip install -q -c $(LOCK) torch setuptools
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 assets: $(STAMP)
@@ -34,5 +35,18 @@ browser:
 test: assets browser
 	$(PY) -m pytest -q tests
 
+# The transformers-sensitive tests at both ends of the declared range, each in its own reused environment.
+compat:
+	tools/transformers-range oldest
+	tools/transformers-range newest
+
+# The same tests against the newest transformers on the package index: run before moving the upper bound.
+canary:
+	tools/transformers-range canary
+
+# Refresh requirements/lock.txt and requirements/lock-oldest.txt from the package index.
+lock:
+	tools/lock
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) .venv-oldest .venv-newest .venv-canary build src/*.egg-info

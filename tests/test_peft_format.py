@@ -7,6 +7,8 @@ from deltatune import LoraModel, from_peft
 
 from conftest import first_output, tiny_batch, tiny_model
 
+pytestmark = pytest.mark.compat  # run at both ends of the supported transformers range
+
 peft = pytest.importorskip("peft")
 
 CASES = [

@@ -119,6 +119,7 @@ PROMPT_METHODS = {"soft_prompt": ({"soft_token_num": 16}, 0.05, 12),
                   "prefix": ({"prefix_token_num": 8, "reparameterize": False}, 1e-2, 20)}
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("method", sorted(PROMPT_METHODS))
 def test_smollm2_prompt_methods_learn_and_generate_left_padded_batches(smollm2, method):
     from deltatune import PrefixModel, SoftPromptModel

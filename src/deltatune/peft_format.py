@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from .compat import Conv1D
 
 from . import checkpoint
 from .methods.lora import LoraModel

@@ -8,6 +8,8 @@ from deltatune import (AdapterModel, BitFitModel, CompacterModel, DeltaBase, IA3
 
 from conftest import FAMILIES, first_output, tiny_batch, tiny_model
 
+pytestmark = pytest.mark.compat  # run at both ends of the supported transformers range
+
 METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel, "ia3": IA3Model,
            "low_rank_adapter": LowRankAdapterModel, "compacter": CompacterModel,
            "soft_prompt": SoftPromptModel, "prefix": PrefixModel, "parallel_adapter": ParallelAdapterModel}

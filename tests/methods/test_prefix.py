@@ -7,6 +7,8 @@ from deltatune import DeltaBase, PrefixModel
 
 from conftest import first_output, full_pass_logits, tiny_batch, tiny_model
 
+pytestmark = pytest.mark.compat  # run at both ends of the supported transformers range
+
 SMALL = {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16}
 
 

@@ -7,6 +7,8 @@ from deltatune import DeltaBase, SoftPromptModel
 
 from conftest import full_pass_logits, tiny_batch, tiny_model
 
+pytestmark = pytest.mark.compat  # run at both ends of the supported transformers range
+
 
 def _left_padded(family):
     batch = tiny_batch(family)

@@ -7,14 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
+from .. import compat
 from ..probe import Seen
 
 
 def check_activation(name: str) -> None:
-    if name not in ACT2FN:
-        raise ValueError(f"unknown non_linearity {name!r}; choose one of {', '.join(sorted(ACT2FN))}")
+    compat.activation(name)  # raises on an unknown name, listing the known ones
 
 
 def check_positive(name: str, value: object) -> None:
@@ -58,7 +57,7 @@ class Bottleneck(nn.Module):
             self.down, self.up = projections
             self.up.start_at_zero()
         nn.init.zeros_(self.up.bias)
-        self.act = ACT2FN[non_linearity]
+        self.act = compat.activation(non_linearity)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(t)))

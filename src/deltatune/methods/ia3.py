@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from ..compat import Conv1D
 
 from ..addressing import resolve_positions
 from ..base import DeltaBase

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from ..compat import Conv1D
 
 from ..base import DeltaBase
 from ..config import DeltaConfig

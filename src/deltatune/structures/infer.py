@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from ..compat import Conv1D
 
 from ..addressing import DELTA_SLOT
 
