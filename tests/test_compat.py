@@ -1,5 +1,8 @@
 """The compatibility layer: feature detection, loud failures on a renamed cache, and room for prompts and prefixes."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -91,3 +94,13 @@ def test_activations_are_looked_up_by_name_with_a_helpful_error():
     assert isinstance(compat.activation("gelu_new"), torch.nn.Module)
     with pytest.raises(ValueError, match=r"unknown non_linearity 'gleu'; choose one of .*gelu_new"):
         compat.activation("gleu")
+
+
+def test_only_the_compatibility_module_touches_transformers_internals():
+    # Public model API (AutoModel..., TrainerCallback) is fine anywhere; submodules and cache names only in compat.py.
+    package = Path(compat.__file__).parent
+    internal = re.compile(r"from transformers\.\w|import transformers\.\w|[\"'](past_key_values|cache|cache_position)"
+                          r"[\"']|(?<!`)\b(EncoderDecoderCache|DynamicCache|ACT2FN)\b(?!`)")
+    offenders = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py")) if path != Path(
+        compat.__file__) for number, line in enumerate(path.read_text().splitlines(), 1) if internal.search(line)]
+    assert offenders == []

@@ -21,6 +21,7 @@ The prefixes enter as keys and values the attention reads from a KV cache, so no
   half of the model's cache before the encoder keys enter it) and its 4-D mask is extended by ``n`` columns.
 
 ``generate()`` works (the cache it passes is filled at its first step), and outputs keep the length of the inputs.
+The prefix takes ``n`` positions: with a learned position table, ``n`` + earlier tokens + input must fit it.
 Parameters: ``n·embed_dim + embed_dim·mid_dim + mid_dim + (mid_dim + 1)·Σ_l 2·h_l·d_l`` reparameterized,
 ``n·Σ_l 2·h_l·d_l`` otherwise (``L·2·h_kv·d_h`` for a decoder of ``L`` layers).
 """

@@ -11,9 +11,10 @@ token (``i = 1``), so the pooler keeps reading ``[CLS]``.  In an encoder-decoder
 first (the encoder is hooked itself, since ``generate()`` calls it on its own) and the mask the decoder's
 cross-attention reads is extended on the model's call.  During ``generate()`` the prompt enters the KV cache at
 the first step; later steps only get their mask and positions shifted.  Outputs are ``soft_token_num`` positions
-longer than the inputs.  With ``token_init`` the prompt starts as embeddings of random vocabulary tokens (their norm
-matches the model's, which matters: random vectors of the wrong scale stall training), else uniform in
-``±init_range``.  Parameters: ``soft_token_num · d``.
+longer than the inputs, and with a learned position table prompt + input (+ generated tokens) must fit it.  With
+``token_init`` the prompt starts as embeddings of random vocabulary tokens (their norm matches the model's, which
+matters: random vectors of the wrong scale stall training), else uniform in ``±init_range``.  Parameters:
+``soft_token_num · d``.
 """
 
 from __future__ import annotations
