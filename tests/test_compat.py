@@ -104,3 +104,15 @@ def test_only_the_compatibility_module_touches_transformers_internals():
     offenders = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py")) if path != Path(
         compat.__file__) for number, line in enumerate(path.read_text().splitlines(), 1) if internal.search(line)]
     assert offenders == []
+
+
+@pytest.mark.parametrize("method", [PrefixModel, SoftPromptModel])
+def test_what_a_prompt_cannot_extend_is_refused_by_name(method):
+    model = tiny_model("llama")
+    method(model, **{"prefix_token_num" if method is PrefixModel else "soft_token_num": 2})
+    batch = tiny_batch("llama")
+    with pytest.raises(TypeError, match="need a growing KV cache .*, not StaticCache; drop cache_implementation"):
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2,
+                       do_sample=False, pad_token_id=0, cache_implementation="static")
+    with pytest.raises(TypeError, match=r"extend a 2-D attention_mask \(batch, tokens\); got one of shape \(2, 1, 7, 7\)"):
+        model(input_ids=batch["input_ids"], attention_mask=torch.ones(2, 1, 7, 7))

@@ -37,8 +37,8 @@ from transformers.pytorch_utils import Conv1D
 
 __all__ = ["ACTIVATIONS", "CACHE_ARGUMENTS", "Cache", "CompatibilityError", "Conv1D", "activation",
            "attention_mask_argument", "cache_argument", "cache_length", "cross_attention_cache",
-           "cross_attention_filled", "extend_mask", "fill_cache", "layer_index", "new_cache", "passed_cache",
-           "position_limit", "put_cache", "self_attention_cache", "shift_cache_position"]
+           "cross_attention_filled", "extend_mask", "fill_cache", "layer_index", "new_cache", "padding_mask",
+           "passed_cache", "position_limit", "put_cache", "self_attention_cache", "shift_cache_position"]
 
 TRANSFORMERS_VERSION = transformers.__version__
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # the current name first
@@ -74,6 +74,13 @@ def passed_cache(kwargs: dict[str, Any]) -> Cache | None:
             if not isinstance(cache, Cache):
                 raise CompatibilityError(f"{name!r} holds a {type(cache).__name__}, not a transformers Cache; "
                                          "legacy tuple caches are not supported")
+            parts = (cache.self_attention_cache, cache.cross_attention_cache) if isinstance(
+                cache, EncoderDecoderCache) else (cache,)
+            if not all(isinstance(part, DynamicCache) for part in parts):
+                # A fixed-size cache has no room for prefix or prompt positions, and generate() hands it 4-D masks.
+                raise TypeError(f"prefixes and soft prompts need a growing KV cache (DynamicCache, generate()'s "
+                                f"default), not {type(cache).__name__}; drop cache_implementation or pass a "
+                                "DynamicCache")
             return cache
     unknown = [key for key, value in kwargs.items() if isinstance(value, Cache)]
     if unknown:
@@ -135,6 +142,16 @@ def attention_mask_argument(attention: nn.Module) -> str:
         if name in parameters:
             return name
     raise CompatibilityError(f"{type(attention).__name__}.forward takes neither 'mask' nor 'attention_mask'")
+
+
+def padding_mask(kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """A model call's ``attention_mask``: 2-D (batch, keys), 1 for a token to attend to; a prepared 4-D mask cannot
+    be extended by position, so it is refused."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise TypeError(f"prefixes and soft prompts extend a 2-D attention_mask (batch, tokens); got one of shape "
+                        f"{tuple(mask.shape)}")
+    return mask
 
 
 def extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -136,7 +136,7 @@ class Prefix(nn.Module):
         n, cached = self.length, compat.cache_length(cache)
         check_room(self.limit, cached + length, f"the prefix ({n}), earlier tokens ({cached - n}) and this input "
                                                  f"({length})")
-        mask = kwargs.get("attention_mask")
+        mask = compat.padding_mask(kwargs)
         if mask is None:  # attend to everything: the prefix, earlier cached tokens and the new ones
             mask = torch.ones(batch, cached - n + length, dtype=torch.long, device=reference.device)
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)

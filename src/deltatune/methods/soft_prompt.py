@@ -87,7 +87,7 @@ class SoftPrompt(nn.Module):
             # A generation step after the first: the prompt is in the cache; shift the mask and positions past it.
             new = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None).shape[1]
             check_room(self.limit, cached + new, f"the soft prompt ({n}) and {cached + new - n} tokens")
-            mask = kwargs.get("attention_mask")
+            mask = compat.padding_mask(kwargs)
             if mask is not None:
                 kwargs["attention_mask"] = _insert(mask, at, mask.new_ones(mask.shape[0], n))
             if kwargs.get("position_ids") is not None:
@@ -101,6 +101,7 @@ class SoftPrompt(nn.Module):
                 raise ValueError("soft prompts need input_ids or inputs_embeds")
             embeds = self._embedding[0](ids)
         batch = embeds.shape[0]
+        compat.padding_mask(kwargs)  # checks its shape
         check_room(self.limit, embeds.shape[1] + n, f"the soft prompt ({n}) and an input of {embeds.shape[1]} tokens")
         kwargs["inputs_embeds"] = _insert(embeds, at, self.soft_embeds.expand(batch, -1, -1))
         for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
@@ -131,7 +132,7 @@ class EncoderMaskExtension(nn.Module):
         self.soft_token_num = soft_token_num
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = kwargs.get("attention_mask")
+        mask = compat.padding_mask(kwargs)
         if mask is not None:
             kwargs = {**kwargs, "attention_mask": _insert(mask, 0, mask.new_ones(mask.shape[0], self.soft_token_num))}
         return args, kwargs
