@@ -77,7 +77,7 @@ def test_errors():
         SoftPromptModel(tiny_model("bert"), ["query"])
     with pytest.raises(TypeError, match="supports transformers models, not Sequential"):
         SoftPromptModel(torch.nn.Sequential(torch.nn.Linear(2, 2)), pseudo_input=torch.ones(1, 2))
-    with pytest.raises(ValueError, match="soft_token_num must be a positive integer"):
+    with pytest.raises(ValueError, match="soft_token_num must be >= 1 and <= 1048576, got 0"):
         SoftPromptModel(tiny_model("bert"), soft_token_num=0)
 
 

@@ -18,20 +18,17 @@ import torch
 from torch import nn
 
 from ..base import DeltaBase
-from ..config import DeltaConfig
+from ..compat import ACTIVATIONS
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from ..routing import Route
-from .bottleneck import Bottleneck, check_activation, check_positive
+from .bottleneck import Bottleneck
 
 
 @dataclass
 class AdapterConfig(DeltaConfig):
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-
-    def __post_init__(self) -> None:
-        check_positive("bottleneck_dim", self.bottleneck_dim)
-        check_activation(self.non_linearity)
+    bottleneck_dim: int = hyper(24, low=1, high=MAX_SIZE)
+    non_linearity: str = hyper("gelu_new", choices=ACTIVATIONS)
 
 
 class AdapterLayer(Bottleneck):

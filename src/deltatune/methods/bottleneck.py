@@ -12,15 +12,6 @@ from .. import compat
 from ..probe import Seen
 
 
-def check_activation(name: str) -> None:
-    compat.activation(name)  # raises on an unknown name, listing the known ones
-
-
-def check_positive(name: str, value: object) -> None:
-    if not (isinstance(value, int) and value > 0):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 class LowRankLinear(nn.Module):
     """``y = x (L R)ᵀ + b`` with ``L`` (out × k) and ``R`` (k × in): a Linear whose weight has rank ``k``."""
 

@@ -21,25 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DeltaConfig
+from ..compat import ACTIVATIONS
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from .adapter import AdapterModel
-from .bottleneck import check_activation, check_positive
 
 
 @dataclass
 class CompacterConfig(DeltaConfig):
-    reduction_factor: int = 16
-    hypercomplex_division: int = 4
-    phm_rank: int = 1
+    reduction_factor: int = hyper(16, low=1, high=MAX_SIZE)
+    hypercomplex_division: int = hyper(4, low=1, high=MAX_SIZE)
+    phm_rank: int = hyper(1, low=1, high=MAX_SIZE)
     shared_phm_rule: bool = True
-    phm_init_range: float = 0.0001
-    non_linearity: str = "gelu_new"
-
-    def __post_init__(self) -> None:
-        for name in ("reduction_factor", "hypercomplex_division", "phm_rank"):
-            check_positive(name, getattr(self, name))
-        check_activation(self.non_linearity)
+    phm_init_range: float = hyper(0.0001, above=0, high=1e3)
+    non_linearity: str = hyper("gelu_new", choices=ACTIVATIONS)
 
 
 class PHMLinear(nn.Module):

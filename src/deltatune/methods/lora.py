@@ -34,24 +34,18 @@ from torch import nn
 from ..compat import Conv1D
 
 from ..base import DeltaBase
-from ..config import DeltaConfig
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from ..routing import Route
 
 
 @dataclass
 class LoraConfig(DeltaConfig):
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
+    lora_r: int = hyper(8, low=1, high=MAX_SIZE)
+    lora_alpha: float = hyper(16, above=0, high=1e5)  # the scale α/r multiplies every update: keep it sane
+    lora_dropout: float = hyper(0.0, low=0, below=1)
     use_rslora: bool = False
     use_dora: bool = False
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.lora_r, int) and self.lora_r > 0):
-            raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
 
 class LoraLayer(nn.Module):

@@ -15,22 +15,18 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import DeltaConfig
+from ..compat import ACTIVATIONS
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from .adapter import AdapterModel
-from .bottleneck import LowRankLinear, check_activation, check_positive
+from .bottleneck import LowRankLinear
 
 
 @dataclass
 class LowRankAdapterConfig(DeltaConfig):
-    reduction_factor: int = 32
-    low_rank_rank: int = 1
-    non_linearity: str = "gelu_new"
-
-    def __post_init__(self) -> None:
-        check_positive("reduction_factor", self.reduction_factor)
-        check_positive("low_rank_rank", self.low_rank_rank)
-        check_activation(self.non_linearity)
+    reduction_factor: int = hyper(32, low=1, high=MAX_SIZE)
+    low_rank_rank: int = hyper(1, low=1, high=MAX_SIZE)
+    non_linearity: str = hyper("gelu_new", choices=ACTIVATIONS)
 
 
 class LowRankAdapterModel(AdapterModel):

@@ -24,24 +24,21 @@ from torch import nn
 
 from ..addressing import resolve_positions
 from ..base import DeltaBase
-from ..config import DeltaConfig
+from ..compat import ACTIVATIONS
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from ..routing import Route
 from .adapter import hidden_state_check
-from .bottleneck import Bottleneck, check_activation, check_positive
+from .bottleneck import Bottleneck
 
 
 @dataclass
 class ParallelAdapterConfig(DeltaConfig):
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-    scaled: float = 1.0
+    bottleneck_dim: int = hyper(24, low=1, high=MAX_SIZE)
+    non_linearity: str = hyper("gelu_new", choices=ACTIVATIONS)
+    scaled: float = hyper(1.0, low=-1e3, high=1e3)
     # Pair form: where the adapter's output is added, one module per modified module (same addressing rules).
     output_modules: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        check_positive("bottleneck_dim", self.bottleneck_dim)
-        check_activation(self.non_linearity)
 
 
 class ParallelAdapterLayer(Bottleneck):

@@ -37,10 +37,9 @@ from torch.nn import functional as F
 
 from .. import compat
 from ..base import DeltaBase
-from ..config import DeltaConfig
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from ..routing import Route
-from .bottleneck import check_positive
 from .positions import check_room
 
 CROSS_ATTENTION = re.compile(r"encdec|encoder_?attn|cross", re.IGNORECASE)  # T5, BART/Marian/…, BERT-style
@@ -48,14 +47,10 @@ CROSS_ATTENTION = re.compile(r"encdec|encoder_?attn|cross", re.IGNORECASE)  # T5
 
 @dataclass
 class PrefixConfig(DeltaConfig):
-    prefix_token_num: int = 6
+    prefix_token_num: int = hyper(6, low=1, high=MAX_SIZE)
     reparameterize: bool = True
-    embed_dim: int = 512
-    mid_dim: int = 512
-
-    def __post_init__(self) -> None:
-        for name in ("prefix_token_num", "embed_dim", "mid_dim"):
-            check_positive(name, getattr(self, name))
+    embed_dim: int = hyper(512, low=1, high=MAX_SIZE)
+    mid_dim: int = hyper(512, low=1, high=MAX_SIZE)
 
 
 def _config_shapes(config) -> list[tuple[int, int]]:

@@ -26,21 +26,17 @@ from torch import nn
 
 from .. import compat
 from ..base import DeltaBase
-from ..config import DeltaConfig
+from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from ..routing import Route
-from .bottleneck import check_positive
 from .positions import check_room
 
 
 @dataclass
 class SoftPromptConfig(DeltaConfig):
-    soft_token_num: int = 100
-    init_range: float = 0.5
+    soft_token_num: int = hyper(100, low=1, high=MAX_SIZE)
+    init_range: float = hyper(0.5, above=0, high=1e3)
     token_init: bool = True
-
-    def __post_init__(self) -> None:
-        check_positive("soft_token_num", self.soft_token_num)
 
 
 def _encoder_name(model: nn.Module) -> list[str]:
