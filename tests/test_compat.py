@@ -109,7 +109,8 @@ def test_only_the_compatibility_module_touches_transformers_internals():
 @pytest.mark.parametrize("method", [PrefixModel, SoftPromptModel])
 def test_what_a_prompt_cannot_extend_is_refused_by_name(method):
     model = tiny_model("llama")
-    method(model, **{"prefix_token_num" if method is PrefixModel else "soft_token_num": 2})
+    method(model, **({"prefix_token_num": 2, "embed_dim": 8, "mid_dim": 8} if method is PrefixModel else
+                     {"soft_token_num": 2}))
     batch = tiny_batch("llama")
     with pytest.raises(TypeError, match="need a growing KV cache .*, not StaticCache; drop cache_implementation"):
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2,

@@ -60,8 +60,12 @@ class DeltaBase:
         attach: bool = True,
         positions: list[str] | None = None,
         interactive_modify: bool | int = False,
+        allow_larger_than_backbone: bool = False,
         **hyperparameters: Any,
     ) -> None:
+        if not isinstance(backbone_model, nn.Module):
+            raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
+        modified_modules, exclude_modules = _as_list(modified_modules), _as_list(exclude_modules)
         if interactive_modify is not False:
             if modified_modules:
                 raise ValueError("pass either modified_modules or interactive_modify, not both")
@@ -88,9 +92,8 @@ class DeltaBase:
         modules = dict(backbone_model.named_modules())
         self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
-        self.deltas: dict[str, nn.Module] = {
-            p: self.build(p, modules[p], seen[p]).train(modules[p].training) for p in self.positions  # match its host
-        }
+        self.deltas: dict[str, nn.Module] = {p: self._build_one(p, modules[p], seen[p]) for p in self.positions}
+        self._check_budget(allow_larger_than_backbone)
         self.order = next(_creation)
         self.name = name or self._free_name()
         self.unfrozen_backbone: list[str] = []
@@ -109,6 +112,21 @@ class DeltaBase:
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         raise NotImplementedError
+
+    def _build_one(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        try:
+            delta = self.build(position, module, seen)
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            raise ValueError(f"{type(self).__name__} could not allocate its delta for {position!r} ({error}); "
+                             f"check the size hyper-parameters: {self.config}") from None
+        return delta.train(module.training)  # match its host
+
+    def _check_budget(self, allowed: bool) -> None:
+        backbone = sum(p.numel() for k, p in self.backbone_model.named_parameters() if DELTA_SLOT not in k.split("."))
+        size = self.num_delta_parameters()
+        if size > backbone and not allowed:
+            raise ValueError(f"{type(self).__name__} would add {size:,} parameters to a backbone of {backbone:,}; "
+                             "check the size hyper-parameters, or pass allow_larger_than_backbone=True")
 
     def route_at(self, position: str) -> Route:
         """The route at one position: the class's ``route`` unless a method mixes routes."""
@@ -368,6 +386,11 @@ class DeltaBase:
         delta.unfrozen_backbone = list(saved.get("unfrozen_backbone", []))
         delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)
         return delta.attach()
+
+
+def _as_list(names: str | list[str] | None) -> list[str] | None:
+    """A single name where a list is expected means that one name (not its characters)."""
+    return [names] if isinstance(names, str) else names
 
 
 def _check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) -> None:

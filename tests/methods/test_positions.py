@@ -11,12 +11,13 @@ pytestmark = pytest.mark.compat
 LENGTH = 7  # tiny_batch's input length
 LIMITS = {"bert": 64, "roberta": 62, "gpt2": 64, "opt": 64, "bart": 64}  # RoBERTa: 64 rows, positions from 2
 METHODS = {"soft_prompt": (SoftPromptModel, "soft_token_num"), "prefix": (PrefixModel, "prefix_token_num")}
+SIZES = {"soft_prompt": {}, "prefix": {"embed_dim": 16, "mid_dim": 16}}  # within the tiny backbones' size
 
 
 def _attach(family: str, method: str, n: int):
     model = tiny_model(family)
     cls, option = METHODS[method]
-    cls(model, **{option: n})
+    cls(model, **{option: n}, **SIZES[method])
     return model, {k: v for k, v in tiny_batch(family).items() if k != "labels"}
 
 
@@ -41,7 +42,7 @@ def test_a_prompt_or_prefix_longer_than_the_table_is_refused_when_built():
     with pytest.raises(ValueError, match=r"soft_token_num=63 and 2 token\(s\) of input need 65 positions"):
         SoftPromptModel(tiny_model("bert"), soft_token_num=63)  # encoders keep [CLS] before the prompt
     with pytest.raises(ValueError, match="prefix_token_num=64 and one token of input need 65 positions"):
-        PrefixModel(tiny_model("opt"), prefix_token_num=64)
+        PrefixModel(tiny_model("opt"), prefix_token_num=64, **SIZES["prefix"])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
