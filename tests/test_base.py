@@ -275,8 +275,12 @@ def test_two_saved_deltas_of_one_type_load_side_by_side(saved, tmp_path):
     folder, _ = saved
     model = tiny_model("bert")
     first = DeltaBase.from_finetuned(folder, model)
-    second = DeltaBase.from_finetuned(folder, model)
-    assert (first.name, second.name) == ("lora", "lora_1")
+    before = first_output(model, tiny_batch("bert"))
+    with pytest.raises(ValueError, match="already loaded on this backbone as delta 'lora', so it would apply twice"):
+        DeltaBase.from_finetuned(folder, model)
+    assert torch.equal(first_output(model, tiny_batch("bert")), before), "the refused load attached nothing"
+    second = DeltaBase.from_finetuned(folder, model, name="copy")  # on purpose
+    assert (first.name, second.name) == ("lora", "copy")
     second.detach()
     assert torch.equal(first_output(model, tiny_batch("bert")), saved[1])
 

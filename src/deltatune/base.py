@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
@@ -220,7 +221,7 @@ class DeltaBase:
         ``set_state_dict`` the backbone's ``state_dict()`` returns only trainable tensors, so a trainer that saves
         ``model.state_dict()`` saves only the delta.
         """
-        exclude = ["deltas"] if exclude is None else list(exclude)
+        exclude = ["deltas"] if exclude is None else list(_as_list(exclude))
         specs = [e for e in exclude if e != "deltas"]
         names = addressable_names(self.backbone_model)
         keep = {n for hits in match_names(names, specs, "freeze_module exclude").values() for n in hits}
@@ -348,6 +349,9 @@ class DeltaBase:
         checked first, so a mismatch changes nothing.  ``source`` names them in the error."""
         own = self.delta_state_dict()
         checkpoint.check_tensors(tensors, own, Path(source))
+        broken = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if broken:
+            raise ValueError(f"{source} holds NaN or infinite values in {broken[:5]}; refusing to load them")
         with torch.no_grad():
             for key, value in own.items():
                 value.copy_(tensors[key])
@@ -380,12 +384,34 @@ class DeltaBase:
         if cls is not DeltaBase and method is not cls:
             raise TypeError(f"{folder} holds a {kind!r} delta, not {cls.delta_type!r}; use {method.__name__}")
         _check_backbone(saved, backbone_model, folder)
+        # Only declared hyper-parameters come from the file (checked as the constructor checks them); constructor
+        # keywords such as name, attach or interactive_modify come only from the caller.
+        hyperparameters = method.config_class.from_dict(saved["config"]).to_dict()
+        _refuse_second_copy(backbone_model, folder, options)
+        unfrozen = saved.get("unfrozen_backbone", [])
+        missing = sorted(set(unfrozen) - set(dict(backbone_model.named_parameters(remove_duplicate=False))))
+        if missing:
+            raise ValueError(f"{folder} saved backbone parameters this {type(backbone_model).__name__} lacks: "
+                             f"{missing[:5]}")
         tensors = checkpoint.read_tensors(folder)
-        options = {**saved["config"], **options}  # the saved name is informative: a free one is chosen
-        delta = method(backbone_model, positions=saved["positions"], attach=False, **options)
-        delta.unfrozen_backbone = list(saved.get("unfrozen_backbone", []))
+        delta = method(backbone_model, positions=saved["positions"], attach=False, **{**hyperparameters, **options})
+        delta.unfrozen_backbone = list(unfrozen)
         delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)
-        return delta.attach()
+        delta.attach()
+        _LOADED.setdefault(backbone_model, {})[folder.resolve()] = weakref.ref(delta)
+        return delta
+
+
+# Which checkpoint folders are loaded on which backbone, to refuse applying one twice by accident.
+_LOADED: weakref.WeakKeyDictionary[nn.Module, dict[Path, weakref.ref]] = weakref.WeakKeyDictionary()
+
+
+def _refuse_second_copy(backbone: nn.Module, folder: Path, options: dict[str, Any]) -> None:
+    earlier = _LOADED.get(backbone, {}).get(folder.resolve())
+    delta = earlier() if earlier is not None else None
+    if delta is not None and (delta.attached or delta.merged) and "name" not in options:
+        raise ValueError(f"{folder} is already loaded on this backbone as delta {delta.name!r}, so it would apply "
+                         "twice; detach that one first, or pass name=... to add a second copy on purpose")
 
 
 def _as_list(names: str | list[str] | None) -> list[str] | None:

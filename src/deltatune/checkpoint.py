@@ -90,9 +90,19 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; it is not a delta checkpoint")
     for key in ("format_version", "delta_type", "config", "positions", "backbone"):
         if key not in config:
             raise ValueError(f"{path} lacks the field {key!r}; it was not written by deltatune or was edited")
+    kinds = {"format_version": int, "delta_type": str, "config": dict, "positions": list, "backbone": dict,
+             "unfrozen_backbone": list}
+    for key, kind in kinds.items():
+        value = config.get(key, [])
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is list and not all(isinstance(item, str) for item in value)):
+            wanted = "a list of strings" if kind is list else f"a JSON {kind.__name__}"
+            raise ValueError(f"{path}: {key!r} must be {wanted}, got {value!r}; the file was edited or is corrupt")
     if config["format_version"] > FORMAT_VERSION:
         raise ValueError(
             f"{path} has format version {config['format_version']}, newer than this deltatune "
