@@ -97,6 +97,9 @@ class DeltaSlot(nn.ModuleDict):
 
     def _hook(self, host: nn.Module) -> None:
         # Re-register from scratch: at most one hook of each kind, only the kinds some delta needs.
+        # torch.compile does not guard on module hooks, so a compiled graph would keep running the old deltas: drop
+        # compiled graphs (about 10 µs when there are none; a compiled model recompiles on its next call).
+        torch.compiler.reset()
         for handle in self._handles:
             handle.remove()
         self._handles = []
