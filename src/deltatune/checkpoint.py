@@ -3,8 +3,8 @@
 The JSON holds the delta type, its hyper-parameters, the resolved module names (positions), the format and library
 versions and a fingerprint of the backbone (its class and every parameter/buffer name, shape and dtype; not the
 bytes).  The safetensors file holds only delta tensors (``deltas.<position>.<name>``) and the backbone parameters
-the user explicitly unfroze (``backbone.<state-dict key>``).  A folder is written under a temporary name and
-renamed when complete, so a crash never leaves half a checkpoint.
+the user explicitly unfroze (``backbone.<state-dict key>``), and in its metadata a copy of the JSON.  A save never
+leaves half a checkpoint and never touches other files in the folder: see :func:`write`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,29 +58,95 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
 
 
 def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-          config_file: str = CONFIG_FILE, weights_file: str = WEIGHTS_FILE) -> Path:
-    """Write a checkpoint folder atomically. An existing folder is replaced only if it is a checkpoint itself
-    (it holds ``config_file``) or empty."""
+          config_file: str = CONFIG_FILE, weights_file: str = WEIGHTS_FILE, paired: bool = True) -> Path:
+    """Write a checkpoint folder so that a crash at any point leaves the old checkpoint or the new one, complete.
+
+    A new folder is written under a temporary name and renamed.  An existing checkpoint folder (one that holds
+    ``config_file``, or an empty one; a symlink to one is followed) is updated in place and only its two files
+    change: the weights file, which carries a copy of the config in its metadata, is replaced first (the commit
+    point), then ``config_file``; :func:`read_config` reads the weights' copy when the two files' ``save_id``
+    differ (a crash fell between the two replacements).
+    Leftovers of interrupted saves are removed.  Files and folders get the permissions of the user's umask."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / config_file).exists())):
         raise FileExistsError(f"{folder} exists and is not a delta checkpoint; refusing to overwrite it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    _remove_leftovers(folder, (config_file, weights_file))
+    # safetensors wants contiguous tensors that share no memory.
+    tensors = {k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}
+    if paired:  # other formats (PEFT's) keep their files as their readers expect them
+        config = {**config, "save_id": os.urandom(8).hex()}  # pairs this config with these weights
+    text = json.dumps(config, indent=2) + "\n"
+    metadata = {"format": "pt", **({EMBEDDED_CONFIG: text} if paired else {})}
+    if folder.is_dir():
+        staged = [(_staged(folder, weights_file), folder / weights_file), (_staged(folder, config_file),
+                                                                           folder / config_file)]
+        try:
+            save_file(tensors, staged[0][0], metadata=metadata)
+            _write_text(staged[1][0], text)
+            _readable(*(source for source, _ in staged))
+            for source, target in staged:
+                os.replace(source, target)  # the weights first: from then on they hold the new checkpoint
+        finally:
+            for source, _ in staged:
+                source.unlink(missing_ok=True)
+        return folder
+    staging = _staged(folder.parent, folder.name)
     try:
-        # safetensors wants contiguous tensors that share no memory.
-        save_file({k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}, staging / weights_file)
-        (staging / config_file).write_text(json.dumps(config, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            staging.rename(folder)
-            shutil.rmtree(old)
-        else:
-            staging.rename(folder)
+        staging.mkdir(mode=0o777)  # less the umask
+        save_file(tensors, staging / weights_file, metadata=metadata)
+        _write_text(staging / config_file, text)
+        _readable(staging / weights_file, staging / config_file)
+        staging.rename(folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+EMBEDDED_CONFIG = "deltatune_config"  # key of the config's copy in the weights file's metadata
+_STAGED = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-\w+)?$")
+
+
+def _staged(parent: Path, name: str) -> Path:
+    return parent / f".{name}.tmp-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def _readable(*paths: Path) -> None:
+    """Permissions as any file the user creates (safetensors writes 0600): others may read a shared checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        path.chmod(0o666 & ~umask)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _remove_leftovers(folder: Path, names: tuple[str, ...]) -> None:
+    """Temporary files and folders of saves to ``folder`` whose process is gone (a kill or a crash)."""
+    places = [(folder.parent, {folder.name})] + ([(folder, set(names))] if folder.is_dir() else [])
+    for parent, targets in places:
+        for path in parent.iterdir():
+            match = _STAGED.match(path.name)
+            if match and match["name"] in targets and not _alive(int(match["pid"])):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier save of this process that was interrupted by an exception
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
@@ -90,6 +157,11 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+    embedded = _embedded_config(Path(folder) / WEIGHTS_FILE)
+    if isinstance(config, dict) and embedded is not None and embedded.get("save_id") != config.get("save_id"):
+        warnings.warn(f"{path} belongs to an earlier save than the weights beside it (that save was interrupted); "
+                      "using the config saved with the weights", stacklevel=2)
+        config = embedded
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; it is not a delta checkpoint")
     for key in ("format_version", "delta_type", "config", "positions", "backbone"):
@@ -127,6 +199,18 @@ def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE) ->
             return {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
+
+
+def _embedded_config(weights: Path) -> dict[str, Any] | None:
+    """The config a save stored in its weights file's metadata, if any (and readable: errors are read_tensors')."""
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(EMBEDDED_CONFIG)
+        return json.loads(text) if text else None
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:

@@ -52,7 +52,7 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         "target_modules": list(delta.positions), "modules_to_save": None,
         "fan_in_fan_out": any(isinstance(hosts[p], Conv1D) for p in delta.positions),
     }
-    return checkpoint.write(save_directory, peft_config, tensors, CONFIG_FILE, WEIGHTS_FILE)
+    return checkpoint.write(save_directory, peft_config, tensors, CONFIG_FILE, WEIGHTS_FILE, paired=False)
 
 
 def _refuse_unsupported(config: dict, folder: Path) -> None:
