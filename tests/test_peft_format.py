@@ -71,3 +71,15 @@ def test_export_refuses_unfrozen_backbone_parameters(tmp_path):
     with pytest.raises(ValueError, match="modules_to_save"):
         delta.export_peft(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_rewrote_the_base_weights_is_refused(init, tmp_path):
+    wrapped = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                       init_lora_weights=init))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    model = tiny_model("llama")
+    reference = first_output(model, tiny_batch("llama"))
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' changed the base model's weights"):
+        from_peft(tmp_path / "adapter", model)
+    assert torch.equal(first_output(model, tiny_batch("llama")), reference), "nothing was attached"

@@ -3,7 +3,9 @@
 PEFT names a tensor ``base_model.model.<module>.lora_A.weight`` (``lora_B.weight``; ``lora_magnitude_vector`` for
 DoRA; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), with the same shapes and the same formula as
 :class:`~deltatune.LoraModel`, so the numbers move across unchanged.  PEFT features with no LoRA counterpart here
-(``bias`` other than ``"none"``, ``modules_to_save``, rank/alpha patterns, layer selection) are refused, not dropped.
+(``bias`` other than ``"none"``, ``modules_to_save``, rank/alpha patterns, layer selection) are refused, not dropped;
+so are adapters whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on
+those rewritten weights.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import os
 from pathlib import Path
 
 from torch import nn
-from .compat import Conv1D
 
 from . import checkpoint
+from .compat import Conv1D
 from .methods.lora import LoraModel
 
 CONFIG_FILE = "adapter_config.json"
@@ -23,6 +25,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _EMBEDDING_NAMES = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _peft_name(layer: nn.Module, name: str) -> str:
@@ -61,9 +64,16 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
         problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is read")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (trained biases)")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
+                "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS) or config.get("loftq_config"):
+        # These inits rewrite the base weights when the adapter is made: on the original weights it is wrong.
+        problems.append(f"init_lora_weights={init!r} changed the base model's weights, so the adapter is only right "
+                        "on those; convert it in PEFT first (save_pretrained(..., "
+                        "path_initial_model_for_weight_conversion=...)) and import the converted adapter")
     if problems:
         raise ValueError(f"{folder / CONFIG_FILE} uses PEFT features deltatune does not import: {'; '.join(problems)}")
 
