@@ -23,6 +23,7 @@ from ..config import MAX_SIZE, DeltaConfig, hyper
 from ..probe import Seen
 from ..routing import Route
 from .bottleneck import Bottleneck
+from .layout import channel_last_check
 
 
 @dataclass
@@ -41,6 +42,7 @@ class AdapterLayer(Bottleneck):
 def hidden_state_check(method: DeltaBase, position: str, module: nn.Module, seen: Seen) -> None:
     if not seen.dtype.is_floating_point:
         raise method._unsupported(position, module, "modules whose output is a floating-point hidden state")
+    channel_last_check(method, position, module, seen)
 
 
 class AdapterModel(DeltaBase):

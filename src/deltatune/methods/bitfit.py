@@ -4,7 +4,8 @@ Each modified module gets a trainable shift ``Δb`` (zero at init) added to its 
 For a module with a bias ``b`` this is exactly tuning ``b`` (``∂L/∂Δb = ∂L/∂b`` and ``b + Δb`` is the tuned
 bias), while the backbone stays untouched: detaching is exact and a checkpoint holds only ``Δb``.  Modules without
 a bias (a ``Linear(bias=False)``, LLaMA projections) get one this way, as do non-linear modules (a whole
-attention block, say: the shift then lands on its output).  Mergeable on Linear, Conv1D and LayerNorm:
+attention block, say: the shift then lands on its output).  Convolutions and their norms shift their channels
+(axis 1 of an ``(N, C, H, W)`` map).  Mergeable on Linear, Conv1D, LayerNorm, convolutions and norms:
 ``b <- b + Δb`` (a bias is created where there was none).  Parameters per module: its output size.
 """
 
@@ -12,29 +13,34 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from ..compat import Conv1D
 
 from ..base import DeltaBase
+from ..compat import Conv1D
 from ..probe import Seen
 from ..routing import Route
+from .layout import CHANNEL_FIRST, feature_axis
 
-_MERGEABLE = (nn.Linear, Conv1D, nn.LayerNorm)
+_MERGEABLE = (nn.Linear, Conv1D, nn.LayerNorm, *CHANNEL_FIRST)
 
 
 class BiasShift(nn.Module):
     """``h <- h + Δb``."""
 
-    def __init__(self, seen: Seen) -> None:
+    def __init__(self, seen: Seen, axis: int) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.zeros(seen.hidden_size, device=seen.device, dtype=seen.dtype))
+        size = seen.output_shape[axis]
+        self.bias = nn.Parameter(torch.zeros(size, device=seen.device, dtype=seen.dtype))
+        # Channel-first maps (N, C, H, W): the shift broadcasts over the axes after the channels.
+        self.view = (size,) if axis == -1 else (size, *[1] * (len(seen.output_shape) - 2))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.bias
+        return h + self.bias.view(self.view)
 
     def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(host, _MERGEABLE):
             raise TypeError(
-                f"BitFit can merge into Linear, Conv1D and LayerNorm biases, not {type(host).__name__}; "
+                f"BitFit can merge into Linear, Conv1D, LayerNorm, convolution and norm biases, not "
+                f"{type(host).__name__}; "
                 "keep this delta unmerged"
             )
         return {"bias": self.bias.detach()}
@@ -54,4 +60,8 @@ class BitFitModel(DeltaBase):
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         if not seen.dtype.is_floating_point:
             raise self._unsupported(position, module, "modules whose output is a floating-point hidden state")
-        return BiasShift(seen)
+        axis = feature_axis(module, seen)
+        if axis is None:
+            raise self._unsupported(position, module, "outputs whose channel axis is known: hidden states, "
+                                    f"convolutions and norms (this one's is {list(seen.output_shape)})")
+        return BiasShift(seen, axis)

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from ..compat import Conv1D
 
 from ..addressing import resolve_positions
 from ..base import DeltaBase
+from ..compat import Conv1D
 from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
+from .layout import CHANNEL_FIRST, channel_last_check
 
 
 @dataclass
@@ -87,4 +88,8 @@ class IA3Model(DeltaBase):
         on_input = self.route_at(position) is Route.INPUT_INPUT
         if on_input and seen.input_shape is None:
             raise self._unsupported(position, module, "feed-forward modules that take a tensor input")
+        if on_input and isinstance(module, CHANNEL_FIRST):
+            raise self._unsupported(position, module, "modules that take their features on the last axis")
+        if not on_input:
+            channel_last_check(self, position, module, seen)
         return Rescale(seen.input_shape[-1] if on_input else seen.hidden_size, on_input, seen)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 
 from torch import nn
-from ..compat import Conv1D
 
 from ..addressing import DELTA_SLOT
+from ..compat import Conv1D
 
 _ROLES = {"q": r"q|query|q_proj|q_lin|wq|to_q", "k": r"k|key|k_proj|k_lin|wk|to_k",
           "v": r"v|value|v_proj|v_lin|wv|to_v", "o": r"o|out|o_proj|out_proj|out_lin|wo|to_out|proj|dense"}
