@@ -81,6 +81,15 @@ def test_the_run_folder_is_protected(tmp_path, capsys):
     assert "these differ: ['arguments']" in capsys.readouterr().err
 
 
+@pytest.mark.real
+def test_label_words_refuse_an_encoder_that_would_read_its_answer(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SHORT, "--objective", "label-words", "--out", str(out)]) == 2
+    assert ("--objective label-words needs a causal language model; minilm-l6 (BertLMHeadModel) attends to later "
+            "tokens. Use --objective classify") in capsys.readouterr().err
+    assert not out.exists(), "nothing was written"
+
+
 def _write(path, content: bytes | str):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return str(path)

@@ -50,6 +50,7 @@ class LabelWords:
         self.tokenizer = _tokenizer(backbone)
         self.backbone_options = {}
         self.model, _ = _load(backbone, "AutoModelForCausalLM", {})
+        _check_causal(self.model, backbone)
         self.head: list[str] = []
         self.max_length = max_length
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -97,6 +98,17 @@ class LabelWords:
             picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             scores.append((picked * (targets != -100)).sum(-1))
         return torch.stack(scores, -1).argmax(-1)
+
+
+def _check_causal(model: nn.Module, backbone: str) -> None:
+    """Writing label words only teaches a model whose tokens cannot see later ones: an encoder loaded as a language
+    model (BertLMHeadModel) would read the answer it is asked to write.  Checked by behaviour: change the last
+    token and see whether the first position's output moves."""
+    with torch.no_grad():  # one row per call: the same kernels, so a causal model gives equal numbers
+        first, second = (model(input_ids=torch.tensor([[5, 6, 7, last]])).logits[0, 0] for last in (8, 9))
+    if not torch.equal(first, second):
+        raise ValueError(f"--objective label-words needs a causal language model; {backbone} "
+                         f"({type(model).__name__}) attends to later tokens. Use --objective classify")
 
 
 OBJECTIVES = {"classify": Classify, "label-words": LabelWords}
