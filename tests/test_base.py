@@ -352,3 +352,19 @@ def test_same_architecture_other_weights_loads_with_a_warning(saved):
         other.bert.embeddings.word_embeddings.weight.add_(1.0)
     with pytest.warns(UserWarning, match="same architecture but other weights"):
         DeltaBase.from_finetuned(folder, other)
+
+
+def test_unfreeze_module_restores_what_freezing_changed():
+    model = tiny_model("bert")
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # the user's own choice, kept
+    before = {k: p.requires_grad for k, p in model.named_parameters()}
+    keys = set(model.state_dict())
+    delta = LoraModel(model, ["query"]).freeze_module(exclude=["deltas", "classifier"])
+    assert set(model.state_dict()) < keys | {k for k in model.state_dict() if ".deltas." in k}
+    delta.detach()
+    assert not any(p.requires_grad for k, p in model.named_parameters() if "classifier" not in k), "still frozen"
+    delta.unfreeze_module()
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == before
+    assert set(model.state_dict()) == keys
+    with pytest.raises(RuntimeError, match="has not frozen the backbone"):
+        delta.unfreeze_module()

@@ -103,6 +103,7 @@ class DeltaBase:
         self._merge_state: dict[str, dict[str, Any]] = {}
         self._state_dict_hook = None
         self._filter_state_dict = False
+        self._frozen_from: dict[str, bool] | None = None
         if attach:
             self.attach()
 
@@ -218,13 +219,17 @@ class DeltaBase:
 
         ``exclude`` entries other than ``"deltas"`` address backbone modules like ``modified_modules`` (tail name
         or ``"[r]<regex>"``); all their parameters stay trainable and are saved with the delta.  With
-        ``set_state_dict`` the backbone's ``state_dict()`` returns only trainable tensors, so a trainer that saves
-        ``model.state_dict()`` saves only the delta.
+        ``set_state_dict`` (the default) the backbone's ``state_dict()`` returns only trainable tensors while this
+        delta is attached, so a trainer that saves ``model.state_dict()`` saves only the delta.  Detaching does not
+        unfreeze the backbone: :meth:`unfreeze_module` restores what freezing changed.
         """
         exclude = ["deltas"] if exclude is None else list(_as_list(exclude))
         specs = [e for e in exclude if e != "deltas"]
         names = addressable_names(self.backbone_model)
         keep = {n for hits in match_names(names, specs, "freeze_module exclude").values() for n in hits}
+        if self._frozen_from is None:  # the flags before the first freeze, for unfreeze_module
+            self._frozen_from = {k: p.requires_grad for k, p in self.backbone_model.named_parameters()
+                                 if DELTA_SLOT not in k.split(".")}
         self.unfrozen_backbone = []
         for key, param in self.backbone_model.named_parameters():
             parts = key.split(".")
@@ -240,6 +245,21 @@ class DeltaBase:
         self._filter_state_dict = set_state_dict
         if set_state_dict and self.attached and self._state_dict_hook is None:
             self._hook_state_dict()
+        return self
+
+    def unfreeze_module(self) -> DeltaBase:
+        """Undo :meth:`freeze_module`: every backbone parameter gets back the ``requires_grad`` it had before, and
+        ``state_dict()`` lists all tensors again."""
+        if self._frozen_from is None:
+            raise RuntimeError(f"delta {self.name!r} has not frozen the backbone")
+        parameters = dict(self.backbone_model.named_parameters())
+        for key, flag in self._frozen_from.items():
+            if key in parameters:
+                parameters[key].requires_grad_(flag)
+        self._frozen_from, self.unfrozen_backbone, self._filter_state_dict = None, [], False
+        if self._state_dict_hook is not None:
+            self._state_dict_hook.remove()
+            self._state_dict_hook = None
         return self
 
     def _hook_state_dict(self) -> None:
