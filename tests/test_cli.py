@@ -1,6 +1,7 @@
 """The ``deltatune`` command line: show (tree of an asset, a folder, or a model with a saved delta), errors."""
 
 import json
+import re
 
 import pytest
 
@@ -42,3 +43,12 @@ def test_select_without_a_submission_times_out_cleanly(capsys):
     captured = capsys.readouterr()
     assert "Choose the modules to modify at http://127.0.0.1:" in captured.out
     assert "no selection was submitted within 1 s; the selector has stopped" in captured.err
+
+
+def test_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # past the usage lines
+    for option, default in [("--epochs EPOCHS", "1"), ("--lr LR", "0.001"), ("--batch-size BATCH_SIZE", "32"),
+                            ("--seed SEED", "0"), ("--out OUT", "out/train"), ("--text-column TEXT_COLUMN", "text")]:
+        assert re.search(re.escape(option) + r" [^()]*\(default: " + re.escape(default) + r"\)", text), option

@@ -43,7 +43,7 @@ def test_minilm_tree_with_lora_and_adapter_marks_deltas_and_counts_them(minilm):
     assert "key (Linear) weight:[384,384] bias:[384] = k" in text
     assert text.count("+ adapter (AdapterLayer, output->output)") == 2
     # LoRA 12 × 8 × 768 = 73,728; adapters 12 × (384·24 + 24 + 24·384 + 384) = 226,080; the LoRA is frozen now.
-    assert "trainable: 226,080 (0.9953%)   delta: 299,808 (1.3199%)" in text
+    assert "trainable: 226,080 (0.9824% of all)   delta: 299,808 (1.3199% of the backbone)" in text
     assert f"delta checkpoint: {299_808 * 4 / 1024 / 1024:,.1f} MiB of tensors" in text
 
 
@@ -99,3 +99,16 @@ def test_siblings_fold_by_structure_and_deltas_not_by_position():
     LoraModel(model, ["[r][12]"], lora_r=2, pseudo_input=torch.zeros(1, 4))
     root = build_tree(model)
     assert [(c.label, len(c.deltas)) for c in root.children] == [("0,3", 0), ("1-2", 1)]
+
+
+def test_a_trainable_share_never_exceeds_all_parameters():
+    from deltatune import LoraModel
+    from deltatune.visualization.totals import Totals
+
+    from conftest import tiny_model
+
+    model = tiny_model("bert")
+    LoraModel(model, ["query"])  # the backbone stays trainable, the delta adds to it
+    totals = Totals.of(model)
+    assert totals.trainable == totals.backbone + totals.delta
+    assert f"({100:.4f}% of all)" in totals.lines()[1]

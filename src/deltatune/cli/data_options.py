@@ -20,8 +20,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_task: str | None
     group.add_argument("--validation-data", type=Path, metavar="FILE", help="default: 10%% of --data")
     group.add_argument("--test-data", type=Path, metavar="FILE", help="default: another 10%% of --data")
     group.add_argument("--dataset", metavar="NAME[:CONFIG]", help="a Hugging Face datasets dataset (online)")
-    group.add_argument("--text-column", default="text")
-    group.add_argument("--label-column", default="label")
+    group.add_argument("--text-column", default="text", help="the column of --data holding the text")
+    group.add_argument("--label-column", default="label", help="the column of --data holding the label")
 
 
 def data_source(args: argparse.Namespace) -> dict[str, Any]:

@@ -32,18 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta-config", nargs="*", default=[], metavar="JSON|KEY=VALUE",
                         help="delta options: a JSON object or file, or KEY=VALUE pairs (lora_r=16)")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="classify",
-                        help="classify with a new head, or (decoders) write label words; default classify")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per example (default 64)")
-    parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
+                        help="classify with a new head, or (decoders) write label words")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW's peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio,
+                        help="share of the steps with a linear warm-up, then linear decay")
     parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping, in epochs")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="for the head, the delta and the order")
     parser.add_argument("--save-steps", type=int, default=defaults.save_steps, help="resume state interval")
     parser.add_argument("--max-train-examples", type=int, help="use only this many training examples")
     parser.add_argument("--max-eval-examples", type=int, help="and this many validation and test examples")
-    parser.add_argument("--out", type=Path, default=Path("out/train"))
+    parser.add_argument("--out", type=Path, default=Path("out/train"), help="the run folder")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 

@@ -28,10 +28,13 @@ class Totals:
                    checkpoint_bytes=sum(p.numel() * p.element_size() for p in saved))
 
     def lines(self) -> list[str]:
-        ratio = lambda n: f"{100 * n / max(self.backbone, 1):.4f}%"  # noqa: E731
+        # Trainable parameters are a share of all (a fully trainable backbone plus a delta is 100%, not more);
+        # the delta is measured against the backbone it adapts.
+        share = lambda n, whole: f"{100 * n / max(whole, 1):.4f}%"  # noqa: E731
         return [
             f"backbone parameters: {self.backbone:,}",
-            f"trainable: {self.trainable:,} ({ratio(self.trainable)})   delta: {self.delta:,} ({ratio(self.delta)})",
+            f"trainable: {self.trainable:,} ({share(self.trainable, self.backbone + self.delta)} of all)   "
+            f"delta: {self.delta:,} ({share(self.delta, self.backbone)} of the backbone)",
             f"delta checkpoint: {_bytes(self.checkpoint_bytes)} of tensors",
         ]
 
