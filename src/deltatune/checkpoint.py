@@ -189,9 +189,12 @@ def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE) ->
     if not path.is_file() and legacy.is_file():
         # A pickled file can run code when loaded: only ever read with weights_only=True (tensors, no objects).
         try:
-            return dict(torch.load(legacy, map_location="cpu", weights_only=True))
+            loaded = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ValueError(f"{legacy} is not a plain tensor file (refused with weights_only=True): {error}") from None
+        if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+            raise ValueError(f"{legacy} does not hold a mapping of names to tensors")
+        return dict(loaded)
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint: {weights_file} is missing")
     try:

@@ -57,8 +57,9 @@ def _describe(hint: Any) -> str:
 def _range_problem(value: Any, bounds: dict[str, Any]) -> str | None:
     if "choices" in bounds and value not in bounds["choices"]:
         return f"one of {', '.join(bounds['choices'])}"
-    checks = {"low": (lambda b: value >= b, ">= {}"), "high": (lambda b: value <= b, "<= {}"),
-              "above": (lambda b: value > b, "> {}"), "below": (lambda b: value < b, "< {}")}
+    checks = {"low": (lambda b: value >= b, ">= {}"), "above": (lambda b: value > b, "> {}"),
+              "high": (lambda b: value <= b, "<= {}"), "below": (lambda b: value < b, "< {}")}
+    bounds = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in bounds.items()}  # 1e5: 100000
     failed = [text.format(bounds[key]) for key, (ok, text) in checks.items() if key in bounds and not ok(bounds[key])]
     wanted = [text.format(bounds[key]) for key, (_, text) in checks.items() if key in bounds]
     return " and ".join(wanted) if failed else None

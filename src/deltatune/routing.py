@@ -151,7 +151,12 @@ def attach(host: nn.Module, name: str, delta: nn.Module, route: Route, order: in
         host.add_module(DELTA_SLOT, slot)
     elif not isinstance(slot, DeltaSlot):
         raise ValueError(f"{type(host).__name__} already has a child named {DELTA_SLOT!r}; it cannot host deltas")
-    slot.add(host, name, delta, route, order)
+    try:
+        slot.add(host, name, delta, route, order)
+    except Exception:
+        if not len(slot):  # a refused first delta leaves no empty slot behind
+            del host._modules[DELTA_SLOT]
+        raise
 
 
 def detach(host: nn.Module, name: str) -> nn.Module:

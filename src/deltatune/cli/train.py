@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> dict:
               "delta": args.delta, "delta_config": delta_options(args.delta_config), "max_length": args.max_length,
               "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
               "arguments": dataclasses.asdict(arguments)}
+    # Only the method's declared hyper-parameters, checked before anything loads (not attach=, name=, ...).
+    DELTA_TYPES[args.delta].config_class.from_dict(record["delta_config"])
     _check_out_folder(args.out, record, args.resume)
     task = subset(load_source(record["data"]), args.max_train_examples, args.max_eval_examples)
     torch.manual_seed(args.seed)  # the new head and the delta start the same way for a seed
