@@ -171,6 +171,8 @@ class AttentionPrefix(nn.Module):
         if cache is None:  # encoder self-attention, or cross-attention without a cache: a cache for this call
             cache = compat.new_cache()
             self._fill(cache, batch)
+            # The prefix takes the first n positions: relative position biases (T5) must see the tokens after it.
+            compat.shift_cache_position(kwargs, self._table[0].length)
         elif not compat.cross_attention_filled(cache, self.cache_layer):  # first step: prefix before encoder keys
             self._fill(compat.cross_attention_cache(cache), batch)
         compat.put_cache(kwargs, self.cache_name, cache)
