@@ -368,3 +368,18 @@ def test_unfreeze_module_restores_what_freezing_changed():
     assert set(model.state_dict()) == keys
     with pytest.raises(RuntimeError, match="has not frozen the backbone"):
         delta.unfreeze_module()
+
+
+def test_names_stay_reserved_while_a_delta_is_detached_or_merged():
+    model = tiny_model("bert")
+    first = LoraModel(model, ["query"])
+    first.detach()
+    second = LoraModel(model, ["query"])
+    first.attach()  # its name was not given away
+    assert (first.name, second.name) == ("lora", "lora_1")
+    bitfit = BitFitModel(model, ["query"]).merge()
+    again = BitFitModel(model, ["query"])
+    bitfit.unmerge()
+    assert (bitfit.name, again.name) == ("bitfit", "bitfit_1")
+    with pytest.raises(ValueError, match="a delta named 'lora' already exists on this backbone"):
+        LoraModel(model, ["value"], name="lora")

@@ -96,7 +96,11 @@ class DeltaBase:
         self.deltas: dict[str, nn.Module] = {p: self._build_one(p, modules[p], seen[p]) for p in self.positions}
         self._check_budget(allow_larger_than_backbone)
         self.order = next(_creation)
+        if name is not None and name in _names_on(backbone_model):
+            raise ValueError(f"a delta named {name!r} already exists on this backbone (attached, detached or merged); "
+                             "choose another name")
         self.name = name or self._free_name()
+        _LIVE.setdefault(backbone_model, weakref.WeakSet()).add(self)
         self.unfrozen_backbone: list[str] = []
         self.attached = False
         self.merged = False
@@ -161,7 +165,8 @@ class DeltaBase:
 
     # -------------------------------------------------------------------------------------------- lifecycle
     def _free_name(self) -> str:
-        taken = {n for host in self._hosts.values() for n in routing.attached_names(host)}
+        # Names of every delta object alive on this backbone, also detached or merged ones: each can come back.
+        taken = _names_on(self.backbone_model) | {n for h in self._hosts.values() for n in routing.attached_names(h)}
         candidates = itertools.chain([self.delta_type], (f"{self.delta_type}_{i}" for i in itertools.count(1)))
         return next(n for n in candidates if n not in taken)
 
@@ -420,6 +425,14 @@ class DeltaBase:
         delta.attach()
         _LOADED.setdefault(backbone_model, {})[folder.resolve()] = weakref.ref(delta)
         return delta
+
+
+# The delta objects alive on each backbone: their names stay reserved while they exist, attached or not.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[DeltaBase]] = weakref.WeakKeyDictionary()
+
+
+def _names_on(backbone: nn.Module) -> set[str]:
+    return {delta.name for delta in _LIVE.get(backbone, ())}
 
 
 # Which checkpoint folders are loaded on which backbone, to refuse applying one twice by accident.
