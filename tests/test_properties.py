@@ -11,6 +11,7 @@ bounded, so the suite stays fast and reproducible.
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -65,13 +66,20 @@ def test_random_lifecycles_keep_every_invariant(steps):
     for step, method, index, flag in steps:
         delta = deltas[index % len(deltas)] if deltas else None
         before = _output(model)
-        if step == "build" or delta is None:
+        prefixed = any(isinstance(d, PrefixModel) and d.attached for d in deltas)
+        if (step == "build" or delta is None) and method == "prefix" and prefixed:
+            with pytest.raises(ValueError, match="a module takes one Prefix, and one is attached here already"):
+                BUILDERS[method](model)
+        elif step == "build" or delta is None:
             delta = BUILDERS[method](model)
             _randomize(delta, len(deltas))
             deltas.append(delta)
         elif step == "detach" and (delta.attached or delta.merged):
             subtracted |= delta.merged and not exact[id(delta)]
             delta.detach()
+        elif step == "attach" and not delta.attached and isinstance(delta, PrefixModel) and prefixed:
+            with pytest.raises(ValueError, match="a module takes one Prefix"):
+                delta.attach()
         elif step == "attach" and not delta.attached and not delta.merged:
             delta.attach()
         elif step == "merge" and delta.mergeable and delta.attached and not delta.merged:
@@ -83,7 +91,8 @@ def test_random_lifecycles_keep_every_invariant(steps):
             delta.unmerge()
             torch.testing.assert_close(_output(model), before, rtol=0, atol=1e-5)
         elif step == "save_load" and not any(d.merged for d in deltas):
-            assert torch.equal(_reload_all(deltas), before)
+            # Bit for bit, unless an unmerge by subtraction left round-off in this backbone's weights.
+            torch.testing.assert_close(_reload_all(deltas), before, rtol=0, atol=1e-5 if subtracted else 0)
         elif step == "dtype":
             model.double()
             torch.testing.assert_close(_output(model).float(), before, rtol=0, atol=1e-5)

@@ -74,6 +74,9 @@ class DeltaSlot(nn.ModuleDict):
             raise ValueError(f"a delta named {name!r} is already attached here; give the new delta another name")
         if not name.isidentifier() or hasattr(self, name):
             raise ValueError(f"{name!r} cannot name a delta: use an identifier that is not a ModuleDict attribute")
+        if getattr(delta, "exclusive", False) and any(type(other) is type(delta) for other in self.values()):
+            raise ValueError(f"a module takes one {type(delta).__name__}, and one is attached here already; detach "
+                             "it first")
         self[name] = delta
         self._routes[name] = (route, order)
         self._plan()

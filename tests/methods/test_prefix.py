@@ -16,7 +16,7 @@ def test_parameter_count_follows_the_formula():
     model = tiny_model("llama")  # 2 layers, 2 KV heads (GQA) of size 8
     width = 2 * 2 * 2 * 8
     assert PrefixModel(model, **SMALL).num_delta_parameters() == 3 * 16 + 16 * 16 + 16 + 16 * width + width
-    assert PrefixModel(model, **SMALL, reparameterize=False).num_delta_parameters() == 3 * width
+    assert PrefixModel(model, **SMALL, reparameterize=False, attach=False).num_delta_parameters() == 3 * width
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
@@ -145,3 +145,15 @@ def test_encoder_decoder_generation_matches_a_full_forward_pass_and_reloads(fami
     fresh = tiny_model(family)
     DeltaBase.from_finetuned(tmp_path / "prefix", fresh)
     assert torch.equal(fresh.generate(**inputs, **options), generated.sequences)
+
+
+def test_a_second_prefix_on_one_model_is_refused():
+    model = tiny_model("llama")
+    first = PrefixModel(model, **SMALL)
+    with pytest.raises(ValueError, match="a module takes one Prefix, and one is attached here already; detach it"):
+        PrefixModel(model, **SMALL)
+    first.detach()
+    second = PrefixModel(model, **SMALL)
+    with pytest.raises(ValueError, match="a module takes one Prefix"):
+        first.attach()
+    assert second.attached and not first.attached

@@ -84,6 +84,7 @@ class Prefix(nn.Module):
     """The prefixes of every attention layer; fills a model call's KV cache with those of the first ``filled``."""
 
     rewrites_call = True
+    exclusive = True  # a second prefix could not tell the first call from a cache the first one filled
 
     def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int]], filled: int, host: nn.Module,
                  seen: Seen, encoder_decoder: bool = False) -> None:
@@ -151,6 +152,7 @@ class AttentionPrefix(nn.Module):
     """One encoder self-attention or decoder cross-attention: its prefix enters through the call's own cache."""
 
     rewrites_call = True
+    exclusive = True
 
     def __init__(self, table: Prefix, layer: int, attention: nn.Module) -> None:
         super().__init__()
