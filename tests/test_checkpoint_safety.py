@@ -138,9 +138,11 @@ def test_killed_saves_leave_a_complete_pair_and_never_touch_other_files(tmp_path
             warnings.simplefilter("ignore")  # a kill between the two replacements is reported, and read right
             config = read_config(folder)
         tensors = read_tensors(folder)
-        assert {float(t.flatten()[0]) for t in tensors.values()} == {config["config"]["lora_alpha"]}
+        values = {float(t.flatten()[0]) for t in tensors.values()}
+        assert values == {config["config"]["lora_alpha"]}, (values, config["config"], os.listdir(folder))
         assert (folder / "NOTES.md").read_text() == "keep"
     _lora().save_finetuned(folder)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(["NOTES.md", CONFIG_FILE, WEIGHTS_FILE])
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["NOTES.md", CONFIG_FILE, WEIGHTS_FILE]), (
+        os.listdir(folder))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], os.listdir(tmp_path)
 
