@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
-import weakref
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import torch
 from torch import nn
 
-from . import checkpoint, routing
+from . import checkpoint, live, routing
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
 from .probe import Seen, probe
@@ -96,11 +94,11 @@ class DeltaBase:
         self.deltas: dict[str, nn.Module] = {p: self._build_one(p, modules[p], seen[p]) for p in self.positions}
         self._check_budget(allow_larger_than_backbone)
         self.order = next(_creation)
-        if name is not None and name in _names_on(backbone_model):
+        if name is not None and name in live.names_on(backbone_model):
             raise ValueError(f"a delta named {name!r} already exists on this backbone (attached, detached or merged); "
                              "choose another name")
         self.name = name or self._free_name()
-        _LIVE.setdefault(backbone_model, weakref.WeakSet()).add(self)
+        live.add(self)
         self.unfrozen_backbone: list[str] = []
         self.attached = False
         self.merged = False
@@ -166,7 +164,7 @@ class DeltaBase:
     # -------------------------------------------------------------------------------------------- lifecycle
     def _free_name(self) -> str:
         # Names of every delta object alive on this backbone, also detached or merged ones: each can come back.
-        taken = _names_on(self.backbone_model) | {n for h in self._hosts.values() for n in routing.attached_names(h)}
+        taken = live.names_on(self.backbone_model) | {n for h in self._hosts.values() for n in routing.attached_names(h)}
         candidates = itertools.chain([self.delta_type], (f"{self.delta_type}_{i}" for i in itertools.count(1)))
         return next(n for n in candidates if n not in taken)
 
@@ -408,11 +406,11 @@ class DeltaBase:
         method = DELTA_TYPES[kind]
         if cls is not DeltaBase and method is not cls:
             raise TypeError(f"{folder} holds a {kind!r} delta, not {cls.delta_type!r}; use {method.__name__}")
-        _check_backbone(saved, backbone_model, folder)
+        checkpoint.check_backbone(saved, backbone_model, folder)
         # Only declared hyper-parameters come from the file (checked as the constructor checks them); constructor
         # keywords such as name, attach or interactive_modify come only from the caller.
         hyperparameters = method.config_class.from_dict(saved["config"]).to_dict()
-        _refuse_second_copy(backbone_model, folder, options)
+        live.refuse_second_copy(backbone_model, folder, options)
         unfrozen = saved.get("unfrozen_backbone", [])
         missing = sorted(set(unfrozen) - set(dict(backbone_model.named_parameters(remove_duplicate=False))))
         if missing:
@@ -423,53 +421,10 @@ class DeltaBase:
         delta.unfrozen_backbone = list(unfrozen)
         delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)
         delta.attach()
-        _LOADED.setdefault(backbone_model, {})[folder.resolve()] = weakref.ref(delta)
+        live.loaded(delta, folder)
         return delta
-
-
-# The delta objects alive on each backbone: their names stay reserved while they exist, attached or not.
-_LIVE: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[DeltaBase]] = weakref.WeakKeyDictionary()
-
-
-def _names_on(backbone: nn.Module) -> set[str]:
-    return {delta.name for delta in _LIVE.get(backbone, ())}
-
-
-# Which checkpoint folders are loaded on which backbone, to refuse applying one twice by accident.
-_LOADED: weakref.WeakKeyDictionary[nn.Module, dict[Path, weakref.ref]] = weakref.WeakKeyDictionary()
-
-
-def _refuse_second_copy(backbone: nn.Module, folder: Path, options: dict[str, Any]) -> None:
-    earlier = _LOADED.get(backbone, {}).get(folder.resolve())
-    delta = earlier() if earlier is not None else None
-    if delta is not None and (delta.attached or delta.merged) and "name" not in options:
-        raise ValueError(f"{folder} is already loaded on this backbone as delta {delta.name!r}, so it would apply "
-                         "twice; detach that one first, or pass name=... to add a second copy on purpose")
 
 
 def _as_list(names: str | list[str] | None) -> list[str] | None:
     """A single name where a list is expected means that one name (not its characters)."""
     return [names] if isinstance(names, str) else names
-
-
-def _check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) -> None:
-    expected = saved["backbone"]
-    actual = checkpoint.fingerprint(backbone, saved.get("unfrozen_backbone", []))
-    if expected.get("class") != actual["class"]:
-        raise ValueError(
-            f"{folder} was trained on a {expected.get('class')} backbone, this one is {actual['class']}; "
-            "load it onto the model class it was trained with"
-        )
-    if expected.get("sha256") != actual["sha256"]:
-        warnings.warn(
-            f"{folder} was saved with a backbone whose parameter names/shapes/dtypes differ from this "
-            f"{actual['class']} ({expected.get('tensors')} vs {actual['tensors']} tensors); every tensor the delta "
-            "needs is still checked",
-            stacklevel=3,
-        )
-    elif expected.get("weights_sample", actual["weights_sample"]) != actual["weights_sample"]:
-        warnings.warn(
-            f"{folder} was saved on a {actual['class']} with the same architecture but other weights; "
-            "the delta loads, but was not trained for these weights",
-            stacklevel=3,
-        )

@@ -228,3 +228,26 @@ def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
         raise ValueError(f"{path} does not fit this backbone and delta:\n  {shown}")
+
+
+def check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) -> None:
+    expected = saved["backbone"]
+    actual = fingerprint(backbone, saved.get("unfrozen_backbone", []))
+    if expected.get("class") != actual["class"]:
+        raise ValueError(
+            f"{folder} was trained on a {expected.get('class')} backbone, this one is {actual['class']}; "
+            "load it onto the model class it was trained with"
+        )
+    if expected.get("sha256") != actual["sha256"]:
+        warnings.warn(
+            f"{folder} was saved with a backbone whose parameter names/shapes/dtypes differ from this "
+            f"{actual['class']} ({expected.get('tensors')} vs {actual['tensors']} tensors); every tensor the delta "
+            "needs is still checked",
+            stacklevel=3,
+        )
+    elif expected.get("weights_sample", actual["weights_sample"]) != actual["weights_sample"]:
+        warnings.warn(
+            f"{folder} was saved on a {actual['class']} with the same architecture but other weights; "
+            "the delta loads, but was not trained for these weights",
+            stacklevel=3,
+        )
