@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, ClassVar, TextIO
 import torch
 from torch import nn
 
-from . import checkpoint, live, routing
+from . import checkpoint, live, routing, threads
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
 from .probe import Seen, probe
@@ -18,6 +19,20 @@ from .routing import Route
 
 DELTA_TYPES: dict[str, type[DeltaBase]] = {}
 _creation = itertools.count()  # fixes the order in which deltas on one module run
+
+
+def _changes_model(method):
+    """Attach, detach, merge and unmerge are refused while another thread runs the model (:mod:`threads`)."""
+
+    @functools.wraps(method)
+    def change(self: DeltaBase, *args: Any, **kwargs: Any) -> DeltaBase:
+        try:
+            with threads.changing(self.backbone_model, method.__name__):
+                return method(self, *args, **kwargs)
+        finally:
+            threads.watch(self.backbone_model, live.any_hooked(self.backbone_model))
+
+    return change
 
 
 class DeltaBase:
@@ -168,6 +183,7 @@ class DeltaBase:
         candidates = itertools.chain([self.delta_type], (f"{self.delta_type}_{i}" for i in itertools.count(1)))
         return next(n for n in candidates if n not in taken)
 
+    @_changes_model
     def attach(self) -> DeltaBase:
         """Route the backbone through this delta (again). Returns self."""
         if self.attached:
@@ -186,6 +202,7 @@ class DeltaBase:
             self._hook_state_dict()
         return self
 
+    @_changes_model
     def detach(self) -> DeltaBase:
         """Take this delta off; the backbone computes exactly what it did before. Returns self."""
         if self.merged:
@@ -274,6 +291,7 @@ class DeltaBase:
         self._state_dict_hook = self.backbone_model.register_state_dict_post_hook(only_trainable)
 
     # ------------------------------------------------------------------------------------------------ merge
+    @_changes_model
     def merge(self, exact: bool = False) -> DeltaBase:
         """Fold the delta into the backbone's weights and remove its hooks (inference at bare-model speed).
 
@@ -304,6 +322,7 @@ class DeltaBase:
         self.merged = True
         return self
 
+    @_changes_model
     def unmerge(self) -> DeltaBase:
         """Take the folded delta out of the weights again and restore its hooks."""
         if not self.merged:

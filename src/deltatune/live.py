@@ -24,6 +24,11 @@ def names_on(backbone: nn.Module) -> set[str]:
     return {delta.name for delta in _LIVE.get(backbone, ())}
 
 
+def any_hooked(backbone: nn.Module) -> bool:
+    """Whether some delta's hooks are on this backbone (attached and not merged)."""
+    return any(delta.attached and not delta.merged for delta in _LIVE.get(backbone, ()))
+
+
 def loaded(delta: DeltaBase, folder: Path) -> None:
     _LOADED.setdefault(delta.backbone_model, {})[folder.resolve()] = weakref.ref(delta)
 
