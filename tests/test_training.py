@@ -216,3 +216,34 @@ def test_an_unmodified_hf_trainer_trains_and_saves_only_the_delta(minilm_path, t
     batch = tokenizer(["win a free prize now", "see you at lunch"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, model.eval()(**batch).logits)
+
+
+@pytest.mark.real
+def test_a_killed_run_resumes_to_the_tensors_of_an_uninterrupted_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    options = [*SHORT, "--save-steps", "1"]
+    assert main(["train", *options, "--out", str(tmp_path / "whole")]) == 0
+    command = [sys.executable, "-m", "deltatune.cli", "train", *options, "--out", str(tmp_path / "killed")]
+    last = tmp_path / "killed" / "last.pt"
+    for kill_after in (2, 5):  # a kill in each epoch (4 steps each), SIGKILL: no handler runs
+        child = subprocess.Popen(command + (["--resume"] if last.exists() else []), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and child.poll() is None:
+            if last.exists() and torch.load(last, weights_only=True)["step"] >= kill_after:
+                break
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        assert torch.load(last, weights_only=True)["step"] >= kill_after, "the run was killed mid-way"
+    assert main(["train", *options, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    whole, killed = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("whole", "killed"))
+    assert killed["step_losses"] == whole["step_losses"] and killed["test"] == whole["test"]
+    a, b = _tensors(tmp_path / "whole" / "delta"), _tensors(tmp_path / "killed" / "delta")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole").iterdir()), "no leftovers of the killed runs"

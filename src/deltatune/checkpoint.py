@@ -71,7 +71,7 @@ def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, 
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / config_file).exists())):
         raise FileExistsError(f"{folder} exists and is not a delta checkpoint; refusing to overwrite it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(folder, (config_file, weights_file))
+    remove_leftovers(folder, (config_file, weights_file))
     # safetensors wants contiguous tensors that share no memory.
     tensors = {k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}
     if paired:  # other formats (PEFT's) keep their files as their readers expect them
@@ -127,8 +127,9 @@ def _write_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _remove_leftovers(folder: Path, names: tuple[str, ...]) -> None:
-    """Temporary files and folders of saves to ``folder`` whose process is gone (a kill or a crash)."""
+def remove_leftovers(folder: Path, names: tuple[str, ...] = ()) -> None:
+    """Temporary files and folders (``.<name>.tmp-<pid>...``) of saves to ``folder`` (a folder, or a file) and to
+    ``names`` inside it, whose process is gone (a kill or a crash)."""
     places = [(folder.parent, {folder.name})] + ([(folder, set(names))] if folder.is_dir() else [])
     for parent, targets in places:
         for path in parent.iterdir():

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..base import DeltaBase
+from ..checkpoint import remove_leftovers
 from .data import Rows, Task
 from .metrics import scores
 from .progress import StepProgress
@@ -162,6 +163,7 @@ def _save(path: Path, delta: DeltaBase, optimizer, schedule, history: History, s
     state = {"step": step, "delta": {k: t.detach().clone() for k, t in delta.delta_state_dict().items()},
              "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
              "rng": rng, "history": asdict(history)}
+    remove_leftovers(path)  # of a process killed while saving
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, staging)
     os.replace(staging, path)  # atomic: a crash leaves the previous state
