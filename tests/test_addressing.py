@@ -69,3 +69,15 @@ def test_excluding_everything_is_an_error():
 def test_non_string_spec():
     with pytest.raises(TypeError, match="must be strings"):
         resolve_positions(tiny_model("bert"), [torch.nn.Linear])
+
+
+def test_a_single_name_where_a_list_is_expected_is_that_name_not_its_characters():
+    from deltatune import LoraModel
+
+    from conftest import tiny_model
+
+    model = tiny_model("bert")
+    delta = LoraModel(model, "query", exclude_modules="layer.1.attention.self.query")
+    assert delta.positions == ["bert.encoder.layer.0.attention.self.query"]
+    delta.freeze_module(exclude="classifier")
+    assert delta.unfrozen_backbone == ["classifier.weight", "classifier.bias"]
