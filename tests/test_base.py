@@ -345,7 +345,6 @@ def test_legacy_bin_is_read_only_as_plain_tensors(saved):
 def test_same_architecture_other_weights_loads_with_a_warning(saved):
     folder, _ = saved
     torch.manual_seed(123)
-    import transformers as tf
 
     other = tiny_model("bert")
     with torch.no_grad():

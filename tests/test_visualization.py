@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from rich.console import Console
 
 from deltatune import AdapterModel, LoraModel
 from deltatune.visualization import Visualization, build_tree
