@@ -222,5 +222,5 @@ def test_positions_are_inferred_for_an_unmapped_transformer(capsys):
 
 def test_a_plain_mlp_asks_for_modified_modules():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="no repeated block with attention projections .*pass modified_modules"):
+    with pytest.raises(ValueError, match="no stack of repeated blocks with an attention module .*pass modified_modules"):
         AutoDeltaModel.from_config({"delta_type": "lora"}, mlp, pseudo_input=torch.ones(1, 4))

@@ -117,12 +117,12 @@ def test_probe_restores_training_flags_and_accepts_a_pseudo_input():
 
 def test_probe_failure_names_the_cause():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match="pass pseudo_input"):
-        AdapterModel(model, ["0"])
+    with pytest.raises(ValueError, match="pass pseudo_input"):  # a ReLU's shapes need a forward pass
+        AdapterModel(model, ["1"])
     with pytest.raises(RuntimeError, match="probe forward pass of Sequential failed: RuntimeError"):
-        AdapterModel(model, ["0"], pseudo_input=torch.ones(3, 5))
-    delta = AdapterModel(model, ["0"], pseudo_input=torch.ones(3, 4), bottleneck_dim=2)
-    assert delta.deltas["0"].down.in_features == 8
+        AdapterModel(model, ["1"], pseudo_input=torch.ones(3, 5))
+    delta = AdapterModel(model, ["1"], pseudo_input=torch.ones(3, 4), bottleneck_dim=2)
+    assert delta.deltas["1"].down.in_features == 8
 
 
 def test_delta_parameters_take_the_backbone_dtype():

@@ -104,6 +104,7 @@ class DeltaBase:
                 raise ValueError(f"{type(backbone_model).__name__} has no module(s) {unknown[:5]}")
         self.positions = list(positions)
         modules = dict(backbone_model.named_modules())
+        self.pseudo_input = pseudo_input
         self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
         self.deltas: dict[str, nn.Module] = {p: self._build_one(p, modules[p], seen[p]) for p in self.positions}

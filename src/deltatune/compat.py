@@ -129,6 +129,36 @@ def cross_attention_filled(cache: Cache, layer: int) -> bool:
     return bool(updated.get(layer))
 
 
+def cached_head_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[int, int]]:
+    """(key/value heads, head size) of every layer of the KV cache ``model`` fills for ``inputs``: what it really
+    stores, also for multi-query, grouped-query or per-layer head layouts its config spells in its own way."""
+    flags = {module: module.training for module in model.modules()}
+    cache = new_cache()
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**inputs, **{cache_argument(model): cache}, use_cache=True)
+    except Exception as error:  # a model with a cache class of its own (hybrid, compressed) refuses ours
+        raise TypeError(f"{type(model).__name__} does not run with a DynamicCache, which prefix tuning fills "
+                        f"({type(error).__name__}: {error})") from error
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+    if not cache.layers or cache.get_seq_length() == 0:
+        raise CompatibilityError(f"{type(model).__name__} did not fill the KV cache it was given")
+    shapes = []
+    for index, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4):
+            raise TypeError(f"layer {index} of {type(model).__name__}'s cache ({type(layer).__name__}) holds no "
+                            "attention keys and values; prefix tuning needs them in every layer")
+        if keys.shape[1] != values.shape[1] or keys.shape[3] != values.shape[3]:
+            raise TypeError(f"layer {index} of {type(model).__name__} caches keys {tuple(keys.shape)} and values "
+                            f"{tuple(values.shape)} of different head shapes; prefix tuning needs them alike")
+        shapes.append((keys.shape[1], keys.shape[3]))
+    return shapes
+
+
 def layer_index(attention: nn.Module) -> int:
     index = getattr(attention, "layer_idx", None)
     if not isinstance(index, int):
@@ -189,3 +219,12 @@ def position_limit(module: nn.Module) -> int | None:
             unused = getattr(table, "offset", 0) + (table.padding_idx + 1 if table.padding_idx is not None else 0)
             return table.num_embeddings - unused
     return None
+
+
+def auto_class_names(task: str) -> dict[str, str]:
+    """model_type -> class name transformers maps for ``task`` ("causal-lm", "seq2seq-lm", "sequence-classification")."""
+    from transformers.models.auto import modeling_auto
+
+    return dict(getattr(modeling_auto, {
+        "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+        "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}[task]))

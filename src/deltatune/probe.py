@@ -1,8 +1,11 @@
-"""Runtime initialization: one pseudo forward pass that records what flows through each target module.
+"""Runtime initialization: what flows through each target module, from its weights or from one pseudo forward pass.
 
-Shapes the config does not state (an adapter's hidden size after an arbitrary module, say) are read off a real
-forward pass, done eagerly when the delta is built, so every parameter exists before the user makes an optimizer.
-The pass runs in eval mode under ``torch.no_grad()`` and restores each module's training flag afterwards.
+A linear layer (``nn.Linear``, ``Conv1D``) or an embedding states its shapes in its floating-point weight: its
+record is read from there, without running the model.  Shapes no weight states (an adapter's hidden size after an
+arbitrary module, say) are read off a real forward pass, done eagerly when the delta is built, so every parameter
+exists before the user makes an optimizer.  The pass runs in eval mode under ``torch.no_grad()``, restores each
+module's training flag afterwards, and stops as soon as every position it needs has been seen.  Its input comes
+from the model's config, else from its first embedding's vocabulary, else from ``pseudo_input``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,23 @@ class Seen:
     @property
     def hidden_size(self) -> int:
         return self.output_shape[-1]
+
+
+def from_weights(module: nn.Module) -> Seen | None:
+    """The record of a linear layer or an embedding (``(features,)`` shapes: only the feature axis is known)."""
+    from .compat import Conv1D
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
+        return None
+    if isinstance(module, (Conv1D, nn.Embedding)):
+        features_in, features_out = weight.shape
+    elif isinstance(module, nn.Linear):
+        features_out, features_in = weight.shape
+    else:
+        return None
+    input_shape = None if isinstance(module, nn.Embedding) else (features_in,)
+    return Seen(input_shape, (features_out,), weight.dtype, weight.device)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -67,6 +87,9 @@ def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str
     dummy = getattr(model, "dummy_inputs", None)
     if isinstance(dummy, dict) and dummy:
         return {key: value.to(device) for key, value in dummy.items()}
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if embedding is not None and _takes_one_input(model):  # token ids for a plain PyTorch language model
+        return ((torch.arange(batch * length, device=device).reshape(batch, length) % embedding.num_embeddings),)
     raise ValueError(
         f"cannot build a pseudo input for {type(model).__name__} (forward{_signature(model)}); "
         "pass pseudo_input=... (a tensor, a tuple of positional inputs or a dict of keyword inputs)"
@@ -75,6 +98,12 @@ def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str
 
 def _signature(model: nn.Module) -> str:
     return str(inspect.signature(model.forward))
+
+
+def _takes_one_input(model: nn.Module) -> bool:
+    required = [p for p in inspect.signature(model.forward).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) <= 1
 
 
 def _call(model: nn.Module, pseudo_input: Any) -> None:
@@ -91,11 +120,13 @@ class _AllSeen(Exception):
 
 
 def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> dict[str, Seen]:
-    """Run one pseudo forward pass and return what each module in ``positions`` received and produced; the pass
-    stops as soon as every position has been seen."""
+    """What each module in ``positions`` receives and produces: from its weights where they say it, else from one
+    pseudo forward pass that stops as soon as every remaining position has been seen."""
     modules = dict(model.named_modules())
-    seen: dict[str, Seen] = {}
-    wanted = set(positions)
+    seen: dict[str, Seen] = {p: s for p in positions if p and (s := from_weights(modules[p])) is not None}
+    wanted = set(positions) - set(seen)
+    if not wanted:
+        return seen
 
     def recorder(name: str):
         def hook(module, args, kwargs, output):
@@ -107,12 +138,12 @@ def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> d
             x = _first_tensor(args) if args else _first_tensor(tuple(kwargs.values()))
             shape = tuple(x.shape) if x is not None else None
             seen[name] = Seen(shape, tuple(out.shape), out.dtype, out.device)
-            if len(seen) == len(wanted):
+            if wanted <= seen.keys():
                 raise _AllSeen
 
         return hook
 
-    handles = [modules[name].register_forward_hook(recorder(name), with_kwargs=True) for name in positions]
+    handles = [modules[name].register_forward_hook(recorder(name), with_kwargs=True) for name in wanted]
     flags = {module: module.training for module in model.modules()}
     try:
         inputs = pseudo_inputs(model) if pseudo_input is None else pseudo_input

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..probe import Seen
+from ..probe import Seen, pseudo_inputs
 from ..routing import Route
 from .positions import check_room
 
@@ -53,19 +53,14 @@ class PrefixConfig(DeltaConfig):
     mid_dim: int = hyper(512, low=1, high=MAX_SIZE)
 
 
-def _config_shapes(config) -> list[tuple[int, int]]:
-    """(key/value heads, head size) of every layer of a decoder or BERT-like encoder config."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    return [(kv_heads, getattr(config, "head_dim", None) or hidden // heads)] * layers
-
-
 def _attention_shape(attention: nn.Module) -> tuple[int, int]:
     """(key/value heads, head size) of a T5 / BART-style attention module, from its key projection."""
-    head_dim = getattr(attention, "head_dim", None) or getattr(attention, "key_value_proj_dim")
-    key = getattr(attention, "k_proj", None) or getattr(attention, "k")
+    head_dim = getattr(attention, "head_dim", None) or getattr(attention, "key_value_proj_dim", None)
+    key = getattr(attention, "k_proj", None) or getattr(attention, "k", None)
+    if not isinstance(head_dim, int) or not isinstance(key, nn.Linear):
+        raise TypeError(f"PrefixModel reads an encoder-decoder attention's head size from head_dim or "
+                        f"key_value_proj_dim and its key projection k_proj or k; {type(attention).__name__} has "
+                        "not both")
     return key.out_features // head_dim, head_dim
 
 
@@ -227,7 +222,8 @@ class PrefixModel(DeltaBase):
                 f"({' or '.join(compat.CACHE_ARGUMENTS)}), not {type(module).__name__}"
             )
         if not getattr(config, "is_encoder_decoder", False):
-            shapes = _config_shapes(config)
+            inputs = self.pseudo_input if isinstance(self.pseudo_input, dict) else pseudo_inputs(self.backbone_model)
+            shapes = compat.cached_head_shapes(module, {k: v for k, v in inputs.items() if k != "labels"})
             self._table = Prefix(self.config, shapes, len(shapes), module, seen)
             return self._table
         modules = dict(self.backbone_model.named_modules())

@@ -27,7 +27,7 @@ from torch import nn
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..probe import Seen
+from ..probe import Seen, pseudo_inputs
 from ..routing import Route
 from .positions import check_room
 
@@ -134,6 +134,44 @@ class EncoderMaskExtension(nn.Module):
         return args, kwargs
 
 
+def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
+    """The embedding the prompt joins, once checked: ``module`` must give the same output for ``inputs_embeds``
+    made with it as for the ``input_ids`` (else the prompt would enter a model that ignores or rescales it)."""
+    name = type(module).__name__
+    try:
+        embedding = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"SoftPromptModel needs the input embedding of {name} (get_input_embeddings() gives "
+                        f"{type(embedding).__name__})")
+    inputs = pseudo_input if isinstance(pseudo_input, dict) else pseudo_inputs(module)
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            by_ids = module(**inputs)
+            ids = inputs.pop("input_ids")
+            by_embeds = module(**inputs, inputs_embeds=embedding(ids))
+        same = torch.equal(_first(by_ids), _first(by_embeds))
+    except Exception as error:
+        raise TypeError(f"SoftPromptModel passes the prompt to {name} as inputs_embeds, which it does not take "
+                        f"in place of input_ids ({type(error).__name__}: {error})") from error
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    if not same:
+        raise TypeError(f"{name} gives another output for inputs_embeds than for the input_ids they embed (it "
+                        "scales or adds to its embeddings itself); SoftPromptModel would train a prompt it reads "
+                        "differently")
+    return embedding
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+
+
 class SoftPromptModel(DeltaBase):
     """Prompt tuning: ``soft_token_num`` trainable embeddings inserted into every input of the model."""
 
@@ -155,7 +193,8 @@ class SoftPromptModel(DeltaBase):
         if getattr(config, "is_encoder_decoder", False):
             if position == "":
                 return EncoderMaskExtension(self.config.soft_token_num)
-            return SoftPrompt(module.embed_tokens, self.config, insert_at=0, causal_lm=False, host=module)
+            embedding = _input_embeddings(module, self.pseudo_input)
+            return SoftPrompt(embedding, self.config, insert_at=0, causal_lm=False, host=module)
         causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
         if causal_lm and not compat.cache_argument(module):
             # Without it, generation steps after the first could not be told apart: the prompt would go in again.
@@ -163,5 +202,5 @@ class SoftPromptModel(DeltaBase):
                 f"SoftPromptModel cannot find the KV cache argument of {type(module).__name__}.forward (looked for "
                 f"{', '.join(compat.CACHE_ARGUMENTS)})")
         decoder = causal_lm or getattr(config, "is_decoder", False)
-        return SoftPrompt(module.get_input_embeddings(), self.config, insert_at=0 if decoder else 1,
+        return SoftPrompt(_input_embeddings(module, self.pseudo_input), self.config, insert_at=0 if decoder else 1,
                           causal_lm=causal_lm, host=module)

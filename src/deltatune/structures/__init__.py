@@ -10,7 +10,12 @@ common names, so ``LoraModel(model)`` knows where ``q`` and ``v`` are in BERT, G
     ffn               the feed-forward sublayer as one module (hidden state in and out), where the family has one
     ffn_in_block      the module whose input is the feed-forward's input (the parallel adapter reads it)
     ffn_block_out     where a sequential adapter follows the feed-forward
+    ffn_parallel      the feed-forward module, where some have no linear ffn_out (MoE experts stored as fused
+                      tensors): the parallel adapter reads its input and adds to its output
     norm              layer norms
+
+A default written ``"a|b"`` uses the first of the names the model has; a list of defaults, the first whose
+names the model all has.
 """
 
 from __future__ import annotations
@@ -18,18 +23,19 @@ from __future__ import annotations
 from torch import nn
 
 from .families import FAMILIES
-from .infer import infer_common_names
+from .infer import describe, infer_common_names
 
 # Default positions per method, in common names (OpenDelta paper Table 1; He et al. 2022 for the parallel adapter).
 # A pair (a, b) means: input of a, output added after b.
-DEFAULTS: dict[str, dict] = {
-    "lora": {"modified_modules": ["q", "v"]},
+DEFAULTS: dict[str, dict | list[dict]] = {
+    "lora": {"modified_modules": ["q|qkv", "v"]},
     "adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
     "low_rank_adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
     "compacter": {"modified_modules": ["attn_out", "ffn_block_out"]},
-    "bitfit": {"modified_modules": ["q", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
+    "bitfit": {"modified_modules": ["q|qkv", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
     "ia3": {"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
-    "parallel_adapter": {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]},
+    "parallel_adapter": [{"modified_modules": ["ffn_parallel"]},
+                         {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]}],
 }
 
 
@@ -47,8 +53,8 @@ def common_names(model: nn.Module) -> tuple[str, dict[str, list[str]]]:
     if inferred is None:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ValueError(
-            f"no common-name mapping for {model_type!r} (mapped: {', '.join(sorted(FAMILIES))}) and no repeated "
-            "block with attention projections could be inferred; pass modified_modules"
+            f"no common-name mapping for {model_type!r} (mapped: {', '.join(sorted(FAMILIES))}) and inference found "
+            f"{describe(model)}; pass modified_modules"
         )
     return f"inferred from the structure of {type(model).__name__}", inferred
 
@@ -58,8 +64,12 @@ def default_positions(delta_type: str, model: nn.Module) -> tuple[str, dict[str,
     if delta_type not in DEFAULTS:
         raise ValueError(f"{delta_type!r} has no default positions; pass modified_modules")
     source, names = common_names(model)
+    alternatives = DEFAULTS[delta_type] if isinstance(DEFAULTS[delta_type], list) else [DEFAULTS[delta_type]]
+    fields = next((a for a in alternatives if all(names.get(c) for common in a.values() for c in common)),
+                  alternatives[-1])
     resolved = {}
-    for field, common in DEFAULTS[delta_type].items():
+    for field, wanted in fields.items():
+        common = [next((c for c in w.split("|") if names.get(c)), w.split("|")[-1]) for w in wanted]
         missing = [c for c in common if not names.get(c)] if field != "modified_modules" else []
         specs = [spec for c in common for spec in names.get(c, [])]
         if missing or not specs:

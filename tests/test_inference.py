@@ -1,0 +1,107 @@
+"""Structure inference on models no family file maps: grouped-query attention, fused q/k/v, gated MLPs, MoE, plain
+PyTorch modules; and the probe, which runs only for shapes no weight states."""
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune import AutoDeltaModel, LoraModel
+from deltatune.structures import default_positions
+from deltatune.zoo import ZooEntry, build
+
+
+def tiny(model_type: str, class_name: str) -> nn.Module:
+    return build(ZooEntry(model_type, "causal-lm", class_name))
+
+
+def positions(delta_type: str, model: nn.Module) -> dict[str, list[str]]:
+    return default_positions(delta_type, model)[1]
+
+
+def test_grouped_query_attention_projects_k_and_v_to_fewer_heads():
+    model = tiny("qwen3", "Qwen3ForCausalLM")  # 4 query heads, 2 key/value heads
+    assert tuple(model.model.layers[0].self_attn.k_proj.weight.shape) == (16, 32)
+    lora = AutoDeltaModel.from_config({"delta_type": "lora"}, model)
+    assert lora.positions == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert lora.deltas["model.layers.0.self_attn.v_proj"].lora_B.shape[0] == 16
+
+
+def test_gated_mlp_is_gate_and_up_in_down_out():
+    specs = positions("ia3", tiny("qwen3", "Qwen3ForCausalLM"))
+    assert specs["feedforward_modules"] == [r"[r]model\.layers\.\d+\.mlp\.down_proj"]
+    assert positions("parallel_adapter", tiny("qwen3", "Qwen3ForCausalLM")) == {
+        "modified_modules": [r"[r]model\.layers\.\d+\.mlp"], "output_modules": [r"[r]model\.layers\.\d+\.mlp\.down_proj"]}
+
+
+def test_a_fused_qkv_projection_is_recognised_and_lora_takes_it_whole():
+    model = tiny("gpt_neox", "GPTNeoXForCausalLM")
+    lora = AutoDeltaModel.from_config({"delta_type": "lora"}, model)
+    assert lora.positions == ["gpt_neox.layers.0.attention.query_key_value", "gpt_neox.layers.1.attention.query_key_value"]
+    assert positions("bitfit", model)["modified_modules"][0].endswith(r"attention\.query_key_value")
+
+
+def test_moe_with_fused_expert_tensors_is_adapted_around_the_moe_block_and_ia3_refuses_with_the_reason():
+    model = tiny("mixtral", "MixtralForCausalLM")  # experts stored as 3-D tensors, not linear layers
+    parallel = AutoDeltaModel.from_config({"delta_type": "parallel_adapter"}, model)
+    assert parallel.positions == ["model.layers.0.mlp", "model.layers.1.mlp"] and not parallel.pairs
+    adapter = AutoDeltaModel.from_config({"delta_type": "adapter"}, model)
+    assert adapter.positions == [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn", "mlp")]
+    with pytest.raises(ValueError, match=r"gives no \['ffn_out'\] for ia3; pass modified_modules"):
+        AutoDeltaModel.from_config({"delta_type": "ia3"}, model)
+
+
+def test_moe_with_shared_experts_adapts_the_shared_expert_linears():
+    model = tiny("qwen2_moe", "Qwen2MoeForCausalLM")
+    specs = positions("ia3", model)["feedforward_modules"]
+    assert specs == [r"[r]model\.layers\.\d+\.mlp\.shared_expert\.down_proj"]
+    # the router and the shared expert's gate are not feed-forward layers
+    assert not any("gate" in s and "gate_proj" not in s for s in positions("bitfit", model)["modified_modules"])
+
+
+def test_vision_towers_are_left_to_explicit_positions():
+    model = build(ZooEntry("gemma3", "causal-lm", "Gemma3ForConditionalGeneration"))
+    lora = AutoDeltaModel.from_config({"delta_type": "lora"}, model)
+    assert lora.positions and all("language_model" in p for p in lora.positions)
+
+
+class PlainClassifier(nn.Module):
+    """nn.TransformerEncoder under a small classifier: no config, no dummy inputs."""
+
+    def __init__(self, vocab=40, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, nhead=2, dim_feedforward=32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        return self.head(self.encoder(self.embed(input_ids)).mean(1))
+
+
+def test_lora_on_linear_layers_needs_no_forward_pass():
+    model = PlainClassifier()
+    lora = LoraModel(model, ["linear1", "linear2"])
+    assert model.calls == 0 and len(lora.positions) == 4
+    with torch.no_grad():
+        for p in lora.delta_parameters():
+            p.add_(1.0)
+    ids = torch.randint(0, 40, (3, 7))
+    tuned = model(ids)
+    lora.detach()
+    assert not torch.allclose(tuned, model(ids))
+
+
+def test_a_probe_on_a_plain_model_builds_token_ids_from_its_embedding():
+    model = PlainClassifier()
+    adapter = AutoDeltaModel.from_config({"delta_type": "adapter", "modified_modules": ["encoder.layers.0"]}, model)
+    assert model.calls == 1 and adapter.deltas["encoder.layers.0"].down.in_features == 16
+
+
+def test_a_plain_transformer_encoder_gets_defaults_by_wiring():
+    model = PlainClassifier()
+    # nn.MultiheadAttention keeps q, k, v in one in_proj_weight tensor, not a linear layer; its out_proj and the
+    # feed-forward's linear1 / linear2 are found by shape
+    bitfit = AutoDeltaModel.from_config({"delta_type": "bitfit"}, model)
+    assert {p.rsplit(".", 1)[-1] for p in bitfit.positions} == {"out_proj", "linear1", "linear2", "norm1", "norm2"}

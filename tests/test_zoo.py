@@ -1,0 +1,35 @@
+"""The transformers model zoo at a tiny size (``pytest -m zoo``; CI runs it): for every model type transformers maps
+to a causal LM, an encoder sequence classifier or a sequence-to-sequence LM, and every delta type with its defaults:
+attach with no positions, trainable tensors change the output, a save loaded onto a fresh copy reproduces it,
+detach restores the bare output bit-exactly -- or a refusal that deltatune raises itself, naming what is missing.
+A crash anywhere else or a wrong result fails.  ``python -m deltatune.zoo`` writes the same checks as the table in
+docs/models.md."""
+
+import pytest
+
+from deltatune import zoo
+
+# Known not to meet the rule yet, each with its cause: strict, so fixing one fails until it is removed from here.
+KNOWN = {  # measured: changing the tiny MRA's own query and value weights leaves its output unchanged too, so its
+    # attention contributes nothing at this size and neither q/v LoRA nor a prompt after [CLS] reaches the pooled [CLS]
+    ("mra", "lora"): "the tiny MRA's attention does not reach its output",
+    ("mra", "soft_prompt"): "the tiny MRA's attention does not reach its output",
+}
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("entry", zoo.entries(), ids=lambda e: f"{e.model_type}-{e.task}")
+def test_every_delta_type_works_or_is_refused(entry, tmp_path):
+    reason = zoo.skip_reason(entry)
+    if reason:
+        pytest.skip(reason)
+    wrong = {}
+    for delta_type in zoo.DELTA_TYPES:
+        outcome = zoo.check(entry, delta_type, str(tmp_path / delta_type))
+        if outcome.status not in ("works", "refused"):
+            wrong[delta_type] = outcome.detail
+    expected = {t: KNOWN[(entry.model_type, t)] for t in zoo.DELTA_TYPES if (entry.model_type, t) in KNOWN}
+    if expected:
+        assert wrong.keys() == expected.keys(), wrong
+        pytest.xfail("; ".join(f"{t}: {why}" for t, why in expected.items()))
+    assert wrong == {}
