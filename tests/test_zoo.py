@@ -9,11 +9,13 @@ import pytest
 
 from deltatune import zoo
 
-# Known not to meet the rule yet, each with its cause: strict, so fixing one fails until it is removed from here.
+# (class, delta type) known not to meet the rule yet, each with its cause: strict, so fixing one fails until it is removed from here.
 KNOWN = {  # measured: changing the tiny MRA's own query and value weights leaves its output unchanged too, so its
     # attention contributes nothing at this size and neither q/v LoRA nor a prompt after [CLS] reaches the pooled [CLS]
-    ("mra", "lora"): "the tiny MRA's attention does not reach its output",
-    ("mra", "soft_prompt"): "the tiny MRA's attention does not reach its output",
+    ("MraForSequenceClassification", "lora"): "the tiny MRA's attention does not reach its output",
+    ("MraForSequenceClassification", "soft_prompt"): "the tiny MRA's attention does not reach its output",
+    ("Llama4ForCausalLM", "parallel_adapter"): "crashes in the forward pass (routed-expert shapes); not diagnosed yet",
+    ("ProphetNetForCausalLM", "prefix"): "ProphetNetForCausalLM asserts on a cache with more than one position; not refused yet",
 }
 
 
@@ -25,10 +27,13 @@ def test_every_delta_type_works_or_is_refused(entry, tmp_path):
         pytest.skip(reason)
     wrong = {}
     for delta_type in zoo.DELTA_TYPES:
-        outcome = zoo.check(entry, delta_type, str(tmp_path / delta_type))
+        try:
+            outcome = zoo.check(entry, delta_type, str(tmp_path / delta_type))
+        except Exception as error:  # a crash outside deltatune's own refusals
+            outcome = zoo.Outcome("crashed", f"{type(error).__name__}: {error}")
         if outcome.status not in ("works", "refused"):
             wrong[delta_type] = outcome.detail
-    expected = {t: KNOWN[(entry.model_type, t)] for t in zoo.DELTA_TYPES if (entry.model_type, t) in KNOWN}
+    expected = {t: KNOWN[(entry.class_name, t)] for t in zoo.DELTA_TYPES if (entry.class_name, t) in KNOWN}
     if expected:
         assert wrong.keys() == expected.keys(), wrong
         pytest.xfail("; ".join(f"{t}: {why}" for t, why in expected.items()))

@@ -151,8 +151,9 @@ def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
     module.eval()
     try:
         with torch.no_grad():
+            inputs["input_ids"] = ids = _ordinary_tokens(inputs["input_ids"], module, embedding.num_embeddings)
             by_ids = module(**inputs)
-            ids = inputs.pop("input_ids")
+            inputs.pop("input_ids")
             by_embeds = module(**inputs, inputs_embeds=embedding(ids))
         same = torch.equal(_first(by_ids), _first(by_embeds))
     except Exception as error:
@@ -166,6 +167,15 @@ def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
                         "scales or adds to its embeddings itself); SoftPromptModel would train a prompt it reads "
                         "differently")
     return embedding
+
+
+def _ordinary_tokens(ids: torch.Tensor, module: nn.Module, vocabulary: int) -> torch.Tensor:
+    """``ids`` without special tokens (a padding id changes RoBERTa's positions for ids, not for embeddings)."""
+    config = getattr(module, "config", None)
+    special = {getattr(config, f"{k}_token_id", None) for k in ("pad", "bos", "eos", "sep", "cls", "mask", "unk")}
+    ordinary = next(i for i in range(vocabulary - 1, -1, -1) if i not in special)
+    return ids.masked_fill(torch.isin(ids, torch.tensor([s for s in special if isinstance(s, int)] or [-1])),
+                           ordinary)
 
 
 def _first(output) -> torch.Tensor:
