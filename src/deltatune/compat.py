@@ -132,18 +132,15 @@ def cross_attention_filled(cache: Cache, layer: int) -> bool:
 def cached_head_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[int, int]]:
     """(key/value heads, head size) of every layer of the KV cache ``model`` fills for ``inputs``: what it really
     stores, also for multi-query, grouped-query or per-layer head layouts its config spells in its own way."""
-    flags = {module: module.training for module in model.modules()}
+    from .probe import evaluating
+
     cache = new_cache()
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             model(**inputs, **{cache_argument(model): cache}, use_cache=True)
     except Exception as error:  # a model with a cache class of its own (hybrid, compressed) refuses ours
         raise TypeError(f"{type(model).__name__} does not run with a DynamicCache, which prefix tuning fills "
                         f"({type(error).__name__}: {error})") from error
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
     if not cache.layers or cache.get_seq_length() == 0:
         raise CompatibilityError(f"{type(model).__name__} did not fill the KV cache it was given")
     shapes = []

@@ -10,7 +10,9 @@ from the model's config, else from its first embedding's vocabulary, else from `
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +51,20 @@ def from_weights(module: nn.Module) -> Seen | None:
     return Seen(input_shape, (features_out,), weight.dtype, weight.device)
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients for a pass that only measures; every module's training flag is restored."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if hasattr(value, "values") and not isinstance(value, dict):  # ModelOutput
@@ -132,10 +147,10 @@ def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> d
         def hook(module, args, kwargs, output):
             if name in seen:  # a module called twice (shared layers) keeps its first record
                 return
-            out = _first_tensor(output)
+            out = first_tensor(output)
             if out is None:
                 return
-            x = _first_tensor(args) if args else _first_tensor(tuple(kwargs.values()))
+            x = first_tensor(args) if args else first_tensor(tuple(kwargs.values()))
             shape = tuple(x.shape) if x is not None else None
             seen[name] = Seen(shape, tuple(out.shape), out.dtype, out.device)
             if wanted <= seen.keys():
@@ -143,26 +158,21 @@ def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> d
 
         return hook
 
+    inputs = pseudo_inputs(model) if pseudo_input is None else pseudo_input
     handles = [modules[name].register_forward_hook(recorder(name), with_kwargs=True) for name in wanted]
-    flags = {module: module.training for module in model.modules()}
     try:
-        inputs = pseudo_inputs(model) if pseudo_input is None else pseudo_input
-        model.eval()
-        with torch.no_grad():
-            try:
-                _call(model, inputs)
-            except _AllSeen:
-                pass
-            except Exception as error:
-                raise RuntimeError(
-                    f"the probe forward pass of {type(model).__name__} failed: {type(error).__name__}: {error}. "
-                    "Pass pseudo_input=... with inputs the model accepts."
-                ) from error
+        with evaluating(model):
+            _call(model, inputs)
+    except _AllSeen:
+        pass
+    except Exception as error:
+        raise RuntimeError(
+            f"the probe forward pass of {type(model).__name__} failed: {type(error).__name__}: {error}. "
+            "Pass pseudo_input=... with inputs the model accepts."
+        ) from error
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags.items():
-            module.training = flag
     missing = [name for name in positions if name not in seen]
     if missing:
         raise RuntimeError(

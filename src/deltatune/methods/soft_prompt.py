@@ -27,7 +27,7 @@ from torch import nn
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..probe import Seen, pseudo_inputs
+from ..probe import Seen, evaluating, first_tensor, pseudo_inputs
 from ..routing import Route
 from .positions import check_room
 
@@ -147,21 +147,16 @@ def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
                         f"{type(embedding).__name__})")
     inputs = pseudo_input if isinstance(pseudo_input, dict) else pseudo_inputs(module)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
     try:
-        with torch.no_grad():
+        with evaluating(module):
             inputs["input_ids"] = ids = _ordinary_tokens(inputs["input_ids"], module, embedding.num_embeddings)
-            by_ids = module(**inputs)
+            by_ids = first_tensor(module(**inputs))
             inputs.pop("input_ids")
-            by_embeds = module(**inputs, inputs_embeds=embedding(ids))
-        same = torch.equal(_first(by_ids), _first(by_embeds))
+            by_embeds = first_tensor(module(**inputs, inputs_embeds=embedding(ids)))
+        same = torch.equal(by_ids, by_embeds)
     except Exception as error:
         raise TypeError(f"SoftPromptModel passes the prompt to {name} as inputs_embeds, which it does not take "
                         f"in place of input_ids ({type(error).__name__}: {error})") from error
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     if not same:
         raise TypeError(f"{name} gives another output for inputs_embeds than for the input_ids they embed (it "
                         "scales or adds to its embeddings itself); SoftPromptModel would train a prompt it reads "
@@ -176,10 +171,6 @@ def _ordinary_tokens(ids: torch.Tensor, module: nn.Module, vocabulary: int) -> t
     ordinary = next(i for i in range(vocabulary - 1, -1, -1) if i not in special)
     return ids.masked_fill(torch.isin(ids, torch.tensor([s for s in special if isinstance(s, int)] or [-1])),
                            ordinary)
-
-
-def _first(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
 
 
 class SoftPromptModel(DeltaBase):
