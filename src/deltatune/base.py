@@ -349,7 +349,8 @@ class DeltaBase:
         return [
             f"{type(self).__name__} {self.name!r} ({routes}) on {len(self.positions)} modules "
             f"of {type(self.backbone_model).__name__}, {state}",
-            *([f"  default positions for {self.default_positions_of}: {self.config.modified_modules}"]
+            *([f"  default positions for {self.default_positions_of}: {self.config.modified_modules}"
+               + (f", slices {slices} of fused q/k/v" if (slices := getattr(self.config, "qkv_slices", None)) else "")]
               if self.default_positions_of else []),
         ]
 

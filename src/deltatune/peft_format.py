@@ -42,6 +42,10 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
             "modules_to_save format, which is not written here. Use save_finetuned, or freeze them first."
         )
     config = delta.config
+    if config.qkv_slices:
+        raise ValueError(f"the delta adapts the {config.qkv_slices} slices of fused q/k/v projections, which PEFT's "
+                         "LoRA cannot express (it adapts a module whole); use save_finetuned, or build the delta "
+                         "with qkv_slices=None")
     hosts = dict(delta.backbone_model.named_modules())
     tensors = {
         f"{PREFIX}{position}.{_peft_name(layer, name)}": tensor

@@ -7,7 +7,8 @@ output projection::
     v <- l_v ⊙ v
     x <- l_ff ⊙ x         (input -> input on the modules named in feedforward_modules, e.g. the FFN down projection)
 
-At init every ``l`` is one, so the model is exactly unchanged.  Parameters per module: its output size (or input size
+On a fused q/k/v projection the default rescales the k and v features only (``qkv_slices``, see
+:mod:`deltatune.methods.slices`).  At init every ``l`` is one, so the model is exactly unchanged.  Parameters per module: its output size (or input size
 for feed-forward modules).  Mergeable into Linear and Conv1D: ``W <- diag(l) W, b <- l ⊙ b`` on the output side,
 ``W <- W diag(l)`` on the input side; being a rescaling, unmerging restores the kept original weights.
 """
@@ -23,14 +24,14 @@ from torch import nn
 from ..addressing import resolve_positions
 from ..base import DeltaBase
 from ..compat import Conv1D
-from ..config import DeltaConfig
 from ..probe import Seen
 from ..routing import Route
 from .layout import CHANNEL_FIRST, channel_last_check
+from .slices import FusedSlices, SlicedConfig, spread
 
 
 @dataclass
-class IA3Config(DeltaConfig):
+class IA3Config(SlicedConfig):
     # Positions (among the modified ones) whose *input* is rescaled; same addressing rules as modified_modules.
     feedforward_modules: list[str] = field(default_factory=list)
 
@@ -40,18 +41,23 @@ class Rescale(nn.Module):
 
     needs_exact_unmerge = True
 
-    def __init__(self, size: int, on_input: bool, seen: Seen) -> None:
+    def __init__(self, size: int, on_input: bool, seen: Seen, rows: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.on_input = on_input
-        self.scale = nn.Parameter(torch.ones(size, device=seen.device, dtype=seen.dtype))
+        self.on_input, self.size = on_input, size
+        self.register_buffer("rows", rows, persistent=False)  # only these features, on a fused q/k/v projection
+        self.scale = nn.Parameter(torch.ones(size if rows is None else len(rows), device=seen.device,
+                                             dtype=seen.dtype))
+
+    def _full_scale(self) -> torch.Tensor:
+        return spread(self.scale, self.rows, self.size, 1.0)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.scale
+        return t * self._full_scale()
 
     def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(host, (nn.Linear, Conv1D)):
             raise TypeError(f"(IA)³ can merge into Linear and Conv1D, not {type(host).__name__}; keep it unmerged")
-        weight, factor = host.weight.detach(), self.scale.detach() - 1
+        weight, factor = host.weight.detach(), self._full_scale().detach() - 1
         # Linear stores (out, in), Conv1D (in, out): pick the axis of the rescaled features.
         rows = self.on_input == isinstance(host, Conv1D)
         update = {"weight": weight * (factor[:, None] if rows else factor[None, :])}
@@ -60,7 +66,7 @@ class Rescale(nn.Module):
         return update
 
 
-class IA3Model(DeltaBase):
+class IA3Model(FusedSlices, DeltaBase):
     """Rescale keys, values (outputs) and feed-forward activations (inputs of ``feedforward_modules``) by ``l``."""
 
     delta_type = "ia3"
@@ -92,4 +98,5 @@ class IA3Model(DeltaBase):
             raise self._unsupported(position, module, "modules that take their features on the last axis")
         if not on_input:
             channel_last_check(self, position, module, seen)
-        return Rescale(seen.input_shape[-1] if on_input else seen.hidden_size, on_input, seen)
+        rows = None if on_input else self.sliced_features(position)
+        return Rescale(seen.input_shape[-1] if on_input else seen.hidden_size, on_input, seen, rows)

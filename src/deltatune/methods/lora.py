@@ -21,6 +21,9 @@ Options:
 
   The norm is treated as a constant in the backward pass (as in the paper and PEFT), which saves memory.
   Linear and Conv1D only.  Merging sets ``W <- m/‖W'‖ ⊙ W'``; unmerging restores the kept original weight.
+- ``qkv_slices`` (:mod:`deltatune.methods.slices`): on a fused q/k/v projection, one ``(A_s, B_s)`` pair per chosen
+  slice ``s``, updating only its output features: ``h[rows_s] += (α/r) · B_s A_s x``.  The default positions use
+  it to adapt q and v of fused projections, as on unfused attention.
 """
 
 from __future__ import annotations
@@ -34,13 +37,14 @@ from torch import nn
 
 from ..base import DeltaBase
 from ..compat import Conv1D
-from ..config import MAX_SIZE, DeltaConfig, hyper
+from ..config import MAX_SIZE, hyper
 from ..probe import Seen
 from ..routing import Route
+from .slices import FusedSlices, SlicedConfig, spread
 
 
 @dataclass
-class LoraConfig(DeltaConfig):
+class LoraConfig(SlicedConfig):
     lora_r: int = hyper(8, low=1, high=MAX_SIZE)
     lora_alpha: float = hyper(16, above=0, high=1e5)  # the scale α/r multiplies every update: keep it sane
     lora_dropout: float = hyper(0.0, low=0, below=1)
@@ -51,29 +55,47 @@ class LoraConfig(DeltaConfig):
 class LoraLayer(nn.Module):
     """``h <- h + (α/r) · dropout(x) Aᵀ Bᵀ`` for one Linear, Conv1D or Embedding."""
 
-    def __init__(self, host: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool) -> None:
+    def __init__(self, host: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, dora: bool,
+                 slices: list[torch.Tensor] | None = None) -> None:
         super().__init__()
         weight = host.weight
         self.embedding = isinstance(host, nn.Embedding)
         self.transposed = isinstance(host, Conv1D)
         # Linear stores (out, in); Conv1D stores (in, out); Embedding (num_embeddings, dim) maps ids -> dim.
         in_features, out_features = weight.shape if self.transposed or self.embedding else weight.shape[::-1]
+        self.out_features, self.r = out_features, r
         self.padding_idx = host.padding_idx if self.embedding else None
         factory = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, **factory))
+        # Slices of a fused projection: A stacks one (r × in) block per slice, B one (rows_s × r) block per slice.
+        rows = blocks = None
+        if slices is not None:
+            rows = torch.cat(slices).to(weight.device)
+            blocks = torch.cat([torch.full_like(r, i) for i, r in enumerate(slices)]).to(weight.device)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("blocks", blocks, persistent=False)
+        count = 1 if slices is None else len(slices)
+        self.lora_A = nn.Parameter(torch.empty(count * r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features if slices is None else len(self.rows), r, **factory))
         if self.embedding:
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in is `in`: each slice's A as if alone
             nn.init.zeros_(self.lora_B)
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 and not self.embedding else None
         self.magnitude = None
         if dora:
             self._host = (host,)  # a tuple, so the host is not registered as a submodule of its own delta
-            self.magnitude = nn.Parameter(self._host_weight().detach().norm(dim=1))
+            norms = self._host_weight().detach().norm(dim=1)
+            self.magnitude = nn.Parameter(norms if self.rows is None else norms[self.rows])
+
+    def _full_B(self) -> torch.Tensor:
+        """B as one (out × count·r) matrix: each slice's block on its rows and its columns, zero elsewhere."""
+        if self.rows is None:
+            return self.lora_B
+        full = self.lora_B.new_zeros(self.out_features, len(self.lora_A) // self.r, self.r)
+        return full.index_put((self.rows, self.blocks), self.lora_B).flatten(1)
 
     def _host_weight(self) -> torch.Tensor:
         """The host's weight in (out, in) layout."""
@@ -81,22 +103,29 @@ class LoraLayer(nn.Module):
         return weight.t() if self.transposed else weight
 
     def _dora_scale(self) -> torch.Tensor:
-        adapted = self._host_weight() + self.scaling * (self.lora_B @ self.lora_A)
-        return self.magnitude / adapted.norm(dim=1).detach()
+        """m / ‖W + s·B A‖ per output row; one on rows outside the slices."""
+        adapted = self._host_weight() + self.scaling * (self._full_B() @ self.lora_A)
+        norms = adapted.norm(dim=1).detach()
+        if self.rows is None:
+            return self.magnitude / norms
+        return spread(self.magnitude / norms[self.rows], self.rows, self.out_features, 1.0)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.embedding:
             a = F.embedding(x, self.lora_A.t(), padding_idx=self.padding_idx)
         else:
             a = F.linear(self.dropout(x) if self.dropout is not None else x, self.lora_A)
+        lora_B = self._full_B()
         if self.magnitude is not None:
             bias = self._host[0].bias  # h = W x + b: the magnitude rescales W x and the update, not b
-            update = F.linear(a, self.lora_B) * self.scaling
-            if bias is None:
-                return self._dora_scale() * (h + update)
-            return self._dora_scale() * (h - bias + update) + bias
+            update = F.linear(a, lora_B) * self.scaling
+            tuned = self._dora_scale() * (h + update if bias is None else h - bias + update)
+            tuned = tuned if bias is None else tuned + bias
+            if self.rows is None:
+                return tuned
+            return h.index_copy(-1, self.rows, tuned.index_select(-1, self.rows))  # other rows stay exact
         # one fused kernel for h + scaling * (a @ Bᵀ)
-        out = torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), self.lora_B.t(), alpha=self.scaling)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), lora_B.t(), alpha=self.scaling)
         return out.view(h.shape)
 
     @property
@@ -105,17 +134,18 @@ class LoraLayer(nn.Module):
         return self.magnitude is not None
 
     def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
-        delta = (self.lora_B @ self.lora_A) * self.scaling  # out × in
+        delta = (self._full_B() @ self.lora_A) * self.scaling  # out × in
         if self.magnitude is not None:
             weight = self._host_weight()
             delta = self._dora_scale()[:, None] * (weight + delta) - weight
         return {"weight": delta.t() if self.transposed or self.embedding else delta}
 
 
-class LoraModel(DeltaBase):
+class LoraModel(FusedSlices, DeltaBase):
     """Low-rank adaptation of Linear / Conv1D / Embedding modules: ``h = W x + (lora_alpha/lora_r) · B A x``.
 
-    Parameters per module: ``lora_r · (in + out)``, plus ``out`` with ``use_dora``.
+    Parameters per module: ``lora_r · (in + out)``, plus ``out`` with ``use_dora`` (per slice of a fused
+    projection: ``lora_r · (in + rows)``, plus ``rows``).
     """
 
     delta_type = "lora"
@@ -136,4 +166,4 @@ class LoraModel(DeltaBase):
             raise self._unsupported(position, module, "nn.Linear and transformers Conv1D when use_dora=True")
         config = self.config
         return LoraLayer(module, config.lora_r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                         config.use_dora)
+                         config.use_dora, self.slice_rows(position))

@@ -13,9 +13,12 @@ common names, so ``LoraModel(model)`` knows where ``q`` and ``v`` are in BERT, G
     ffn_parallel      the feed-forward module, where some have no linear ffn_out (MoE experts stored as fused
                       tensors): the parallel adapter reads its input and adds to its output
     norm              layer norms
+    qkv               a fused q/k/v projection (GPT-2's ``c_attn``, ``query_key_value``, ``qkv_proj``)
 
 A default written ``"a|b"`` uses the first of the names the model has; a list of defaults, the first whose
-names the model all has.
+names the model all has.  Where a model fuses q, k and v into one projection, a default naming some of them takes
+the fused projection with ``qkv_slices`` (those features only, see :mod:`deltatune.methods.slices`), so LoRA's
+"q, v" means the same on GPT-2 as on BERT.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ from torch import nn
 from .families import FAMILIES
 from .infer import describe, infer_common_names
 
+QKV = ("q", "k", "v")
+
 # Default positions per method, in common names (OpenDelta paper Table 1; He et al. 2022 for the parallel adapter).
 # A pair (a, b) means: input of a, output added after b.
 DEFAULTS: dict[str, dict | list[dict]] = {
-    "lora": {"modified_modules": ["q|qkv", "v"]},
+    "lora": {"modified_modules": ["q", "v"]},
     "adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
     "low_rank_adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
     "compacter": {"modified_modules": ["attn_out", "ffn_block_out"]},
-    "bitfit": {"modified_modules": ["q|qkv", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
+    "bitfit": {"modified_modules": ["q", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
     "ia3": {"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
     "parallel_adapter": [{"modified_modules": ["ffn_parallel"]},
                          {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]}],
@@ -59,20 +64,32 @@ def common_names(model: nn.Module) -> tuple[str, dict[str, list[str]]]:
     return f"inferred from the structure of {type(model).__name__}", inferred
 
 
-def default_positions(delta_type: str, model: nn.Module) -> tuple[str, dict[str, list[str]]]:
-    """(source, addressing specs) a method uses on ``model`` when the user names no modules."""
+def default_positions(delta_type: str, model: nn.Module) -> tuple[str, dict[str, list[str] | None]]:
+    """(source, config fields) a method uses on ``model`` when the user names no modules: addressing specs, and
+    ``qkv_slices`` where q, k or v are slices of a fused projection."""
     if delta_type not in DEFAULTS:
         raise ValueError(f"{delta_type!r} has no default positions; pass modified_modules")
     source, names = common_names(model)
     alternatives = DEFAULTS[delta_type] if isinstance(DEFAULTS[delta_type], list) else [DEFAULTS[delta_type]]
-    fields = next((a for a in alternatives if all(names.get(c) for common in a.values() for c in common)),
-                  alternatives[-1])
-    resolved = {}
+
+    def pick(wanted: str) -> list[str]:
+        """"a|b": the first name the model has; q, k or v: also a fused projection (hybrid stacks have both)."""
+        choices = wanted.split("|")
+        found = [next((c for c in choices if names.get(c)), choices[-1])]
+        return found + ["qkv"] if choices[-1] in QKV and names.get("qkv") else found
+
+    fields = next((a for a in alternatives if all(any(names.get(c) for c in pick(w)) for ws in a.values()
+                                                  for w in ws)), alternatives[-1])
+    resolved: dict[str, list[str] | None] = {}
+    slices = set()
     for field, wanted in fields.items():
-        common = [next((c for c in w.split("|") if names.get(c)), w.split("|")[-1]) for w in wanted]
-        missing = [c for c in common if not names.get(c)] if field != "modified_modules" else []
-        specs = [spec for c in common for spec in names.get(c, [])]
+        common = {w: [c for c in pick(w) if names.get(c)] for w in wanted}
+        missing = [w for w, found in common.items() if not found] if field != "modified_modules" else []
+        specs = list(dict.fromkeys(spec for found in common.values() for c in found for spec in names[c]))
         if missing or not specs:
-            raise ValueError(f"{source} gives no {missing or common} for {delta_type}; pass modified_modules")
+            raise ValueError(f"{source} gives no {missing or wanted} for {delta_type}; pass modified_modules")
         resolved[field] = specs
+        slices |= {w.split("|")[-1] for w, found in common.items() if "qkv" in found}
+    if slices and slices != set(QKV):  # all three: the whole projection
+        resolved["qkv_slices"] = [s for s in QKV if s in slices]
     return source, resolved

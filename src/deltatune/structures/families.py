@@ -35,9 +35,9 @@ FAMILIES: dict[str, dict[str, list[str]]] = {
     },
     "roberta": _BERT,
     "electra": _BERT,
-    # GPT-2 fuses q, k and v into one Conv1D (c_attn): LoRA's default "q, v" targets the whole fused projection.
+    # GPT-2 fuses q, k and v into one Conv1D (c_attn): defaults naming q, k or v take its slices.
     "gpt2": {
-        "q": ["attn.c_attn"], "k": [], "v": [], "o": ["attn.c_proj"], "attn": ["attn"], "attn_out": ["attn"],
+        "qkv": ["attn.c_attn"], "o": ["attn.c_proj"], "attn": ["attn"], "attn_out": ["attn"],
         "ffn_in": ["mlp.c_fc"], "ffn_in_block": ["mlp"], "ffn_out": ["mlp.c_proj"], "ffn": ["mlp"],
         "ffn_block_out": ["mlp"], "norm": ["ln_1", "ln_2"],
     },

@@ -187,3 +187,8 @@ def describe(model: nn.Module) -> str:
                 f"(module lists: {lists[:5] or 'none'})")
     names = infer_common_names(model) or {}
     return f"stacks {[n for n, _ in found]} with common names {sorted(names)}"
+
+
+def looks_fused(name: str) -> bool:
+    """Whether a module's name says it is a fused q/k/v projection (``c_attn``, ``query_key_value``, ...)."""
+    return _role(name, "qkv") == "qkv"
