@@ -40,14 +40,15 @@ def test_a_fused_qkv_projection_is_recognised_and_lora_takes_it_whole():
     assert positions("bitfit", model)["modified_modules"][0].endswith(r"attention\.query_key_value")
 
 
-def test_moe_with_fused_expert_tensors_is_adapted_around_the_moe_block_and_ia3_refuses_with_the_reason():
+def test_moe_with_fused_expert_tensors_is_adapted_around_the_moe_block_and_ia3_rescales_keys_and_values():
     model = tiny("mixtral", "MixtralForCausalLM")  # experts stored as 3-D tensors, not linear layers
     parallel = AutoDeltaModel.from_config({"delta_type": "parallel_adapter"}, model)
     assert parallel.positions == ["model.layers.0.mlp", "model.layers.1.mlp"] and not parallel.pairs
     adapter = AutoDeltaModel.from_config({"delta_type": "adapter"}, model)
     assert adapter.positions == [f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn", "mlp")]
-    with pytest.raises(ValueError, match=r"gives no \['ffn_out'\] for ia3; pass modified_modules"):
-        AutoDeltaModel.from_config({"delta_type": "ia3"}, model)
+    ia3 = AutoDeltaModel.from_config({"delta_type": "ia3"}, model)  # the experts' activations are no module's input
+    assert ia3.positions == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj")]
+    assert ia3.config.feedforward_modules == []
 
 
 def test_moe_with_shared_experts_adapts_the_shared_expert_linears():
@@ -102,6 +103,40 @@ def test_a_probe_on_a_plain_model_builds_token_ids_from_its_embedding():
 def test_a_plain_transformer_encoder_gets_defaults_by_wiring():
     model = PlainClassifier()
     # nn.MultiheadAttention keeps q, k, v in one in_proj_weight tensor, not a linear layer; its out_proj and the
-    # feed-forward's linear1 / linear2 are found by shape
+    # feed-forward's linear1 / linear2 are found by shape.  But nn.MultiheadAttention reads out_proj's weight without
+    # calling the module, so a delta there could never act: the defaults leave it out.
+    assert positions("bitfit", model)["modified_modules"][0].endswith(r"self_attn\.out_proj")
     bitfit = AutoDeltaModel.from_config({"delta_type": "bitfit"}, model)
-    assert {p.rsplit(".", 1)[-1] for p in bitfit.positions} == {"out_proj", "linear1", "linear2", "norm1", "norm2"}
+    assert {p.rsplit(".", 1)[-1] for p in bitfit.positions} == {"linear1", "linear2", "norm1", "norm2"}
+
+
+def test_defaults_leave_out_modules_the_model_never_calls():
+    from deltatune import BitFitModel
+
+    model = tiny("bart", "BartForCausalLM")  # BART's decoder alone: its cross-attention never runs
+    lora = LoraModel(model)
+    assert lora.positions == [f"model.decoder.layers.{i}.self_attn.{p}" for i in range(2) for p in ("v_proj", "q_proj")]
+    bitfit = BitFitModel(model)  # the cross-attention's projections and norm are left out, not a probe failure
+    assert bitfit.positions and not [p for p in bitfit.positions if "encoder_attn" in p]
+    with pytest.raises(RuntimeError, match="did not produce a tensor"):  # named explicitly: an error
+        BitFitModel(model, ["encoder_attn_layer_norm"])
+
+
+def test_prefix_on_latent_attention_has_keys_and_values_of_different_sizes():
+    from deltatune import PrefixModel
+
+    # Multi-head latent attention caches its compressed latent as "keys" and the rotary key part as "values"
+    model = tiny("minicpm3", "MiniCPM3ForCausalLM")
+    prefix = PrefixModel(model, prefix_token_num=3, reparameterize=False)
+    keys, values = prefix.deltas[""].key_values(range(1))[0]
+    assert tuple(keys.shape) == (1, 3, 16) and tuple(values.shape) == (1, 3, 4)  # kv_lora_rank, qk_rope_head_dim
+    with torch.no_grad():
+        prefix.deltas[""].prefix.mul_(50)
+        ids = torch.tensor([[5, 9, 14, 3, 7]])
+        whole = model(input_ids=ids).logits[:, -1]
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], cache=first.cache if hasattr(first, "cache") else first.past_key_values,
+                     attention_mask=torch.ones(1, 5, dtype=torch.long)).logits[:, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-4)
+    prefix.detach()
+    assert not torch.allclose(model(input_ids=ids).logits[:, -1], whole)

@@ -14,7 +14,7 @@ from torch import nn
 from . import checkpoint, live, routing, threads
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
-from .probe import Seen, probe
+from .probe import Seen, probe, reached
 from .routing import Route
 
 DELTA_TYPES: dict[str, type[DeltaBase]] = {}
@@ -98,6 +98,8 @@ class DeltaBase:
             if self.takes_modules and self.config.modified_modules is None:
                 self._use_default_positions()
             positions = self.resolve_positions()
+            if self.default_positions_of:
+                positions = self._called_on_forward(positions, pseudo_input)
         else:
             unknown = sorted(set(positions) - {"", *addressable_names(backbone_model)})  # "": the model itself
             if unknown:
@@ -170,6 +172,16 @@ class DeltaBase:
             if not getattr(self.config, field):
                 setattr(self.config, field, specs)
         self.default_positions_of = source
+
+    def _called_on_forward(self, positions: list[str], pseudo_input: Any) -> list[str]:
+        """Default positions without the modules a forward pass never calls (none of them: an error)."""
+        called = reached(self.backbone_model, positions, pseudo_input)
+        if called is None:
+            return positions
+        if not called:
+            raise ValueError(f"{type(self).__name__}: the model calls none of its default positions "
+                             f"{positions[:5]} on its pseudo input; pass modified_modules")
+        return [p for p in positions if p in called]
 
     def _unsupported(self, position: str, module: nn.Module, supported: str) -> TypeError:
         return TypeError(

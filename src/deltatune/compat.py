@@ -129,9 +129,10 @@ def cross_attention_filled(cache: Cache, layer: int) -> bool:
     return bool(updated.get(layer))
 
 
-def cached_head_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[int, int]]:
-    """(key/value heads, head size) of every layer of the KV cache ``model`` fills for ``inputs``: what it really
-    stores, also for multi-query, grouped-query or per-layer head layouts its config spells in its own way."""
+def cached_head_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(key/value heads, key size, value size) of every layer of the KV cache ``model`` fills for ``inputs``: what
+    it really stores, also for multi-query, grouped-query, latent (keys and values of different sizes) or per-layer
+    head layouts its config spells in its own way."""
     from .probe import evaluating
 
     cache = new_cache()
@@ -149,10 +150,10 @@ def cached_head_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[i
         if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4):
             raise TypeError(f"layer {index} of {type(model).__name__}'s cache ({type(layer).__name__}) holds no "
                             "attention keys and values; prefix tuning needs them in every layer")
-        if keys.shape[1] != values.shape[1] or keys.shape[3] != values.shape[3]:
+        if keys.shape[1] != values.shape[1]:
             raise TypeError(f"layer {index} of {type(model).__name__} caches keys {tuple(keys.shape)} and values "
-                            f"{tuple(values.shape)} of different head shapes; prefix tuning needs them alike")
-        shapes.append((keys.shape[1], keys.shape[3]))
+                            f"{tuple(values.shape)} for different numbers of heads; prefix tuning needs them alike")
+        shapes.append((keys.shape[1], keys.shape[3], values.shape[3]))
     return shapes
 
 

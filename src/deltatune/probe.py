@@ -6,6 +6,9 @@ arbitrary module, say) are read off a real forward pass, done eagerly when the d
 exists before the user makes an optimizer.  The pass runs in eval mode under ``torch.no_grad()``, restores each
 module's training flag afterwards, and stops as soon as every position it needs has been seen.  Its input comes
 from the model's config, else from its first embedding's vocabulary, else from ``pseudo_input``.
+
+Default positions (common names) are also checked by a pass: modules the model never calls on its pseudo input
+are left out, so a default never builds a delta that cannot act.
 """
 
 from __future__ import annotations
@@ -132,6 +135,41 @@ def _call(model: nn.Module, pseudo_input: Any) -> None:
 
 class _AllSeen(Exception):
     """Raised by the last position's hook: the rest of the forward pass (an LM head, say) is not needed."""
+
+
+def reached(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> set[str] | None:
+    """The modules among ``positions`` that a forward pass on the pseudo input calls (a causal-LM variant of an
+    encoder-decoder never calls its cross-attention, say); None when no pseudo input can be built."""
+    if pseudo_input is None:
+        try:
+            pseudo_input = pseudo_inputs(model)
+        except ValueError:
+            return None
+    modules = dict(model.named_modules())
+    called: set[str] = set()
+
+    def recorder(name: str):
+        def hook(module, args):
+            called.add(name)
+            if len(called) == len(positions):
+                raise _AllSeen
+
+        return hook
+
+    handles = [modules[name].register_forward_pre_hook(recorder(name)) for name in positions]
+    try:
+        with evaluating(model):
+            _call(model, pseudo_input)
+    except _AllSeen:
+        pass
+    except Exception as error:
+        raise RuntimeError(f"the forward pass of {type(model).__name__} that finds the modules its default "
+                           f"positions reach failed: {type(error).__name__}: {error}. Pass pseudo_input=... with "
+                           "inputs the model accepts, or modified_modules.") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
 
 
 def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> dict[str, Seen]:

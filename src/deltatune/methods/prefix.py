@@ -20,10 +20,15 @@ The prefixes enter as keys and values the attention reads from a KV cache, so no
   call gets its prefix through the attention's own cache argument (a one-call cache, or the cross
   half of the model's cache before the encoder keys enter it) and its 4-D mask is extended by ``n`` columns.
 
+Head shapes are read from the cache the model fills, so prefixes take whatever form the model caches: fewer
+key/value heads under grouped-query attention, and under multi-head latent attention (DeepSeek-V3, MiniCPM3) the
+compressed latent and rotary key part that the attention decompresses into keys and values.
+
 ``generate()`` works (the cache it passes is filled at its first step), and outputs keep the length of the inputs.
 The prefix takes ``n`` positions: with a learned position table, ``n`` + earlier tokens + input must fit it.
 Parameters: ``n·embed_dim + embed_dim·mid_dim + mid_dim + (mid_dim + 1)·Σ_l 2·h_l·d_l`` reparameterized,
-``n·Σ_l 2·h_l·d_l`` otherwise (``L·2·h_kv·d_h`` for a decoder of ``L`` layers).
+``n·Σ_l 2·h_l·d_l`` otherwise (``L·2·h_kv·d_h`` for a decoder of ``L`` layers; with keys and values of
+different sizes, as in multi-head latent attention, ``2·d_l`` is their sum).
 """
 
 from __future__ import annotations
@@ -53,15 +58,15 @@ class PrefixConfig(DeltaConfig):
     mid_dim: int = hyper(512, low=1, high=MAX_SIZE)
 
 
-def _attention_shape(attention: nn.Module) -> tuple[int, int]:
-    """(key/value heads, head size) of a T5 / BART-style attention module, from its key projection."""
+def _attention_shape(attention: nn.Module) -> tuple[int, int, int]:
+    """(key/value heads, key size, value size) of a T5 / BART-style attention module, from its key projection."""
     head_dim = getattr(attention, "head_dim", None) or getattr(attention, "key_value_proj_dim", None)
     key = getattr(attention, "k_proj", None) or getattr(attention, "k", None)
     if not isinstance(head_dim, int) or not isinstance(key, nn.Linear):
         raise TypeError(f"PrefixModel reads an encoder-decoder attention's head size from head_dim or "
                         f"key_value_proj_dim and its key projection k_proj or k; {type(attention).__name__} has "
                         "not both")
-    return key.out_features // head_dim, head_dim
+    return key.out_features // head_dim, head_dim, head_dim
 
 
 def _cache_attentions(stack: nn.Module, prefix: str) -> list[str]:
@@ -81,7 +86,7 @@ class Prefix(nn.Module):
     rewrites_call = True
     exclusive = True  # a second prefix could not tell the first call from a cache the first one filled
 
-    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int]], filled: int, host: nn.Module,
+    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int, int]], filled: int, host: nn.Module,
                  seen: Seen, encoder_decoder: bool = False) -> None:
         super().__init__()
         factory = {"device": seen.device, "dtype": seen.dtype}
@@ -90,7 +95,7 @@ class Prefix(nn.Module):
         self.cache_name = compat.cache_argument(host)
         self.limit = compat.position_limit(host)
         check_room(self.limit, n + 1, f"prefix_token_num={n} and one token of input")
-        widths = [2 * heads * size for heads, size in shapes]
+        widths = [heads * (key + value) for heads, key, value in shapes]
         ends = torch.tensor(widths).cumsum(0).tolist()
         self.rows = [slice(end - width, end) for end, width in zip(ends, widths)]  # layer l's columns of the table
         if config.reparameterize:
@@ -100,14 +105,21 @@ class Prefix(nn.Module):
         else:
             self.prefix = nn.Parameter(torch.randn(n, ends[-1], **factory) * 0.02)
 
-    def key_values(self, layers: range) -> list[torch.Tensor]:
-        """Per layer ``(2, heads, n, head_dim)``; only the needed rows of the MLP's last layer are computed."""
+    def key_values(self, layers: range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer keys and values ``(heads, n, size)``; only the needed rows of the MLP's last layer are
+        computed.  A layer's columns of the table are its keys, then its values."""
         if hasattr(self, "mlp"):
             hidden, last = self.mlp[1](self.mlp[0](self.embedding)), self.mlp[2]
             flats = [F.linear(hidden, last.weight[self.rows[i]], last.bias[self.rows[i]]) for i in layers]
         else:
             flats = [self.prefix[:, self.rows[i]] for i in layers]
-        return [flat.view(self.length, 2, *self.shapes[i]).permute(1, 2, 0, 3) for flat, i in zip(flats, layers)]
+        pairs = []
+        for flat, i in zip(flats, layers):
+            heads, key, value = self.shapes[i]
+            keys, values = flat.split([heads * key, heads * value], dim=1)
+            pairs.append((keys.view(self.length, heads, key).transpose(0, 1),
+                          values.view(self.length, heads, value).transpose(0, 1)))
+        return pairs
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)

@@ -38,7 +38,9 @@ DEFAULTS: dict[str, dict | list[dict]] = {
     "low_rank_adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
     "compacter": {"modified_modules": ["attn_out", "ffn_block_out"]},
     "bitfit": {"modified_modules": ["q", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
-    "ia3": {"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
+    # MoE experts stored as fused 3-D tensors have no feed-forward output module: keys and values only
+    "ia3": [{"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
+            {"modified_modules": ["k", "v"]}],
     "parallel_adapter": [{"modified_modules": ["ffn_parallel"]},
                          {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]}],
 }
