@@ -100,6 +100,21 @@ def new_cache(encoder_decoder: bool = False) -> Cache:
     return EncoderDecoderCache(DynamicCache(), DynamicCache()) if encoder_decoder else DynamicCache()
 
 
+class _OneCallCache(DynamicCache):
+    """The cache of one attention call: a single layer, whatever index the attention names (encoder attentions of
+    BART-derived models are built without one)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int | None, *args, **kwargs):
+        return super().update(key_states, value_states, 0, *args, **kwargs)
+
+
+def one_call_cache(keys: torch.Tensor, values: torch.Tensor) -> Cache:
+    """A cache holding ``keys`` and ``values`` for the one attention call it is passed to."""
+    cache = _OneCallCache()
+    cache.update(keys, values, 0)
+    return cache
+
+
 def cache_length(cache: Cache) -> int:
     """Positions already in the (self-attention) cache."""
     return cache.get_seq_length()

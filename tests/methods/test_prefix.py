@@ -92,12 +92,21 @@ def _attention_by_hand(attention, x, keys_values, memory, mask_row):
     return attention.out_proj(out)
 
 
-def test_bart_encoder_and_cross_attention_read_their_prefix_as_written_out():
-    model = tiny_model("bart")
+def _marian():
+    from deltatune.zoo import ZooEntry, build
+
+    return build(ZooEntry("marian", "seq2seq-lm", "MarianMTModel"))  # encoder attentions without a layer_idx
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("bart"), _marian], ids=["bart", "marian"])
+def test_bart_encoder_and_cross_attention_read_their_prefix_as_written_out(make):
+    model = make()
     batch = tiny_batch("bart")
     delta = PrefixModel(model, **SMALL)
     table = delta.deltas["model.decoder"]
-    decoder_self, encoder_self, cross = table.key_values(range(3))  # rows: decoder self, encoder self, cross
+    layers = {"encoder": model.model.encoder.layers[0].self_attn, "cross": model.model.decoder.layers[0].encoder_attn}
+    rows = [delta.deltas[n].layer for n in ("model.encoder.layers.0.self_attn", "model.decoder.layers.0.encoder_attn")]
+    decoder_self, encoder_self, cross = table.key_values([0, *rows])  # rows: decoder self, encoder self, cross
     seen = {}
 
     def record(name):
@@ -105,7 +114,6 @@ def test_bart_encoder_and_cross_attention_read_their_prefix_as_written_out():
             seen[name] = (kwargs["hidden_states"], kwargs.get("key_value_states"), output[0])
         return hook
 
-    layers = {"encoder": model.model.encoder.layers[0].self_attn, "cross": model.model.decoder.layers[0].encoder_attn}
     handles = [module.register_forward_hook(record(name), with_kwargs=True) for name, module in layers.items()]
     with torch.no_grad():
         model(**{k: v for k, v in batch.items() if k != "labels"})

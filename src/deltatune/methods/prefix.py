@@ -161,16 +161,17 @@ class AttentionPrefix(nn.Module):
     rewrites_call = True
     exclusive = True
 
-    def __init__(self, table: Prefix, layer: int, attention: nn.Module) -> None:
+    def __init__(self, table: Prefix, layer: int, attention: nn.Module, cross: bool) -> None:
         super().__init__()
         self._table = [table]  # in a list: the table's parameters belong to the stack's delta, not to this one
-        self.layer, self.cache_layer = layer, compat.layer_index(attention)
+        # A cross-attention's prefix goes into the model's cache, at the attention's own layer
+        self.layer, self.cache_layer = layer, compat.layer_index(attention) if cross else None
         self.cache_name = compat.cache_argument(attention)
         self.mask_name = compat.attention_mask_argument(attention)
 
-    def _fill(self, cache, batch: int) -> None:
+    def _prefix(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._table[0].key_values(range(self.layer, self.layer + 1))[0]
-        compat.fill_cache(cache, self.cache_layer, keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1))
+        return keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
@@ -178,12 +179,11 @@ class AttentionPrefix(nn.Module):
         batch = (states if states is not None else kwargs["hidden_states"]).shape[0]
         cache = compat.passed_cache(kwargs)
         if cache is None:  # encoder self-attention, or cross-attention without a cache: a cache for this call
-            cache = compat.new_cache()
-            self._fill(cache, batch)
+            cache = compat.one_call_cache(*self._prefix(batch))
             # The prefix takes the first n positions: relative position biases (T5) must see the tokens after it.
             compat.shift_cache_position(kwargs, self._table[0].length)
         elif not compat.cross_attention_filled(cache, self.cache_layer):  # first step: prefix before encoder keys
-            self._fill(compat.cross_attention_cache(cache), batch)
+            compat.fill_cache(compat.cross_attention_cache(cache), self.cache_layer, *self._prefix(batch))
         compat.put_cache(kwargs, self.cache_name, cache)
         kwargs[self.mask_name] = compat.extend_mask(kwargs.get(self.mask_name), self._table[0].length)
         return args, kwargs
@@ -226,7 +226,8 @@ class PrefixModel(DeltaBase):
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         if position != self.positions[0]:  # an encoder self-attention or a cross-attention
-            return AttentionPrefix(self._table, self._layers.index(position), module)
+            cross = CROSS_ATTENTION.search(position.split(".")[-1]) is not None
+            return AttentionPrefix(self._table, self._layers.index(position), module, cross)
         config = getattr(self.backbone_model, "config", None)
         if config is None or not compat.cache_argument(module):
             raise compat.CompatibilityError(
