@@ -140,3 +140,15 @@ def test_prefix_on_latent_attention_has_keys_and_values_of_different_sizes():
     torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-4)
     prefix.detach()
     assert not torch.allclose(model(input_ids=ids).logits[:, -1], whole)
+
+
+def test_hybrid_stacks_adapt_their_attention_and_feed_forward_layers_not_their_state_space_mixers():
+    nemotron = tiny("nemotron_h", "NemotronHForCausalLM")  # one block class: Mamba, MoE, attention, MLP mixers
+    assert LoraModel(nemotron).positions == ["model.layers.2.mixer.q_proj", "model.layers.2.mixer.v_proj"]
+    feed_forward = positions("ia3", nemotron)["feedforward_modules"]
+    assert not any("layers\\.0" in s or "out_proj" in s for s in feed_forward) and feed_forward
+    olmo = tiny("olmo_hybrid", "OlmoHybridForCausalLM")  # two layer classes: linear and softmax attention
+    assert LoraModel(olmo).positions == ["model.layers.0.linear_attn.q_proj", "model.layers.0.linear_attn.v_proj",
+                                         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    falcon = tiny("falcon_h1", "FalconH1ForCausalLM")  # attention and Mamba side by side in each block
+    assert not any("mamba" in s for s in positions("ia3", falcon)["feedforward_modules"])

@@ -80,9 +80,8 @@ def _shrunk(values: dict) -> dict:
             changes[key] = value[:LAYERS]
         elif isinstance(value, dict) and "model_type" in value:  # a sub-config
             changes[key] = _shrunk(value)
-    for kv_heads, heads in (("num_key_value_heads", "num_attention_heads"), ("n_kv_heads", "n_heads")):
-        if values.get(kv_heads) is not None and values.get(kv_heads) == values.get(heads):
-            changes[kv_heads] = changes.get(heads, values[heads])  # as many key/value heads as query heads stay so
+    if "kv_lora_rank" in values and "num_key_value_heads" in values:  # latent attention: as many kv as q heads
+        changes["num_key_value_heads"] = HEADS
     return {**values, **changes}
 
 

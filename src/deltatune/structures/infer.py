@@ -1,7 +1,7 @@
 """Common names for a model no family file maps, inferred from its structure.
 
-Stacks are the ``ModuleList``s of one repeated block class that holds an attention module (a submodule whose name
-or class says ``att``); lists inside another stack's blocks (MoE experts) and towers of other modalities (names
+Stacks are the ``ModuleList``s of one repeated block class, or of layer/block classes (hybrid models mix attention,
+state-space and MoE layers), where a block holds an attention module (a submodule whose name or class says ``att``); lists inside another stack's blocks (MoE experts) and towers of other modalities (names
 with vision, image, audio, speech, ...) are left out, so the defaults cover the language stacks: the decoder of a
 causal LM, the encoder and decoder of an encoder-decoder.  In every block (they can differ: dense and MoE layers):
 
@@ -71,15 +71,21 @@ def _attention_modules(block: nn.Module) -> list[str]:
     return found
 
 
+def _blocks(module: nn.Module) -> bool:
+    """A list of one repeated block class, or of layer/block classes (hybrid stacks: attention, SSM, MoE layers)."""
+    kinds = {type(c) for c in module}
+    return len(kinds) == 1 or all(re.search(r"(layer|block)$", k.__name__, re.IGNORECASE) for k in kinds)
+
+
 def stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The language stacks: lists of one repeated block class with attention, not inside another stack."""
+    """The language stacks: lists of blocks, one at least with attention, not inside another stack."""
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or not len(module) or len({type(c) for c in module}) != 1:
+        if not isinstance(module, nn.ModuleList) or not len(module) or not _blocks(module):
             continue
         if DELTA_SLOT in name.split(".") or TOWER.search(name) or any(name.startswith(f + ".") for f, _ in found):
             continue
-        if _attention_modules(module[0]):
+        if any(_attention_modules(block) for block in module):
             found.append((name, module))
     return found
 
@@ -128,9 +134,12 @@ def _block_roles(block: nn.Module) -> dict[str, list[str]]:
             names.setdefault(role, []).extend(found)
     names["attn"] = names["attn_out"] = attentions[:1]
     outside = {n: m for n, m in linears.items() if not any(n.startswith(a + ".") for a in attentions)}
+    mixers = [n for n, m in block.named_children() if any(isinstance(c, nn.Conv1d) for c in m.modules())]
     for name, linear in outside.items():
         role = _role(name, "ffn_in", "ffn_out", "router")
-        if role is None:  # unnamed: by shape; a projection neither reading nor writing the hidden size is skipped
+        # Unnamed: by shape, except in a state-space or convolution mixer (its in_proj and out_proj are no
+        # feed-forward); a projection neither reading nor writing the hidden size is skipped.
+        if role is None and not any(name.startswith(m + ".") for m in mixers):
             read, write = _shape(linear)
             role = "ffn_in" if read == hidden and write > hidden else "ffn_out" if write == hidden else None
         if role in ("ffn_in", "ffn_out"):
