@@ -107,3 +107,11 @@ def test_encoder_decoders_prompt_the_encoder_in_forward_and_generate(family, tmp
     fresh.generation_config = model.generation_config
     DeltaBase.from_finetuned(tmp_path / "prompt", fresh)
     assert torch.equal(fresh.generate(**inputs, **options), generated)
+
+
+def test_models_with_several_end_tokens_take_a_prompt():
+    from deltatune.zoo import ZooEntry, build
+
+    model = build(ZooEntry("glm", "causal-lm", "GlmForCausalLM"))
+    assert isinstance(model.config.eos_token_id, list)  # the special-token check reads every id of the list
+    assert SoftPromptModel(model, soft_token_num=2).num_delta_parameters() == 2 * model.config.hidden_size

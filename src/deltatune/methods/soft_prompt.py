@@ -147,9 +147,9 @@ def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
                         f"{type(embedding).__name__})")
     inputs = pseudo_input if isinstance(pseudo_input, dict) else pseudo_inputs(module)
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    try:
+    inputs["input_ids"] = ids = _ordinary_tokens(inputs["input_ids"], module, embedding.num_embeddings)
+    try:  # only the model's own errors are a refusal
         with evaluating(module):
-            inputs["input_ids"] = ids = _ordinary_tokens(inputs["input_ids"], module, embedding.num_embeddings)
             by_ids = first_tensor(module(**inputs))
             inputs.pop("input_ids")
             by_embeds = first_tensor(module(**inputs, inputs_embeds=embedding(ids)))
@@ -167,10 +167,12 @@ def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
 def _ordinary_tokens(ids: torch.Tensor, module: nn.Module, vocabulary: int) -> torch.Tensor:
     """``ids`` without special tokens (a padding id changes RoBERTa's positions for ids, not for embeddings)."""
     config = getattr(module, "config", None)
-    special = {getattr(config, f"{k}_token_id", None) for k in ("pad", "bos", "eos", "sep", "cls", "mask", "unk")}
+    special = set()
+    for kind in ("pad", "bos", "eos", "sep", "cls", "mask", "unk"):
+        value = getattr(config, f"{kind}_token_id", None)  # an id, or a list of them (several eos tokens)
+        special |= {i for i in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(i, int)}
     ordinary = next(i for i in range(vocabulary - 1, -1, -1) if i not in special)
-    return ids.masked_fill(torch.isin(ids, torch.tensor([s for s in special if isinstance(s, int)] or [-1])),
-                           ordinary)
+    return ids.masked_fill(torch.isin(ids, torch.tensor(sorted(special) or [-1])), ordinary)
 
 
 class SoftPromptModel(DeltaBase):
