@@ -152,3 +152,12 @@ def test_hybrid_stacks_adapt_their_attention_and_feed_forward_layers_not_their_s
                                          "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     falcon = tiny("falcon_h1", "FalconH1ForCausalLM")  # attention and Mamba side by side in each block
     assert not any("mamba" in s for s in positions("ia3", falcon)["feedforward_modules"])
+
+
+def test_experts_the_router_did_not_pick_on_the_probe_keep_their_deltas():
+    from deltatune import IA3Model
+
+    model = build(ZooEntry("switch_transformers", "seq2seq-lm", "SwitchTransformersForConditionalGeneration"))
+    sparse = [n for n, _ in model.named_modules() if n.endswith("mlp.experts")]
+    experts = [p for p in IA3Model(model).positions if ".experts." in p]
+    assert sparse and len(experts) == 4 * len(sparse) and all(p.endswith(".wo") for p in experts)

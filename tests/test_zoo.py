@@ -14,8 +14,6 @@ KNOWN = {  # measured: changing the tiny MRA's own query and value weights leave
     # attention contributes nothing at this size and neither q/v LoRA nor a prompt after [CLS] reaches the pooled [CLS]
     ("MraForSequenceClassification", "lora"): "the tiny MRA's attention does not reach its output",
     ("MraForSequenceClassification", "soft_prompt"): "the tiny MRA's attention does not reach its output",
-    ("Llama4ForCausalLM", "parallel_adapter"): "crashes in the forward pass (routed-expert shapes); not diagnosed yet",
-    ("ProphetNetForCausalLM", "prefix"): "ProphetNetForCausalLM asserts on a cache with more than one position; not refused yet",
 }
 
 

@@ -147,18 +147,32 @@ def cross_attention_filled(cache: Cache, layer: int) -> bool:
 def cached_head_shapes(model: nn.Module, inputs: dict[str, Any]) -> list[tuple[int, int, int]]:
     """(key/value heads, key size, value size) of every layer of the KV cache ``model`` fills for ``inputs``: what
     it really stores, also for multi-query, grouped-query, latent (keys and values of different sizes) or per-layer
-    head layouts its config spells in its own way."""
+    head layouts its config spells in its own way.  The model must also run ``inputs`` again after that cache, as
+    it will after a prefix."""
+    cache = new_cache()
+    # a model with a cache class of its own (hybrid, compressed) refuses ours
+    _run_with_cache(model, inputs, cache, "does not run with a DynamicCache, which prefix tuning fills")
+    if not cache.layers or cache.get_seq_length() == 0:
+        raise CompatibilityError(f"{type(model).__name__} did not fill the KV cache it was given")
+    shapes = _head_shapes(model, cache)
+    mask = inputs.get("attention_mask")
+    continued = inputs if mask is None else {**inputs, "attention_mask": torch.cat([torch.ones_like(mask), mask], 1)}
+    _run_with_cache(model, continued, cache, "does not run an input of several tokens after a filled KV cache, "
+                    "which prefix tuning needs")
+    return shapes
+
+
+def _run_with_cache(model: nn.Module, inputs: dict[str, Any], cache: Cache, failure: str) -> None:
     from .probe import evaluating
 
-    cache = new_cache()
     try:
         with evaluating(model):
             model(**inputs, **{cache_argument(model): cache}, use_cache=True)
-    except Exception as error:  # a model with a cache class of its own (hybrid, compressed) refuses ours
-        raise TypeError(f"{type(model).__name__} does not run with a DynamicCache, which prefix tuning fills "
-                        f"({type(error).__name__}: {error})") from error
-    if not cache.layers or cache.get_seq_length() == 0:
-        raise CompatibilityError(f"{type(model).__name__} did not fill the KV cache it was given")
+    except Exception as error:
+        raise TypeError(f"{type(model).__name__} {failure} ({type(error).__name__}: {error})") from error
+
+
+def _head_shapes(model: nn.Module, cache: Cache) -> list[tuple[int, int, int]]:
     shapes = []
     for index, layer in enumerate(cache.layers):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)

@@ -138,30 +138,28 @@ class _AllSeen(Exception):
 
 
 def reached(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> set[str] | None:
-    """The modules among ``positions`` that a forward pass on the pseudo input calls (a causal-LM variant of an
-    encoder-decoder never calls its cross-attention, say); None when no pseudo input can be built."""
+    """The modules among ``positions`` that a forward pass on the pseudo input can call: all but those under a
+    module the pass skips (a causal-LM variant of an encoder-decoder never calls its cross-attention, say).  MoE
+    experts the router happened not to pick stay: they sit in a list or dict the model indexes.  None when no
+    pseudo input can be built."""
     if pseudo_input is None:
         try:
             pseudo_input = pseudo_inputs(model)
         except ValueError:
             return None
     modules = dict(model.named_modules())
-    called: set[str] = set()
+    called: set[str] = {""}
 
     def recorder(name: str):
         def hook(module, args):
             called.add(name)
-            if len(called) == len(positions):
-                raise _AllSeen
 
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(recorder(name)) for name in positions]
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in modules.items() if name]
     try:
         with evaluating(model):
             _call(model, pseudo_input)
-    except _AllSeen:
-        pass
     except Exception as error:
         raise RuntimeError(f"the forward pass of {type(model).__name__} that finds the modules its default "
                            f"positions reach failed: {type(error).__name__}: {error}. Pass pseudo_input=... with "
@@ -169,7 +167,17 @@ def reached(model: nn.Module, positions: list[str], pseudo_input: Any = None) ->
     finally:
         for handle in handles:
             handle.remove()
-    return called
+
+    def can_run(name: str) -> bool:
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):  # up to the nearest called ancestor
+            if ".".join(parts[:depth]) in called:
+                # its child on the way down was never called: a skipped module, unless one of a list or dict
+                skipped, holder = modules[".".join(parts[:depth + 1])], modules[".".join(parts[:depth])]
+                return name in called or any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) for m in (skipped, holder))
+        return False
+
+    return {p for p in positions if can_run(p)}
 
 
 def probe(model: nn.Module, positions: list[str], pseudo_input: Any = None) -> dict[str, Seen]:

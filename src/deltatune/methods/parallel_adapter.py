@@ -49,7 +49,10 @@ class ParallelAdapterLayer(Bottleneck):
         self.scaled = scaled
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return h + self.scaled * super().forward(x)
+        update = super().forward(x)
+        if update.shape != h.shape and update.shape[-1] == h.shape[-1] and update.numel() == h.numel():
+            update = update.reshape(h.shape)  # a MoE block that returns its tokens flattened (Llama 4)
+        return h + self.scaled * update
 
 
 class PairedAdapterLayer(ParallelAdapterLayer):

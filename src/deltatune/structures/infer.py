@@ -83,6 +83,8 @@ def stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module) or not _blocks(module):
             continue
+        if all(isinstance(block, nn.ModuleList) for block in module):  # a list of stacks (Funnel): each one
+            continue
         if DELTA_SLOT in name.split(".") or TOWER.search(name) or any(name.startswith(f + ".") for f, _ in found):
             continue
         if any(_attention_modules(block) for block in module):
@@ -157,14 +159,31 @@ def _block_roles(block: nn.Module) -> dict[str, list[str]]:
     return {role: found for role, found in names.items() if found}
 
 
+FEED_FORWARD = re.compile(r"mlp|moe|ffn|feed_?forward|experts?|block_sparse_moe", re.IGNORECASE)
+
+
+def _sublayers(block: nn.Module, attentions: list[str]) -> dict[str, nn.Module]:
+    """The block's children other than attention and norms; in a list it holds (T5's ``layer.N``), the children
+    of each layer."""
+    found: dict[str, nn.Module] = {}
+    for name, child in block.named_children():
+        if isinstance(child, nn.ModuleList):
+            found.update({f"{name}.{i}.{n}": m for i, layer in enumerate(child) for n, m in layer.named_children()})
+        else:
+            found[name] = child
+    return {n: m for n, m in found.items() if "norm" not in type(m).__name__.lower()
+            and not any(n == a or n.startswith(a + ".") or a.startswith(n + ".") for a in attentions)}
+
+
 def _feed_forward(block: nn.Module, attentions: list[str], linears: list[str]) -> str | None:
-    """The block's child that holds every feed-forward linear layer, or else the one that is not attention and
-    has parameters of its own kind (a MoE block whose experts are fused tensors); None for inline layers."""
-    children = [n for n, m in block.named_children() if n not in attentions and not isinstance(m, nn.ModuleList)]
+    """The block's sublayer that holds every feed-forward linear layer, or else the one named as a feed-forward (a
+    MoE block whose experts are fused tensors); None for inline layers."""
+    children = _sublayers(block, attentions)
     if linears:
         return next((c for c in children if all(n.startswith(c + ".") for n in linears)), None)
-    moe = [c for c in children if re.search(r"mlp|moe|ffn|feed_?forward|expert", c, re.IGNORECASE)]
-    return moe[0] if len(moe) == 1 else None
+    named = [c for c in children if FEED_FORWARD.fullmatch(c.rsplit(".", 1)[-1])]
+    named = named or [c for c in children if FEED_FORWARD.search(c.rsplit(".", 1)[-1])]
+    return named[0] if len(named) == 1 else None
 
 
 def infer_common_names(model: nn.Module) -> dict[str, list[str]] | None:
