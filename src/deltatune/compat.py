@@ -65,6 +65,11 @@ def cache_argument(module: nn.Module) -> str | None:
     return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
 
 
+def keeps_state(module: nn.Module) -> bool:
+    """Whether ``module.forward`` can carry anything from one call to the next (it takes ``use_cache``)."""
+    return "use_cache" in _forward_parameters(type(module))
+
+
 def passed_cache(kwargs: dict[str, Any]) -> Cache | None:
     """The cache a call received, under any of its names; a ``Cache`` under an unknown name is an error, since
     ignoring it would silently treat a continued generation as a fresh input."""

@@ -115,3 +115,20 @@ def test_models_with_several_end_tokens_take_a_prompt():
     model = build(ZooEntry("glm", "causal-lm", "GlmForCausalLM"))
     assert isinstance(model.config.eos_token_id, list)  # the special-token check reads every id of the list
     assert SoftPromptModel(model, soft_token_num=2).num_delta_parameters() == 2 * model.config.hidden_size
+
+
+def test_a_model_without_any_cache_takes_the_prompt_on_every_generation_step():
+    from deltatune.zoo import ZooEntry, build
+
+    model = build(ZooEntry("openai-gpt", "causal-lm", "OpenAIGPTLMHeadModel"))  # re-reads the whole sequence
+    prompt = SoftPromptModel(model, soft_token_num=3)
+    with torch.no_grad():
+        prompt.delta_parameters()[0].mul_(20)
+        ids = torch.tensor([[5, 9, 14, 3]])
+        generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        by_hand = ids
+        for _ in range(4):  # greedy, one full forward pass per token
+            by_hand = torch.cat([by_hand, model(input_ids=by_hand).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, by_hand)
+    with pytest.raises(Exception, match="cannot find the KV cache argument of RwkvForCausalLM"):
+        SoftPromptModel(build(ZooEntry("rwkv", "causal-lm", "RwkvForCausalLM")))  # keeps a state between steps

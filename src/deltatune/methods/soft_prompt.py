@@ -199,8 +199,9 @@ class SoftPromptModel(DeltaBase):
             embedding = _input_embeddings(module, self.pseudo_input)
             return SoftPrompt(embedding, self.config, insert_at=0, causal_lm=False, host=module)
         causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
-        if causal_lm and not compat.cache_argument(module):
-            # Without it, generation steps after the first could not be told apart: the prompt would go in again.
+        if causal_lm and not compat.cache_argument(module) and compat.keeps_state(module):
+            # Generation steps after the first could not be told apart: the prompt would go in again.  (A model
+            # that keeps nothing between calls, like OpenAI GPT, reads the whole sequence each step: fine.)
             raise compat.CompatibilityError(
                 f"SoftPromptModel cannot find the KV cache argument of {type(module).__name__}.forward (looked for "
                 f"{', '.join(compat.CACHE_ARGUMENTS)})")

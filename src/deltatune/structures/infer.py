@@ -5,8 +5,8 @@ state-space and MoE layers), where a block holds an attention module (a submodul
 with vision, image, audio, speech, ...) are left out, so the defaults cover the language stacks: the decoder of a
 causal LM, the encoder and decoder of an encoder-decoder.  In every block (they can differ: dense and MoE layers):
 
-- attention projections by role, first by name (a wide vocabulary, below), then by wiring: the linear layers that
-  read the hidden size inside the attention module are q, k, v in order (any output size: grouped-query attention
+- attention projections by role, first by name (a wide vocabulary, below), then by wiring: the three linear layers
+  that read the hidden size inside the attention module are q, k, v in order (any output size: grouped-query attention
   projects k and v to fewer heads), one alone is a fused q/k/v projection, and the last one that writes the hidden
   size is o;
 - the feed-forward's linear layers outside attention, by name (gated MLPs: gate/up in, down out) or else by shape
@@ -66,7 +66,7 @@ def _attention_modules(block: nn.Module) -> list[str]:
         if any(name.startswith(f + ".") for f in found):
             continue
         if (ATTENTION.search(name.rsplit(".", 1)[-1]) or ATTENTION.search(type(module).__name__)) and \
-                any(_is_linear(m) for m in module.modules()):
+                "norm" not in type(module).__name__.lower() and any(_is_linear(m) for m in module.modules()):
             found.append(name)
     return found
 
@@ -111,12 +111,12 @@ def _attention_roles(attention: str, linears: dict[str, nn.Module], hidden: int)
         role = _role(name, "qkv", "q", "k", "v", "o")
         if role and role not in roles:
             roles[role] = [name]
-    if not ({"q", "v"} <= roles.keys() or "qkv" in roles):  # by wiring: the projections reading the hidden state
+    if not roles.keys() & {"q", "k", "v", "qkv"}:  # by wiring: the projections reading the hidden state
         reading = [n for n, m in inside.items() if _shape(m)[0] == hidden and n not in roles.get("o", [])]
         if len(reading) == 1:
             roles = {"qkv": reading}
-        elif len(reading) >= 3:
-            roles = dict(zip("qkv", ([n] for n in reading[:3])))
+        elif len(reading) == 3:  # more (gates, indexers, low-rank parts): unsure, so none
+            roles = dict(zip("qkv", ([n] for n in reading)))
     taken = {n for names in roles.values() for n in names}
     if "o" not in roles:
         writing = [n for n, m in inside.items() if _shape(m)[1] == hidden and n not in taken]
@@ -125,9 +125,16 @@ def _attention_roles(attention: str, linears: dict[str, nn.Module], hidden: int)
     return roles
 
 
+# Modules whose linear layers are neither attention projections nor a feed-forward: gated norms' small MLPs, the
+# token-selecting indexer of sparse attention (DeepSeek-V3.2 style)
+AUXILIARY = re.compile(r"norm|indexer", re.IGNORECASE)
+
+
 def _block_roles(block: nn.Module) -> dict[str, list[str]]:
     own = _own(block)
-    linears = {n: m for n, m in own.items() if _is_linear(m)}
+    auxiliary = [n for n, m in own.items() if AUXILIARY.search(type(m).__name__)]
+    linears = {n: m for n, m in own.items()
+               if _is_linear(m) and not any(n.startswith(a + ".") for a in auxiliary)}
     hidden = _hidden_size(block)
     attentions = _attention_modules(block)
     names: dict[str, list[str]] = {}
