@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune import AutoDeltaModel, LoraModel
+from deltatune import AutoDeltaModel, LoraModel, PrefixModel
 from deltatune.structures import default_positions
 from deltatune.zoo import ZooEntry, build
 
@@ -161,3 +161,16 @@ def test_experts_the_router_did_not_pick_on_the_probe_keep_their_deltas():
     sparse = [n for n, _ in model.named_modules() if n.endswith("mlp.experts")]
     experts = [p for p in IA3Model(model).positions if ".experts." in p]
     assert sparse and len(experts) == 4 * len(sparse) and all(p.endswith(".wo") for p in experts)
+
+
+def test_prefix_rows_are_refused_where_attention_does_more_along_the_sequence():
+        # Nystromformer approximates attention with landmarks computed over the whole sequence
+    with pytest.raises(TypeError, match=r"NystromformerForSequenceClassification's attention does more along the "
+                                        r"sequence than attend .* PrefixModel refuses it"):
+        PrefixModel(build(ZooEntry("nystromformer", "sequence-classification", "NystromformerForSequenceClassification")),
+                    prefix_token_num=3, embed_dim=16, mid_dim=16)
+    # MPNet adds a relative position bias computed for the input's length
+    with pytest.raises(TypeError, match=r"adds prefix rows to MPNetForSequenceClassification's attention, which it "
+                                        r"does not run with them \(RuntimeError"):
+        PrefixModel(build(ZooEntry("mpnet", "sequence-classification", "MPNetForSequenceClassification")),
+                    prefix_token_num=3, embed_dim=16, mid_dim=16)

@@ -14,6 +14,7 @@ KNOWN = {  # measured: changing the tiny MRA's own query and value weights leave
     # attention contributes nothing at this size and neither q/v LoRA nor a prompt after [CLS] reaches the pooled [CLS]
     ("MraForSequenceClassification", "lora"): "the tiny MRA's attention does not reach its output",
     ("MraForSequenceClassification", "soft_prompt"): "the tiny MRA's attention does not reach its output",
+    ("MraForSequenceClassification", "prefix"): "the tiny MRA's attention does not reach its output",
 }
 
 

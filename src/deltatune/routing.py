@@ -4,7 +4,8 @@ Three routes cover the methods (He et al. 2022)::
 
     input -> input    x <- m(x)        before the module runs      (prompts, prefixes)
                       or (args, kwargs) <- m(args, kwargs) for a delta with ``rewrites_call = True``
-                      (positional inputs arrive as keyword arguments)
+                      (positional inputs arrive as keyword arguments); such a delta may also have
+                      ``finish(h) -> h``, run first after the module (to take back what it added)
     input -> output   h <- m(x, h)     after, reading its input    (LoRA, parallel adapter, (IA)^3)
     output -> output  h <- m(h)        after, reading its output   (sequential adapter, BitFit, Compacter)
 
@@ -94,6 +95,7 @@ class DeltaSlot(nn.ModuleDict):
         ordered = sorted(self._routes.items(), key=lambda item: item[1][1])
         rewrites = [self[n] for n, (r, _) in ordered if r is Route.INPUT_INPUT]
         self._call_rewrites = [m for m in rewrites if getattr(m, "rewrites_call", False)]
+        self._finishers = [m for m in reversed(self._call_rewrites) if hasattr(m, "finish")]
         self._input_rewrites = [m for m in rewrites if not getattr(m, "rewrites_call", False)]
         self._parallel = [self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT]
         self._output_rewrites = [self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT]
@@ -108,7 +110,7 @@ class DeltaSlot(nn.ModuleDict):
         self._handles = []
         if self._call_rewrites or self._input_rewrites:
             self._handles.append(host.register_forward_pre_hook(self._before, with_kwargs=True))
-        if self._parallel or self._output_rewrites:
+        if self._finishers or self._parallel or self._output_rewrites:
             self._handles.append(host.register_forward_hook(self._after, with_kwargs=True))
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -137,6 +139,8 @@ class DeltaSlot(nn.ModuleDict):
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         plain = isinstance(output, torch.Tensor)
         hidden = output if plain else output[0]
+        for delta in self._finishers:
+            hidden = delta.finish(hidden)
         if self._parallel:
             x = self._input(args, kwargs)
             for delta in self._parallel:

@@ -58,13 +58,59 @@ def test_encoders_hook_the_bare_model_and_respect_padding(family):
     torch.testing.assert_close(first_output(model, padded_row_changed)[0], tuned[0], rtol=0, atol=1e-6)
 
 
-def test_unsupported_models_and_arguments():
-    import transformers as tf
+def _distilbert():
+    from deltatune.zoo import ZooEntry, build
 
-    distilbert = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-        vocab_size=96, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_position_embeddings=64))
-    with pytest.raises(TypeError, match=r"whose attention takes a KV cache argument \(cache or past_key_values\), not DistilBertModel \(transformers "):
-        PrefixModel(distilbert)
+    return build(ZooEntry("distilbert", "sequence-classification", "DistilBertForSequenceClassification"))
+
+
+def test_prefix_rows_on_attention_without_a_cache_equal_the_prefix_attention_written_out(tmp_path):
+    model = _distilbert()  # DistilBERT's attention takes no KV cache
+    batch = tiny_batch("bert")
+    bare = first_output(model, batch)
+    delta = PrefixModel(model, **SMALL)
+    layers = model.distilbert.transformer.layer
+    assert delta.positions[:3] == ["distilbert.transformer.layer.0.attention",
+                                   "distilbert.transformer.layer.0.attention.k_lin",
+                                   "distilbert.transformer.layer.0.attention.v_lin"]
+    attention = layers[0].attention
+    seen = {}
+
+    def record(module, args, kwargs, output):  # the layer's input and its attention's output
+        seen.setdefault("x", kwargs.get("hidden_states", args[0] if args else None))
+
+    handles = [layers[0].register_forward_hook(record, with_kwargs=True),
+               attention.register_forward_hook(lambda m, a, k, o: seen.update(out=o[0]), with_kwargs=True)]
+    tuned = first_output(model, batch)
+    for handle in handles:
+        handle.remove()
+    keys, values = delta.deltas[delta.positions[0]].table.key_values(range(1))[0]  # (1, n, 32) each
+    x, heads = seen["x"], attention.n_heads
+    split = lambda t: t.view(t.shape[0], -1, heads, 32 // heads).transpose(1, 2)  # noqa: E731
+    linear = lambda layer, t: torch.nn.functional.linear(t, layer.weight, layer.bias)  # noqa: E731 (unhooked)
+    with torch.no_grad():
+        q = split(linear(attention.q_lin, x)) / (32 // heads) ** 0.5
+        k = split(torch.cat([keys.expand(2, -1, -1), linear(attention.k_lin, x)], dim=1))
+        v = split(torch.cat([values.expand(2, -1, -1), linear(attention.v_lin, x)], dim=1))
+        visible = torch.cat([torch.ones(2, 3), batch["attention_mask"]], dim=1).bool()
+        scores = q @ k.transpose(2, 3) + torch.where(visible, 0.0, float("-inf"))[:, None, None, :]
+        by_hand = attention.out_lin((scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(seen["out"], by_hand)
+    assert not torch.allclose(tuned, bare)
+    padded_row_changed = dict(batch, input_ids=batch["input_ids"].clone())
+    padded_row_changed["input_ids"][0, -2:] = 7  # row 0's last two tokens are masked out
+    torch.testing.assert_close(first_output(model, padded_row_changed)[0], tuned[0], rtol=0, atol=1e-6)
+    delta.fold()
+    torch.testing.assert_close(first_output(model, batch), tuned)
+    delta.save_finetuned(tmp_path / "prefix")
+    fresh = _distilbert()
+    DeltaBase.from_finetuned(tmp_path / "prefix", fresh)
+    torch.testing.assert_close(first_output(fresh, batch), tuned)
+    delta.detach()
+    assert torch.equal(first_output(model, batch), bare)
+
+
+def test_unsupported_models_and_arguments():
     with pytest.raises(ValueError, match="takes no modified_modules"):
         PrefixModel(tiny_model("llama"), ["q_proj"])
 

@@ -33,6 +33,7 @@ different sizes, as in multi-head latent attention, ``2·d_l`` is their sum).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -43,9 +44,11 @@ from torch.nn import functional as F
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..probe import Seen, pseudo_inputs
+from ..addressing import resolve_positions
+from ..probe import Seen, from_weights, pseudo_inputs
 from ..routing import Route
 from .positions import check_room
+from .prefix_rows import PrefixKeysValues, PrefixRows, check_hidden_prefix
 
 CROSS_ATTENTION = re.compile(r"encdec|encoder_?attn|cross", re.IGNORECASE)  # T5, BART/Marian/…, BERT-style
 
@@ -80,21 +83,14 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
-class Prefix(nn.Module):
-    """The prefixes of every attention layer; fills a model call's KV cache with those of the first ``filled``."""
+class PrefixTable(nn.Module):
+    """The prefixes of every attention layer: ``shapes[l] = (heads, key size, value size)``."""
 
-    rewrites_call = True
-    exclusive = True  # a second prefix could not tell the first call from a cache the first one filled
-
-    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int, int]], filled: int, host: nn.Module,
-                 seen: Seen, encoder_decoder: bool = False) -> None:
+    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int, int]], seen: Seen) -> None:
         super().__init__()
         factory = {"device": seen.device, "dtype": seen.dtype}
         self.length = n = config.prefix_token_num
-        self.shapes, self.filled, self.encoder_decoder = shapes, filled, encoder_decoder
-        self.cache_name = compat.cache_argument(host)
-        self.limit = compat.position_limit(host)
-        check_room(self.limit, n + 1, f"prefix_token_num={n} and one token of input")
+        self.shapes = shapes
         widths = [heads * (key + value) for heads, key, value in shapes]
         ends = torch.tensor(widths).cumsum(0).tolist()
         self.rows = [slice(end - width, end) for end, width in zip(ends, widths)]  # layer l's columns of the table
@@ -120,6 +116,27 @@ class Prefix(nn.Module):
             pairs.append((keys.view(self.length, heads, key).transpose(0, 1),
                           values.view(self.length, heads, value).transpose(0, 1)))
         return pairs
+
+    def fold(self) -> None:
+        with torch.no_grad():
+            folded = self.mlp(self.embedding)
+        del self.mlp, self.embedding
+        self.prefix = nn.Parameter(folded)
+
+
+class Prefix(PrefixTable):
+    """The prefix table; fills a model call's KV cache with the prefixes of its first ``filled`` layers."""
+
+    rewrites_call = True
+    exclusive = True  # a second prefix could not tell the first call from a cache the first one filled
+
+    def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int, int]], filled: int, host: nn.Module,
+                 seen: Seen, encoder_decoder: bool = False) -> None:
+        limit, n = compat.position_limit(host), config.prefix_token_num
+        check_room(limit, n + 1, f"prefix_token_num={n} and one token of input")
+        super().__init__(config, shapes, seen)
+        self.limit, self.filled, self.encoder_decoder = limit, filled, encoder_decoder
+        self.cache_name = compat.cache_argument(host)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
@@ -147,12 +164,6 @@ class Prefix(nn.Module):
             kwargs["position_ids"] = kwargs["position_ids"] + n
         compat.shift_cache_position(kwargs, n)
         return args, kwargs
-
-    def fold(self) -> None:
-        with torch.no_grad():
-            folded = self.mlp(self.embedding)
-        del self.mlp, self.embedding
-        self.prefix = nn.Parameter(folded)
 
 
 class AttentionPrefix(nn.Module):
@@ -198,6 +209,45 @@ class PrefixModel(DeltaBase):
 
     takes_modules = False
 
+    def __init__(self, *args, attach: bool = True, **kwargs) -> None:
+        super().__init__(*args, attach=False, **kwargs)
+        if self._row_layers:
+            inputs = self.pseudo_input if isinstance(self.pseudo_input, dict) else pseudo_inputs(self.backbone_model)
+            rows = [d for d in self.deltas.values() if isinstance(d, PrefixRows)]
+            check_hidden_prefix(self.backbone_model, rows, self.attach, self.detach,
+                                {k: v for k, v in inputs.items() if k != "labels"})
+        if attach:
+            self.attach()
+
+    @functools.cached_property
+    def _row_layers(self) -> dict[str, tuple[str, str]]:
+        """Attention -> (key, value projection) where the model takes no KV cache (see :mod:`.prefix_rows`)."""
+        model = self.backbone_model
+        base = getattr(model, "base_model", model)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or compat.cache_argument(model) \
+                or compat.cache_argument(base):
+            return {}
+        from ..structures import common_names
+
+        name = type(model).__name__
+        try:
+            names = common_names(model)[1]
+        except ValueError as error:
+            raise TypeError(f"PrefixModel finds the key and value projections of {name} by their common names; "
+                            f"{str(error).split('; pass')[0]}") from None
+        if not (names.get("k") and names.get("v")):
+            raise TypeError(f"PrefixModel needs separate key and value projections in {name}'s attention (takes no "
+                            f"KV cache); its common names are {sorted(names)}")
+        keys, values = (resolve_positions(model, names[role]) for role in ("k", "v"))
+        layers = {}
+        for key in keys:
+            attention = key.rpartition(".")[0]
+            value = next((v for v in values if v.rpartition(".")[0] == attention), None)
+            if value is None:
+                raise TypeError(f"PrefixModel found no value projection beside {key} in {name}")
+            layers[attention] = (key, value)
+        return layers
+
     def resolve_positions(self) -> list[str]:
         model = self.backbone_model
         config = getattr(model, "config", None)
@@ -209,6 +259,8 @@ class PrefixModel(DeltaBase):
             decoder_name = _name_of(model, decoder)
             cross = [n for n in _cache_attentions(decoder, decoder_name) if CROSS_ATTENTION.search(n.split(".")[-1])]
             return [decoder_name, *_cache_attentions(model.get_encoder(), _name_of(model, model.get_encoder())), *cross]
+        if self._row_layers:  # attention without a cache: prefix rows on each attention and its k, v
+            return [p for attention, pair in self._row_layers.items() for p in (attention, *pair)]
         if compat.cache_argument(model):
             return [""]  # decoders with an LM head
         base = getattr(model, "base_model", model)  # BertForSequenceClassification -> bert
@@ -219,12 +271,33 @@ class PrefixModel(DeltaBase):
         checkpoint holds only ``n·Σ_l 2·h_l·d_l`` numbers).  Build a new optimizer if training goes on."""
         if self.config.reparameterize:
             for delta in self.deltas.values():
-                if isinstance(delta, Prefix):
-                    delta.fold()
+                table = getattr(delta, "table", delta)
+                if isinstance(table, PrefixTable):
+                    table.fold()
             self.config.reparameterize = False
         return self
 
+    def _build_rows(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        layers = list(self._row_layers.items())
+        if position == layers[0][0]:  # the first attention holds the table of all layers
+            sizes = [[from_weights(self.backbone_model.get_submodule(p)) for p in pair] for _, pair in layers]
+            if any(size is None for pair in sizes for size in pair):
+                raise TypeError("PrefixModel puts prefix rows on linear key and value projections only")
+            self._table = PrefixTable(self.config, [(1, k.hidden_size, v.hidden_size) for k, v in sizes], seen)
+            return PrefixRows(self.config.prefix_token_num, module, self._table)
+        for index, (attention, pair) in enumerate(layers):
+            if position == attention:
+                return PrefixRows(self.config.prefix_token_num, module)
+            if position in pair:
+                return PrefixKeysValues(self._table, index, values=position == pair[1])
+        raise ValueError(f"{position} is no attention, key or value projection of the prefix rows")
+
+    def route_at(self, position: str) -> Route:
+        return Route.OUTPUT_OUTPUT if any(position in pair for pair in self._row_layers.values()) else self.route
+
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        if self._row_layers:
+            return self._build_rows(position, module, seen)
         if position != self.positions[0]:  # an encoder self-attention or a cross-attention
             cross = CROSS_ATTENTION.search(position.split(".")[-1]) is not None
             return AttentionPrefix(self._table, self._layers.index(position), module, cross)
