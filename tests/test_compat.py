@@ -52,7 +52,8 @@ def test_methods_refuse_a_model_whose_cache_argument_they_cannot_find():
     with pytest.raises(compat.CompatibilityError, match=r"cannot find the KV cache argument of RenamedCacheLlama\.forward"
                                                         r" \(looked for cache, past_key_values\) \(transformers "):
         SoftPromptModel(model, soft_token_num=2)
-    with pytest.raises(compat.CompatibilityError, match="takes a KV cache argument"):
+    with pytest.raises(compat.CompatibilityError, match=r"takes a KV cache argument \(cache or past_key_values\) or "
+                                                        r"attention whose key and value projections"):
         PrefixModel(tiny_model("gpt2").transformer.h[0].mlp, pseudo_input=torch.ones(1, 2, 32))
 
 

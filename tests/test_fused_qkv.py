@@ -182,7 +182,8 @@ def test_slice_options_are_checked():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"none of the modified modules is a fused q/k/v projection"):
         LoraModel(model, qkv_slices=["q", "v"])
-    with pytest.raises(ValueError, match=r"qkv_slices must be distinct names among \['q', 'k', 'v'\], got \['q', 'x'\]"):
+    with pytest.raises(ValueError, match=r"qkv_slices must be distinct names among \['q', 'k', 'v'\], got "
+                                         r"\['q', 'x'\]"):
         LoraModel(tiny_model("gpt2"), ["c_attn"], qkv_slices=["q", "x"])
     with pytest.raises(ValueError, match="qkv_slices must be distinct"):
         LoraModel(tiny_model("gpt2"), ["c_attn"], qkv_slices=[])

@@ -167,7 +167,8 @@ def test_prefix_rows_are_refused_where_attention_does_more_along_the_sequence():
         # Nystromformer approximates attention with landmarks computed over the whole sequence
     with pytest.raises(TypeError, match=r"NystromformerForSequenceClassification's attention does more along the "
                                         r"sequence than attend .* PrefixModel refuses it"):
-        PrefixModel(build(ZooEntry("nystromformer", "sequence-classification", "NystromformerForSequenceClassification")),
+        PrefixModel(build(ZooEntry("nystromformer", "sequence-classification",
+                                   "NystromformerForSequenceClassification")),
                     prefix_token_num=3, embed_dim=16, mid_dim=16)
     # MPNet adds a relative position bias computed for the input's length
     with pytest.raises(TypeError, match=r"adds prefix rows to MPNetForSequenceClassification's attention, which it "

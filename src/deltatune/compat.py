@@ -65,9 +65,20 @@ def cache_argument(module: nn.Module) -> str | None:
     return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
 
 
-def keeps_state(module: nn.Module) -> bool:
-    """Whether ``module.forward`` can carry anything from one call to the next (it takes ``use_cache``)."""
-    return "use_cache" in _forward_parameters(type(module))
+_STATELESS_OUTPUTS = {"loss", "logits", "hidden_states", "attentions", "cross_attentions", "aux_loss",
+                      "router_logits"}
+
+
+def keeps_state(module: nn.Module, inputs: dict[str, Any]) -> bool:
+    """Whether ``module`` returns anything a next call could continue from (a cache, a recurrent state), asked
+    for with ``use_cache=True``: the signature cannot tell, a renamed cache argument hides under ``**kwargs``."""
+    from .probe import evaluating
+
+    with evaluating(module):
+        output = module(**inputs, use_cache=True)
+    if not hasattr(output, "items"):
+        return True  # a plain tuple: nothing says what it holds
+    return any(value is not None for key, value in output.items() if key not in _STATELESS_OUTPUTS)
 
 
 def passed_cache(kwargs: dict[str, Any]) -> Cache | None:

@@ -8,8 +8,8 @@ output projection::
     x <- l_ff ⊙ x         (input -> input on the modules named in feedforward_modules, e.g. the FFN down projection)
 
 On a fused q/k/v projection the default rescales the k and v features only (``qkv_slices``, see
-:mod:`deltatune.methods.slices`).  At init every ``l`` is one, so the model is exactly unchanged.  Parameters per module: its output size (or input size
-for feed-forward modules).  Mergeable into Linear and Conv1D: ``W <- diag(l) W, b <- l ⊙ b`` on the output side,
+:mod:`deltatune.methods.slices`).  At init every ``l`` is one, so the model is exactly unchanged.  Parameters per
+module: its output size (or input size for feed-forward modules).  Mergeable into Linear and Conv1D: ``W <- diag(l) W, b <- l ⊙ b`` on the output side,
 ``W <- W diag(l)`` on the input side; being a rescaling, unmerging restores the kept original weights.
 """
 

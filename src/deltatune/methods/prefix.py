@@ -233,8 +233,10 @@ class PrefixModel(DeltaBase):
         try:
             names = common_names(model)[1]
         except ValueError as error:
-            raise TypeError(f"PrefixModel finds the key and value projections of {name} by their common names; "
-                            f"{str(error).split('; pass')[0]}") from None
+            raise compat.CompatibilityError(
+                f"PrefixModel needs a model that takes a KV cache argument ({' or '.join(compat.CACHE_ARGUMENTS)}) "
+                f"or attention whose key and value projections it finds by their common names; "
+                f"{str(error).split('; pass')[0]}") from None
         if not (names.get("k") and names.get("v")):
             raise TypeError(f"PrefixModel needs separate key and value projections in {name}'s attention (takes no "
                             f"KV cache); its common names are {sorted(names)}")

@@ -22,7 +22,8 @@ Segments = tuple[int, list[tuple[str, int]]]  # (groups, [(role, width), ...] in
 
 
 def _head_dim(attention: nn.Module) -> int:
-    return next(getattr(attention, a) for a in ("head_dim", "head_size", "attention_head_size") if hasattr(attention, a))
+    names = ("head_dim", "head_size", "attention_head_size")
+    return next(getattr(attention, a) for a in names if hasattr(attention, a))
 
 
 def _thirds(attention: nn.Module, out: int) -> Segments:

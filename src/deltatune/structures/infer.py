@@ -1,8 +1,9 @@
 """Common names for a model no family file maps, inferred from its structure.
 
 Stacks are the ``ModuleList``s of one repeated block class, or of layer/block classes (hybrid models mix attention,
-state-space and MoE layers), where a block holds an attention module (a submodule whose name or class says ``att``); lists inside another stack's blocks (MoE experts) and towers of other modalities (names
-with vision, image, audio, speech, ...) are left out, so the defaults cover the language stacks: the decoder of a
+state-space and MoE layers), where a block holds an attention module (a submodule whose name or class says
+``att``); lists inside another stack's blocks (MoE experts) and towers of other modalities (names with vision,
+image, audio, speech, ...) are left out, so the defaults cover the language stacks: the decoder of a
 causal LM, the encoder and decoder of an encoder-decoder.  In every block (they can differ: dense and MoE layers):
 
 - attention projections by role, first by name (a wide vocabulary, below), then by wiring: the three linear layers
