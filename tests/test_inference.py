@@ -175,3 +175,12 @@ def test_prefix_rows_are_refused_where_attention_does_more_along_the_sequence():
                                         r"does not run with them \(RuntimeError"):
         PrefixModel(build(ZooEntry("mpnet", "sequence-classification", "MPNetForSequenceClassification")),
                     prefix_token_num=3, embed_dim=16, mid_dim=16)
+
+
+def test_projection_names_are_read_through_wrappers_and_norm_named_attention_is_attention():
+    moshi = tiny("moshi", "MoshiForCausalLM")  # q_proj.linear: a linear layer inside a wrapper module
+    assert LoraModel(moshi).positions[:2] == ["model.layers.0.self_attn.q_proj.linear",
+                                              "model.layers.0.self_attn.v_proj.linear"]
+    prelayernorm = build(ZooEntry("roberta-prelayernorm", "sequence-classification",
+                                  "RobertaPreLayerNormForSequenceClassification"))  # ...PreLayerNormAttention
+    assert LoraModel(prelayernorm).positions[0].endswith("layer.0.attention.self.query")

@@ -110,6 +110,36 @@ def test_prefix_rows_on_attention_without_a_cache_equal_the_prefix_attention_wri
     assert torch.equal(first_output(model, batch), bare)
 
 
+def test_prefix_rows_in_a_fused_projection_equal_the_causal_prefix_attention_written_out():
+    from deltatune.zoo import ZooEntry, build
+
+    model = build(ZooEntry("openai-gpt", "causal-lm", "OpenAIGPTLMHeadModel"))  # fused c_attn, no KV cache
+    delta = PrefixModel(model, **SMALL)
+    assert delta.positions[:2] == ["transformer.h.0.attn", "transformer.h.0.attn.c_attn"]
+    batch = tiny_batch("bert")
+    attention, seen = model.transformer.h[0].attn, {}
+    handles = [model.transformer.h[0].register_forward_pre_hook(lambda m, a: seen.update(x=a[0])),
+               attention.register_forward_hook(lambda m, a, o: seen.update(out=o[0]))]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    keys, values = delta.deltas["transformer.h.0.attn"].table.key_values(range(1))[0]  # (1, n, 32) each
+    x, heads, n = seen["x"], attention.n_head, 3
+    split = lambda t: t.view(t.shape[0], -1, heads, 32 // heads).transpose(1, 2)  # noqa: E731
+    with torch.no_grad():
+        q, k, v = (x @ attention.c_attn.weight + attention.c_attn.bias).split(32, dim=2)  # unhooked Conv1D
+        k, v = (torch.cat([p.expand(2, -1, -1), t], dim=1) for p, t in ((keys, k), (values, v)))
+        scores = split(q) @ split(k).transpose(2, 3) / (32 // heads) ** 0.5
+        seven = torch.arange(7)
+        visible = torch.cat([torch.ones(7, n), (seven[None, :] <= seven[:, None]).float()], dim=1).bool()  # causal
+        visible = visible[None] & torch.cat([torch.ones(2, n), batch["attention_mask"]], dim=1).bool()[:, None]
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        by_hand = attention.c_proj((scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(x.shape))
+    torch.testing.assert_close(seen["out"][:, :5], by_hand[:, :5])  # row 0's padded tails differ in masking only
+    torch.testing.assert_close(seen["out"][1], by_hand[1])
+
+
 def test_unsupported_models_and_arguments():
     with pytest.raises(ValueError, match="takes no modified_modules"):
         PrefixModel(tiny_model("llama"), ["q_proj"])

@@ -44,11 +44,11 @@ from torch.nn import functional as F
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..addressing import resolve_positions
 from ..probe import Seen, from_weights, pseudo_inputs
+from ..structures import fused
 from ..routing import Route
 from .positions import check_room
-from .prefix_rows import PrefixKeysValues, PrefixRows, check_hidden_prefix
+from .prefix_rows import PrefixKeysValues, PrefixRows, check_hidden_prefix, row_layers
 
 CROSS_ATTENTION = re.compile(r"encdec|encoder_?attn|cross", re.IGNORECASE)  # T5, BART/Marian/…, BERT-style
 
@@ -221,34 +221,7 @@ class PrefixModel(DeltaBase):
 
     @functools.cached_property
     def _row_layers(self) -> dict[str, tuple[str, str]]:
-        """Attention -> (key, value projection) where the model takes no KV cache (see :mod:`.prefix_rows`)."""
-        model = self.backbone_model
-        base = getattr(model, "base_model", model)
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or compat.cache_argument(model) \
-                or compat.cache_argument(base):
-            return {}
-        from ..structures import common_names
-
-        name = type(model).__name__
-        try:
-            names = common_names(model)[1]
-        except ValueError as error:
-            raise compat.CompatibilityError(
-                f"PrefixModel needs a model that takes a KV cache argument ({' or '.join(compat.CACHE_ARGUMENTS)}) "
-                f"or attention whose key and value projections it finds by their common names; "
-                f"{str(error).split('; pass')[0]}") from None
-        if not (names.get("k") and names.get("v")):
-            raise TypeError(f"PrefixModel needs separate key and value projections in {name}'s attention (takes no "
-                            f"KV cache); its common names are {sorted(names)}")
-        keys, values = (resolve_positions(model, names[role]) for role in ("k", "v"))
-        layers = {}
-        for key in keys:
-            attention = key.rpartition(".")[0]
-            value = next((v for v in values if v.rpartition(".")[0] == attention), None)
-            if value is None:
-                raise TypeError(f"PrefixModel found no value projection beside {key} in {name}")
-            layers[attention] = (key, value)
-        return layers
+        return row_layers(self.backbone_model)
 
     def resolve_positions(self) -> list[str]:
         model = self.backbone_model
@@ -262,7 +235,7 @@ class PrefixModel(DeltaBase):
             cross = [n for n in _cache_attentions(decoder, decoder_name) if CROSS_ATTENTION.search(n.split(".")[-1])]
             return [decoder_name, *_cache_attentions(model.get_encoder(), _name_of(model, model.get_encoder())), *cross]
         if self._row_layers:  # attention without a cache: prefix rows on each attention and its k, v
-            return [p for attention, pair in self._row_layers.items() for p in (attention, *pair)]
+            return list(dict.fromkeys(p for attention, pair in self._row_layers.items() for p in (attention, *pair)))
         if compat.cache_argument(model):
             return [""]  # decoders with an LM head
         base = getattr(model, "base_model", model)  # BertForSequenceClassification -> bert
@@ -282,17 +255,32 @@ class PrefixModel(DeltaBase):
     def _build_rows(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
         layers = list(self._row_layers.items())
         if position == layers[0][0]:  # the first attention holds the table of all layers
-            sizes = [[from_weights(self.backbone_model.get_submodule(p)) for p in pair] for _, pair in layers]
-            if any(size is None for pair in sizes for size in pair):
-                raise TypeError("PrefixModel puts prefix rows on linear key and value projections only")
-            self._table = PrefixTable(self.config, [(1, k.hidden_size, v.hidden_size) for k, v in sizes], seen)
+            sizes = [[len(t) if isinstance(t, torch.Tensor) else from_weights(self.backbone_model.get_submodule(p))
+                      .hidden_size for p, t in zip(pair, self._targets(pair))] for _, pair in layers]
+            self._table = PrefixTable(self.config, [(1, *pair) for pair in sizes], seen)
             return PrefixRows(self.config.prefix_token_num, module, self._table)
         for index, (attention, pair) in enumerate(layers):
             if position == attention:
                 return PrefixRows(self.config.prefix_token_num, module)
             if position in pair:
-                return PrefixKeysValues(self._table, index, values=position == pair[1])
+                keys, values = self._targets(pair)
+                return PrefixKeysValues(self._table, index, keys if position == pair[0] else False,
+                                        values if position == pair[1] else False)
         raise ValueError(f"{position} is no attention, key or value projection of the prefix rows")
+
+    def _targets(self, pair: tuple[str, str]) -> tuple[torch.Tensor | bool, torch.Tensor | bool]:
+        """Which output features take the keys and the values: all (True), or a fused projection's k and v."""
+        for position in pair:
+            if from_weights(self.backbone_model.get_submodule(position)) is None:
+                raise TypeError(f"PrefixModel puts prefix rows on linear key and value projections, not {position}")
+        if pair[0] != pair[1]:
+            return True, True
+        module = self.backbone_model.get_submodule(pair[0])
+        rows = fused.qkv_rows(self.backbone_model, pair[0], from_weights(module).hidden_size)
+        if rows is None:
+            raise TypeError(f"PrefixModel needs the q/k/v layout of {pair[0]} to put prefix keys and values in it; "
+                            f"known layouts: {', '.join(fused.known_layouts())}")
+        return rows["k"], rows["v"]
 
     def route_at(self, position: str) -> Route:
         return Route.OUTPUT_OUTPUT if any(position in pair for pair in self._row_layers.values()) else self.route

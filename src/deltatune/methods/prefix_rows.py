@@ -19,8 +19,41 @@ import torch
 from torch import nn
 
 from .. import compat
+from ..addressing import resolve_positions
 from ..probe import evaluating, first_tensor
 from ..routing import _positional_names
+from ..structures import common_names
+
+
+def row_layers(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Attention -> (key, value projection) where the model takes no KV cache (both the fused q/k/v projection
+    where it has one); empty where it takes a cache."""
+    base = getattr(model, "base_model", model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or compat.cache_argument(model) \
+            or compat.cache_argument(base):
+        return {}
+    name = type(model).__name__
+    try:
+        names = common_names(model)[1]
+    except ValueError as error:
+        raise compat.CompatibilityError(
+            f"PrefixModel needs a model that takes a KV cache argument ({' or '.join(compat.CACHE_ARGUMENTS)}) "
+            f"or attention whose key and value projections it finds by their common names; "
+            f"{str(error).split('; pass')[0]}") from None
+    if names.get("qkv") and not (names.get("k") or names.get("v")):  # fused: keys and values are slices of it
+        return {p.rpartition(".")[0]: (p, p) for p in resolve_positions(model, names["qkv"])}
+    if not (names.get("k") and names.get("v")):
+        raise TypeError(f"PrefixModel needs the key and value projections of {name}'s attention (takes no KV "
+                        f"cache); its common names are {sorted(names)}")
+    keys, values = (resolve_positions(model, names[role]) for role in ("k", "v"))
+    layers = {}
+    for key in keys:
+        attention = key.rpartition(".")[0]
+        value = next((v for v in values if v.rpartition(".")[0] == attention), None)
+        if value is None:
+            raise TypeError(f"PrefixModel found no value projection beside {key} in {name}")
+        layers[attention] = (key, value)
+    return layers
 
 
 def _extended(mask: torch.Tensor | None, n: int, visible: bool, like: torch.Tensor) -> torch.Tensor | None:
@@ -76,17 +109,24 @@ class PrefixRows(nn.Module):
 
 
 class PrefixKeysValues(nn.Module):
-    """On a key or value projection: its first ``n`` output rows (the zero rows) replaced by the layer's prefix."""
+    """On a key or value projection, or a fused q/k/v one: the first ``n`` output rows (from the zero rows) take the
+    layer's prefix keys and/or values, on all output features or on the given ones (a fused projection's slices)."""
 
-    def __init__(self, table: nn.Module, layer: int, values: bool) -> None:
+    def __init__(self, table: nn.Module, layer: int, keys: torch.Tensor | bool, values: torch.Tensor | bool) -> None:
         super().__init__()
         self._table = [table]  # in a list: the table belongs to the layer's PrefixRows
-        self.layer, self.values = layer, values
+        self.layer, self.targets = layer, (keys, values)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         table = self._table[0]
-        prefix = table.key_values(range(self.layer, self.layer + 1))[0][int(self.values)]  # (1, n, features)
-        return torch.cat([prefix.expand(h.shape[0], -1, -1).to(h.dtype), h[:, table.length:]], dim=1)
+        first = h[:, :table.length]
+        for prefix, target in zip(table.key_values(range(self.layer, self.layer + 1))[0], self.targets):
+            prefix = prefix.expand(h.shape[0], -1, -1).to(h.dtype)  # (batch, n, features)
+            if target is True:
+                first = prefix
+            elif target is not False:
+                first = first.index_copy(-1, target.to(h.device), prefix)
+        return torch.cat([first, h[:, table.length:]], dim=1)
 
 
 def check_hidden_prefix(model: nn.Module, rows: list[PrefixRows], attach, detach, inputs: dict) -> None:

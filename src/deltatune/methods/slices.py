@@ -15,12 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import Conv1D
 from ..config import DeltaConfig
-from ..structures import fused
+from ..probe import from_weights
+from ..structures import QKV, fused
 from ..structures.infer import looks_fused
-
-QKV = ("q", "k", "v")
 
 
 @dataclass
@@ -43,12 +41,6 @@ def spread(values: torch.Tensor, rows: torch.Tensor | None, size: int, fill: flo
     return torch.full((size,), fill, device=values.device, dtype=values.dtype).index_copy(0, rows, values)
 
 
-def _out_features(module: torch.nn.Module) -> int | None:
-    if isinstance(module, Conv1D):
-        return module.weight.shape[1]
-    return module.weight.shape[0] if isinstance(module, torch.nn.Linear) else None
-
-
 class FusedSlices:
     """Mixin for a :class:`~deltatune.DeltaBase` method whose config is a :class:`SlicedConfig`."""
 
@@ -59,9 +51,8 @@ class FusedSlices:
             return {}
         found = {}
         for position in self.positions:
-            module = self.backbone_model.get_submodule(position)
-            out = _out_features(module)
-            rows = fused.qkv_rows(self.backbone_model, position, out) if out else None
+            seen = from_weights(self.backbone_model.get_submodule(position))  # a linear layer's output features
+            rows = fused.qkv_rows(self.backbone_model, position, seen.hidden_size) if seen else None
             if rows is None and looks_fused(position):
                 attention = type(self.backbone_model.get_submodule(position.rpartition(".")[0])).__name__
                 raise TypeError(f"{type(self).__name__} cannot take the {'/'.join(chosen)} slices of {position}: the "

@@ -67,7 +67,7 @@ def _attention_modules(block: nn.Module) -> list[str]:
         if any(name.startswith(f + ".") for f in found):
             continue
         if (ATTENTION.search(name.rsplit(".", 1)[-1]) or ATTENTION.search(type(module).__name__)) and \
-                "norm" not in type(module).__name__.lower() and any(_is_linear(m) for m in module.modules()):
+                not AUXILIARY.search(type(module).__name__) and any(_is_linear(m) for m in module.modules()):
             found.append(name)
     return found
 
@@ -100,7 +100,7 @@ def _hidden_size(block: nn.Module) -> int | None:
 
 def _role(name: str, *roles: str) -> str | None:
     last = name.rsplit(".", 1)[-1].replace("-", "_")
-    if re.fullmatch(r"\d+", last):  # a projection inside a ModuleList (to_out.0)
+    if re.fullmatch(r"\d+|linear", last) and name.count("."):  # inside a list (to_out.0) or a wrapper (q_proj.linear)
         last = name.rsplit(".", 2)[-2]
     return next((r for r in roles if _ROLE[r].fullmatch(last)), None)
 
@@ -128,7 +128,7 @@ def _attention_roles(attention: str, linears: dict[str, nn.Module], hidden: int)
 
 # Modules whose linear layers are neither attention projections nor a feed-forward: gated norms' small MLPs, the
 # token-selecting indexer of sparse attention (DeepSeek-V3.2 style)
-AUXILIARY = re.compile(r"norm|indexer", re.IGNORECASE)
+AUXILIARY = re.compile(r"(norm|indexer)$", re.IGNORECASE)  # by class name: RobertaPreLayerNormAttention is attention
 
 
 def _block_roles(block: nn.Module) -> dict[str, list[str]]:
@@ -179,7 +179,7 @@ def _sublayers(block: nn.Module, attentions: list[str]) -> dict[str, nn.Module]:
             found.update({f"{name}.{i}.{n}": m for i, layer in enumerate(child) for n, m in layer.named_children()})
         else:
             found[name] = child
-    return {n: m for n, m in found.items() if "norm" not in type(m).__name__.lower()
+    return {n: m for n, m in found.items() if not AUXILIARY.search(type(m).__name__)
             and not any(n == a or n.startswith(a + ".") or a.startswith(n + ".") for a in attentions)}
 
 
