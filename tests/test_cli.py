@@ -41,7 +41,8 @@ def test_bad_model_and_bad_delta_folder_are_clear_errors(tmp_path, capsys):
 def test_select_without_a_submission_times_out_cleanly(capsys):
     assert main(["select", "minilm-l6", "--timeout", "1"]) == 2
     captured = capsys.readouterr()
-    assert "Choose the modules to modify at http://127.0.0.1:" in captured.out
+    assert captured.out == ""  # stdout holds only the result: `deltatune select MODEL > mods.json`
+    assert "Choose the modules to modify at http://127.0.0.1:" in captured.err
     assert "no selection was submitted within 1 s; the selector has stopped" in captured.err
 
 
@@ -52,3 +53,32 @@ def test_help_states_every_default(capsys):
     for option, default in [("--epochs EPOCHS", "1"), ("--lr LR", "0.001"), ("--batch-size BATCH_SIZE", "32"),
                             ("--seed SEED", "0"), ("--out OUT", "out/train"), ("--text-column TEXT_COLUMN", "text")]:
         assert re.search(re.escape(option) + r" [^()]*\(default: " + re.escape(default) + r"\)", text), option
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"num_labels": 2, "trust_remote_code": True}, r"sets backbone options \['trust_remote_code'\]; a run folder may "
+                                                   r"record only \['id2label', 'label2id', 'num_labels'\]"),
+    ({"num_labels": "2"}, r"backbone options \['num_labels'\] have the wrong type"),
+    ([], "backbone_options must be a mapping"),
+])
+def test_a_run_folder_cannot_set_options_that_load_code(minilm_path, tmp_path, capsys, options, message,
+                                                       monkeypatch):
+    import transformers as tf
+
+    from deltatune.cli import show
+
+    run = tmp_path / "run"
+    LoraModel(tf.AutoModel.from_pretrained(minilm_path), ["query"]).save_finetuned(run / "delta")
+    (run / "training.json").write_text(json.dumps({"backbone_options": options}))
+    loaded = []
+    monkeypatch.setattr(show, "load_backbone", lambda *a, **k: loaded.append(k))
+    assert main(["show", str(minilm_path), "--delta", str(run)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert loaded == []  # refused before any model is loaded
+
+
+def test_a_run_folder_with_broken_json_names_the_file(tmp_path, capsys):
+    (tmp_path / "delta").mkdir()
+    (tmp_path / "training.json").write_text("{not json")
+    assert main(["show", "minilm-l6", "--delta", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'training.json'} is not valid JSON" in capsys.readouterr().err

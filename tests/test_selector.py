@@ -239,3 +239,20 @@ def test_ctrl_c_stops_the_server_and_propagates(tiny, monkeypatch):
             urlsplit(line.split(" at ")[1].split()[0]).port))
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", ports[0]), timeout=2)
+
+
+def test_the_select_command_writes_only_the_chosen_names_to_stdout(monkeypatch, capsys):
+    from deltatune.cli import main
+    from deltatune.cli import select as command
+
+    original = command.select_modules
+
+    def call(announce):  # the command, with the URL also handed to the test
+        monkeypatch.setattr(command, "select_modules", lambda *a, **k: original(*a, announce=announce, **k))
+        return main(["select", "minilm-l6"])
+
+    running = Running(call)
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value"]
+    assert running.post("/api/submit", {"modules": names})[0] == 200
+    assert running.result() == 0
+    assert json.loads(capsys.readouterr().out) == names  # `deltatune select MODEL > mods.json` gives JSON

@@ -17,14 +17,39 @@ def read_run(folder: str | Path) -> tuple[dict[str, Any], Path]:
         raise FileNotFoundError(f"{folder} is not a run folder of deltatune train: it has no {TRAINING_FILE}")
     if not (folder / "delta").is_dir():
         raise FileNotFoundError(f"{folder} holds no trained delta yet ({folder / 'delta'} is missing)")
-    return json.loads((folder / TRAINING_FILE).read_text()), folder / "delta"
+    try:
+        record = json.loads((folder / TRAINING_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{folder / TRAINING_FILE} is not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{folder / TRAINING_FILE} holds a {type(record).__name__}, not a training record")
+    return record, folder / "delta"
+
+
+# The only from_pretrained options a run folder may record: a head's labels.  A run folder someone sends you is
+# untrusted input, so nothing that loads code (trust_remote_code, a code revision) is ever taken from it.
+RECORDED_OPTIONS = {"num_labels": int, "id2label": dict, "label2id": dict}
 
 
 def delta_and_options(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     """A delta folder and the ``from_pretrained`` options its backbone needs: a run folder's ``delta/`` and
     recorded options (e.g. the number of labels of its head), or a plain delta folder and none."""
     folder = Path(folder)
-    if (folder / TRAINING_FILE).exists():
-        record, delta = read_run(folder)
-        return delta, record.get("backbone_options", {})
-    return folder, {}
+    if not (folder / TRAINING_FILE).exists():
+        return folder, {}
+    record, delta = read_run(folder)
+    options = record.get("backbone_options", {})
+    source = folder / TRAINING_FILE
+    if not isinstance(options, dict):
+        raise ValueError(f"{source}: backbone_options must be a mapping, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(RECORDED_OPTIONS))
+    if unknown:
+        raise ValueError(f"{source} sets backbone options {unknown}; a run folder may record only "
+                         f"{sorted(RECORDED_OPTIONS)} (options such as trust_remote_code are taken from your own "
+                         "command line only, never from a file)")
+    wrong = [k for k, kind in RECORDED_OPTIONS.items() if k in options and
+             (not isinstance(options[k], kind) or isinstance(options[k], bool))]
+    if wrong:
+        raise ValueError(f"{source}: backbone options {wrong} have the wrong type (num_labels an integer, "
+                         "id2label and label2id mappings)")
+    return delta, options

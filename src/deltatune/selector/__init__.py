@@ -1,13 +1,14 @@
 """Choose ``modified_modules`` by clicking: a local web page with the folded module tree.
 
 :func:`select_modules` serves the page on 127.0.0.1 (never another interface) with a per-session token, prints
-the URL, and returns the ticked modules' full names when the user submits.  The page previews what a name or
+the URL (to stderr: stdout is left for results), and returns the ticked modules' full names when the user submits.  The page previews what a name or
 ``[r]regex`` matches (with the same addressing rules as ``modified_modules``) and the delta's parameter count for
 the current selection, computed by building the delta without attaching it.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 from torch import nn
@@ -62,7 +63,7 @@ def select_modules(
     *,
     port: int = 0,
     timeout: float = 600.0,
-    announce: Callable[[str], Any] = print,
+    announce: Callable[[str], Any] | None = None,
     **hyperparameters: Any,
 ) -> list[str]:
     """Serve the selector for ``model`` and wait for the user's Submit; return the chosen full module names.
@@ -78,6 +79,7 @@ def select_modules(
     result: list[str] = []
     server = SelectorServer(lambda token: selector_html({**data, "token": token}),
                             _api(model, delta_type, hyperparameters, result), port).start()
+    announce = announce or (lambda line: print(line, file=sys.stderr))  # stdout is for results
     announce(f"Choose the modules to modify at {server.url}  (Ctrl-C cancels; closes in {timeout:.0f} s)")
     try:
         if not server.finished.wait(timeout):
