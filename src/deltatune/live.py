@@ -20,6 +20,10 @@ def add(delta: DeltaBase) -> None:
     _LIVE.setdefault(delta.backbone_model, weakref.WeakSet()).add(delta)
 
 
+def deltas_on(backbone: nn.Module) -> list[DeltaBase]:
+    return list(_LIVE.get(backbone, ()))
+
+
 def names_on(backbone: nn.Module) -> set[str]:
     return {delta.name for delta in _LIVE.get(backbone, ())}
 

@@ -28,6 +28,8 @@ _MERGEABLE = (nn.Linear, Conv1D, nn.LayerNorm, *CHANNEL_FIRST)
 class BiasShift(nn.Module):
     """``h <- h + Δb``."""
 
+    adds_constant = True  # merges beside other deltas: a constant commutes with the terms they add
+
     def __init__(self, seen: Seen, axis: int, rows: torch.Tensor | None = None) -> None:
         super().__init__()
         self.size = size = seen.output_shape[axis]
