@@ -12,11 +12,29 @@ from . import assets
 from .checkpoint import read_config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def model_path(spec: str) -> str:
-    """An asset name becomes its cached folder (fetched if needed); anything else is returned for from_pretrained."""
+    """An asset name becomes its cached folder (fetched if needed), a local folder or an ``owner/name`` hub id is
+    returned for from_pretrained; anything else is an error at once (not after the hub times out)."""
     if spec in assets.MODELS:
         return str(assets.MODELS[spec]())
+    if not Path(spec).exists() and "/" not in spec:
+        raise ValueError(f"{spec!r} is not a model asset ({', '.join(assets.MODELS)}), a local folder, "
+                         "or a hub id of the form owner/name")
     return spec
+
+
+def tokenizer_path(spec: str) -> str:
+    """:func:`model_path`, for a tokenizer: a local folder must hold one (else transformers would build a tiny
+    all-unknown vocabulary and train on it)."""
+    path = model_path(spec)
+    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(f"{spec} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's "
+                         "tokenizer into that folder")
+    return path
 
 
 def model_class(path: str, class_name: str | None = None) -> type:
@@ -33,9 +51,6 @@ def load_backbone(spec: str, class_name: str | None = None, **options: Any) -> n
     """The model ``spec`` names, in eval mode.  ``options`` go to ``from_pretrained`` (e.g. ``num_labels``; with
     ``output_loading_info=True`` the result is ``(model, info)`` as there)."""
     path = model_path(spec)
-    if not Path(path).exists() and "/" not in path:
-        raise ValueError(f"{spec!r} is not a model asset ({', '.join(assets.MODELS)}), a local folder, "
-                         "or a hub id of the form owner/name")
     try:
         loaded = model_class(path, class_name).from_pretrained(path, **options)
     except OSError as error:

@@ -15,6 +15,7 @@ from ..training import report
 from ..training.loop import evaluate
 from ..training.objectives import make_objective
 from .data_options import add_data_arguments, data_source, load_source
+from .options import check_counts
 from .train import subset
 from .training_info import read_run
 
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_counts(max_eval_examples=args.max_eval_examples)
     record, delta_folder = read_run(args.delta)
     named = args.task is not None or args.data is not None or args.dataset is not None
     task = load_source(data_source(args) if named else record["data"])

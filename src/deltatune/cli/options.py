@@ -6,6 +6,13 @@ import json
 from typing import Any
 
 
+def check_counts(**counts: int | None) -> None:
+    """Each given count (``--max-length`` and the like) is at least 1: 0 or -1 would silently mean "all"."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     options = {}
     for item in items:

@@ -20,7 +20,7 @@ from ..training import loop, report
 from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
 from .data_options import add_data_arguments, data_source, load_source
-from .options import parse_overrides
+from .options import check_counts, parse_overrides
 from .training_info import TRAINING_FILE
 
 
@@ -49,11 +49,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def delta_options(items: list[str]) -> dict:
+    source, text = None, None
     if len(items) == 1 and items[0].lstrip().startswith("{"):
-        return json.loads(items[0])
-    if len(items) == 1 and items[0].endswith(".json") and Path(items[0]).is_file():
-        return json.loads(Path(items[0]).read_text())
-    return parse_overrides(items)
+        source, text = "--delta-config", items[0]
+    elif len(items) == 1 and items[0].endswith(".json") and Path(items[0]).is_file():
+        source, text = f"--delta-config file {items[0]}", Path(items[0]).read_text()
+    if text is None:
+        return parse_overrides(items)
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{source} must be a JSON object of delta options, got {type(options).__name__}")
+    return options
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -62,6 +71,8 @@ def run(args: argparse.Namespace) -> dict:
                                   save_steps=args.save_steps)
     if args.delta not in DELTA_TYPES:
         raise ValueError(f"unknown delta type {args.delta!r}; known: {', '.join(sorted(DELTA_TYPES))}")
+    check_counts(max_length=args.max_length, max_train_examples=args.max_train_examples,
+                 max_eval_examples=args.max_eval_examples)
     record = {"backbone": args.backbone, "objective": args.objective, "data": data_source(args),
               "delta": args.delta, "delta_config": delta_options(args.delta_config), "max_length": args.max_length,
               "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
@@ -75,6 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     delta = DELTA_TYPES[args.delta](objective.model, **record["delta_config"])
     delta.freeze_module(exclude=["deltas", *objective.head])
     record.update(labels=task.labels, backbone_options=objective.backbone_options, head=objective.head)
+    _check_fits(objective, delta, task, args.max_length)
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(args.out / TRAINING_FILE, record)
     print(f"{task.name}: {task.sizes()}; {type(delta).__name__} on {len(delta.positions)} modules of "
@@ -109,6 +121,18 @@ def _print_results(metrics: dict, task, out: Path, picture: Path | None) -> None
         ("delta checkpoint", f"{out / 'delta'} ({metrics['checkpoint_bytes'] / 1024:.0f} KiB)"),
         ("metrics", f"{out / 'metrics.json'}" + (f", {picture}" if picture else " (no plot: pip install matplotlib)")),
     ])
+
+
+def _check_fits(objective, delta, task, max_length: int) -> None:
+    """One forward pass on an input of ``max_length`` tokens before anything is written: settings the model cannot
+    run (more positions than it embeds, with a prompt) fail here, not after training.json is in the run folder."""
+    longest = " ".join(["a"] * max_length)
+    try:
+        with torch.no_grad():
+            objective.loss([(longest, 0)])
+    except (ValueError, RuntimeError, IndexError) as error:
+        raise ValueError(f"{delta.delta_type} on {type(objective.model).__name__} cannot run inputs of "
+                         f"--max-length {max_length} ({type(error).__name__}: {str(error).splitlines()[0]})") from None
 
 
 def subset(task, train: int | None, evaluation: int | None):

@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..loading import load_backbone, model_path
+from ..loading import load_backbone, tokenizer_path
 from .data import Rows, Task
 
 PROMPT_SUFFIX = "\nAnswer:"
@@ -115,7 +115,7 @@ OBJECTIVES = {"classify": Classify, "label-words": LabelWords}
 
 
 def _tokenizer(backbone: str):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path(backbone))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(backbone))
     if tokenizer.pad_token is None:  # LLaMA-family tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

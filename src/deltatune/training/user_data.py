@@ -45,6 +45,16 @@ def _records(path: Path) -> tuple[list[dict], list[str]]:
     return records, columns
 
 
+def _label(value) -> str:
+    """A label as text; numbers written differently (``1``, ``1.0``, ``1e0``) are one label, ``1``."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
 def read_pairs(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
     records, columns = _records(path)
     missing = [c for c in (text_column, label_column) if c not in columns]
@@ -56,7 +66,7 @@ def read_pairs(path: Path, text_column: str, label_column: str) -> list[tuple[st
         text, label = record.get(text_column), record.get(label_column)
         if text in (None, "") or label in (None, ""):
             raise ValueError(f"{path} row {number} has an empty {text_column!r} or {label_column!r}")
-        pairs.append((str(text), str(label)))
+        pairs.append((str(text), _label(label)))
     return pairs
 
 
