@@ -382,3 +382,20 @@ def test_names_stay_reserved_while_a_delta_is_detached_or_merged():
     assert (bitfit.name, again.name) == ("bitfit", "bitfit_1")
     with pytest.raises(ValueError, match="a delta named 'lora' already exists on this backbone"):
         LoraModel(model, ["value"], name="lora")
+
+
+def test_a_frozen_state_dict_says_it_is_a_subset_once(tmp_path):
+    from deltatune.base import DeltaStateDictWarning
+
+    model = tiny_model("bert")
+    lora = LoraModel(model, ["query"]).freeze_module()
+    with pytest.warns(DeltaStateDictWarning, match=r"state_dict\(\) holds only the \d+ trainable tensors while "
+                                                   r"delta 'lora' has frozen the backbone .* reloads with a random"):
+        model.save_pretrained(tmp_path / "subset")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeltaStateDictWarning)
+        assert set(model.state_dict()) == {k for k, p in model.named_parameters() if p.requires_grad}  # once only
+    lora.unfreeze_module()
+    assert len(model.state_dict()) > 4 * len(lora.positions)  # the whole model again

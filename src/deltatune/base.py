@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
@@ -18,6 +19,11 @@ from .probe import Seen, probe, reached
 from .routing import Route
 
 DELTA_TYPES: dict[str, type[DeltaBase]] = {}
+
+
+class DeltaStateDictWarning(UserWarning):
+    """The backbone's ``state_dict()`` is a subset: only the trainable tensors of a frozen backbone."""
+
 _creation = itertools.count()  # fixes the order in which deltas on one module run
 
 
@@ -124,6 +130,7 @@ class DeltaBase:
         self._state_dict_hook = None
         self._filter_state_dict = False
         self._frozen_from: dict[str, bool] | None = None
+        self._told_subset = False
         if attach:
             self.attach()
 
@@ -298,8 +305,17 @@ class DeltaBase:
     def _hook_state_dict(self) -> None:
         def only_trainable(module, state_dict, prefix, local_metadata):
             trainable = {prefix + k for k, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
-            for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+            left_out = [k for k in state_dict if k.startswith(prefix) and k not in trainable]
+            for key in left_out:
                 del state_dict[key]
+            if left_out and not self._told_subset:  # a model saved from this subset reloads with a random backbone
+                self._told_subset = True
+                warnings.warn(
+                    f"state_dict() holds only the {len(state_dict)} trainable tensors while delta {self.name!r} has "
+                    f"frozen the backbone (freeze_module(set_state_dict=True)), {len(left_out)} left out: a model "
+                    "saved from it (save_pretrained) reloads with a random backbone. Save the delta with "
+                    "save_finetuned(), or call unfreeze_module() before saving the whole model.",
+                    DeltaStateDictWarning, stacklevel=2)
 
         self._state_dict_hook = self.backbone_model.register_state_dict_post_hook(only_trainable)
 
