@@ -146,3 +146,32 @@ def test_killed_saves_leave_a_complete_pair_and_never_touch_other_files(tmp_path
         os.listdir(folder))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], os.listdir(tmp_path)
 
+
+
+def _save_in_step(root, barrier, errors, which: int) -> None:
+    from deltatune import checkpoint
+
+    config = {"format_version": 1, "delta_type": "lora", "config": {}, "positions": [], "backbone": {}, "who": which}
+    for i in range(20):
+        barrier.wait()  # both processes create folder i at the same moment
+        try:
+            checkpoint.write(root / f"c{i}", config, {"t": torch.full((4,), float(which))})
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            errors.put(f"{type(error).__name__}: {error}")
+
+
+def test_two_processes_saving_to_one_folder_both_succeed_and_leave_a_matching_pair(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier, errors = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=_save_in_step, args=(tmp_path, barrier, errors, w)) for w in (1, 2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    found = [errors.get() for _ in range(errors.qsize())]
+    assert found == [] and all(w.exitcode == 0 for w in workers)
+    for i in range(20):  # whichever save came last, its weights and config belong together
+        assert read_tensors(tmp_path / f"c{i}")["t"][0].item() == read_config(tmp_path / f"c{i}")["who"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -66,7 +66,9 @@ def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, 
     change: the weights file, which carries a copy of the config in its metadata, is replaced first (the commit
     point), then ``config_file``; :func:`read_config` reads the weights' copy when the two files' ``save_id``
     differ (a crash fell between the two replacements).
-    Leftovers of interrupted saves are removed.  Files and folders get the permissions of the user's umask."""
+    Leftovers of interrupted saves are removed.  Files and folders get the permissions of the user's umask.  Saves
+    from several processes to one folder each leave a complete checkpoint (the last one to replace the weights
+    wins)."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / config_file).exists())):
         raise FileExistsError(f"{folder} exists and is not a delta checkpoint; refusing to overwrite it")
@@ -98,8 +100,10 @@ def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, 
         _write_text(staging / config_file, text)
         _readable(staging / weights_file, staging / config_file)
         staging.rename(folder)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and (folder / config_file).exists():  # another process saved it meanwhile:
+            return write(folder, config, tensors, config_file, weights_file, paired)  # update that one in place
         raise
     return folder
 
