@@ -38,10 +38,15 @@ CASES = [
     (["train", "--delta", "soft_prompt", "--delta-config", "soft_token_num=100", "--max-length", "512"],
      "soft_prompt on BertForSequenceClassification cannot run inputs of --max-length 512 (ValueError: the soft "
      "prompt (100) and an input of 512 tokens need 612 positions, but the model embeds only 512"),
+    (["train", "--warmup-ratio", "2"], "warmup_ratio must be between 0 and 1, got 2.0"),
+    (["train", "--data", "{folder}"], "is not a file"),
     (["eval", "--delta", "{folder}/run"], "run/training.json is not valid JSON"),
     (["eval", "--delta", "{folder}/run", "--max-eval-examples", "0"], "--max-eval-examples must be at least 1"),
     (["show", "nope-model"], "'nope-model' is not a model asset"),
+    (["show", "minilm-l6", "--width", "0"], "--width must be at least 1, got 0"),
+    (["show", "minilm-l6", "--json", "{folder}/no/such/folder/tree.json"], "its folder does not exist"),
     (["select", "minilm-l6", "--delta", "nope"], "unknown delta type 'nope'"),
+    (["select", "minilm-l6", "--port", "99999"], "--port must be between 0 (a free one) and 65535, got 99999"),
 ]
 
 
@@ -49,7 +54,8 @@ CASES = [
 def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(folder, capsys, command, message):
     command = [part.replace("{folder}", str(folder)) for part in command]
     if command[0] == "train":
-        command += ["--data", str(folder / "d.csv"), "--out", str(folder / "out")]
+        command += [] if "--data" in command else ["--data", str(folder / "d.csv")]
+        command += ["--out", str(folder / "out")]
     assert main(command) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"deltatune {command[0]}: error: ") and err.count("\n") == 1, err

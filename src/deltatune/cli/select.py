@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 (a free one) and 65535, got {args.port}")
     model = load_backbone(args.model)
     names = select_modules(model, args.delta, port=args.port, timeout=args.timeout, **parse_overrides(args.set))
     print(json.dumps(names, indent=1))

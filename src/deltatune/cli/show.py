@@ -7,10 +7,12 @@ backbone class is the one the delta was saved on, and the delta is loaded and ma
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..base import DeltaBase
 from ..loading import backbone_of_checkpoint, load_backbone
 from ..visualization import Visualization
+from .options import check_counts
 from .training_info import delta_and_options
 
 
@@ -24,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_counts(width=args.width)
+    for output in filter(None, (args.json, args.html)):  # before anything is printed
+        if not Path(output).resolve().parent.is_dir():
+            raise FileNotFoundError(f"cannot write {output}: its folder does not exist")
     common = not args.no_common_names
     if args.delta:
         folder, options = delta_and_options(args.delta)

@@ -48,6 +48,8 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio must be between 0 and 1, got {self.warmup_ratio}")
 
 
 @dataclass

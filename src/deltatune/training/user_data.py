@@ -13,7 +13,8 @@ from .data import Rows, Task, fractions, split_off
 def _records(path: Path) -> tuple[list[dict], list[str]]:
     """(records, column names) of a .csv/.tsv or .jsonl/.json-lines file."""
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist" if not path.exists() else
+                                f"data file {path} is not a file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
