@@ -4,8 +4,9 @@ round trips and torch.compile over several deltas of different methods on one ti
 Invariants checked after every step: the backbone's own state-dict keys never change; a merge keeps the outputs
 (1e-5); a dtype round trip and a compiled model give the same outputs; saving every attached delta and loading them
 onto a fresh model reproduces the outputs bit for bit; and at the end, taking every delta off gives the bare model
-back (bit for bit unless a merge was undone by subtraction, then within 1e-5).  Examples are derandomized and
-bounded, so the suite stays fast and reproducible.
+back (bit for bit unless a merge was undone by subtraction, then within 1e-5).  A second test allows every
+operation in every state, on deltas that overlap on one module: each either keeps the invariants or is refused
+without changing anything.  Examples are derandomized and bounded, so the suite stays fast and reproducible.
 """
 
 import tempfile
@@ -16,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deltatune import AdapterModel, BitFitModel, DeltaBase, LoraModel, PrefixModel, SoftPromptModel
+from deltatune import AdapterModel, BitFitModel, DeltaBase, IA3Model, LoraModel, PrefixModel, SoftPromptModel
 
 from conftest import first_output, tiny_batch, tiny_model
 
@@ -110,4 +111,59 @@ def test_random_lifecycles_keep_every_invariant(steps):
         torch.testing.assert_close(_output(model), bare, rtol=0, atol=1e-5)
     else:
         assert torch.equal(_output(model), bare), "taking every delta off gives the bare model back"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# Unrestricted: any operation on any delta in any state, with deltas that overlap on one module (LoRA, DoRA,
+# (IA)³, BitFit on the query projection).  Each operation either keeps every invariant or is refused with an error
+# that changes nothing: the same outputs, the same states.
+ANY_BUILDERS = {
+    **BUILDERS,
+    "dora": lambda m: LoraModel(m, ["query"], lora_r=2, use_dora=True),
+    "ia3": lambda m: IA3Model(m, ["query", "value"]),
+}
+ANY_STEPS = ["build", "detach", "attach", "merge", "merge_exact", "unmerge", "save_load", "dtype"]
+REFUSALS = (ValueError, RuntimeError, TypeError)
+
+
+def _state(deltas: list[DeltaBase]) -> list[tuple[bool, bool]]:
+    return [(d.attached, d.merged) for d in deltas]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(ANY_STEPS), st.sampled_from(sorted(ANY_BUILDERS)), st.integers(0, 7)),
+                min_size=3, max_size=14))
+def test_unrestricted_lifecycles_keep_every_invariant_or_refuse_without_changing_anything(steps):
+    model = tiny_model("bert")
+    bare = _output(model)
+    deltas: list[DeltaBase] = []
+    for step, method, index in steps:
+        delta = deltas[index % len(deltas)] if deltas else None
+        before, states = _output(model), _state(deltas)
+        try:
+            if step == "build" or delta is None:
+                delta = ANY_BUILDERS[method](model)
+                _randomize(delta, len(deltas))
+                deltas.append(delta)
+                continue
+            if step == "save_load":
+                with tempfile.TemporaryDirectory() as folder:
+                    DeltaBase.from_finetuned(delta.save_finetuned(folder), tiny_model("bert"), name=delta.name)
+            elif step == "dtype":
+                model.double()
+                model.float()
+            else:
+                {"detach": delta.detach, "attach": delta.attach, "merge": delta.merge, "unmerge": delta.unmerge,
+                 "merge_exact": lambda: delta.merge(exact=True)}[step]()
+        except REFUSALS as error:
+            assert str(error), "a refusal says why"
+            assert _state(deltas) == states, f"refused {step} changed a delta's state: {error}"
+            assert torch.equal(_output(model), before), f"refused {step} changed the outputs: {error}"
+            continue
+        if step in ("merge", "merge_exact", "unmerge", "dtype", "save_load"):
+            torch.testing.assert_close(_output(model), before, rtol=0, atol=1e-5)
+    for delta in deltas:
+        if delta.attached or delta.merged:
+            delta.detach()
+    torch.testing.assert_close(_output(model), bare, rtol=0, atol=1e-5)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
