@@ -1,5 +1,7 @@
 """Prefix tuning: parameter count, generation with a KV cache, padding, encoder-decoders, folding, errors."""
 
+import sys
+
 import pytest
 import torch
 
@@ -138,6 +140,39 @@ def test_prefix_rows_in_a_fused_projection_equal_the_causal_prefix_attention_wri
         by_hand = attention.c_proj((scores.softmax(-1) @ split(v)).transpose(1, 2).reshape(x.shape))
     torch.testing.assert_close(seen["out"][:, :5], by_hand[:, :5])  # row 0's padded tails differ in masking only
     torch.testing.assert_close(seen["out"][1], by_hand[1])
+
+
+def test_prefix_rows_under_rotary_positions_keep_the_prefix_keys_unrotated():
+    import transformers
+
+    from deltatune.zoo import ZooEntry, build
+
+    if not hasattr(transformers, "EuroBertForSequenceClassification"):
+        pytest.skip(f"transformers {transformers.__version__} has no EuroBERT")
+    model = build(ZooEntry("eurobert", "sequence-classification", "EuroBertForSequenceClassification"))
+    attention, seen = model.model.layers[0].self_attn, {}
+    attention.register_forward_pre_hook(lambda m, a, k: seen.update(inputs=dict(k)), with_kwargs=True)  # before
+    delta = PrefixModel(model, **SMALL)  # the prefix's hooks come after: the call as the model makes it
+    attention.register_forward_hook(lambda m, a, k, o: seen.update(out=o[0]), with_kwargs=True)
+    batch = tiny_batch("bert")
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    keys, values = delta.deltas["model.layers.0.self_attn"].table.key_values(range(1))[0]
+    x, (cos, sin) = seen["inputs"]["hidden_states"], seen["inputs"]["position_embeddings"]
+    heads, kv_heads, d = model.config.num_attention_heads, model.config.num_key_value_heads, attention.head_dim
+    linear = lambda layer, t: torch.nn.functional.linear(t, layer.weight, layer.bias)  # noqa: E731 (unhooked)
+    split = lambda t, h: t.view(2, -1, h, d).transpose(1, 2)  # noqa: E731
+    module = sys.modules[type(attention).__module__]
+    with torch.no_grad():
+        q, k = module.apply_rotary_pos_emb(split(linear(attention.q_proj, x), heads),
+                                           split(linear(attention.k_proj, x), kv_heads), cos, sin)
+        k = torch.cat([split(keys.expand(2, -1, -1), kv_heads), k], dim=2)  # prefix keys: no rotation
+        v = torch.cat([split(values.expand(2, -1, -1), kv_heads), split(linear(attention.v_proj, x), kv_heads)], 2)
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        visible = torch.cat([torch.ones(2, 3), batch["attention_mask"]], dim=1).bool()
+        scores = q @ k.transpose(2, 3) * attention.scaling + torch.where(visible, 0.0, float("-inf"))[:, None, None]
+        by_hand = linear(attention.o_proj, (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, -1, heads * d))
+    torch.testing.assert_close(seen["out"], by_hand)
 
 
 def test_unsupported_models_and_arguments():

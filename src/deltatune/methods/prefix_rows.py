@@ -7,8 +7,9 @@ of each attention's input, whose keys and values are the layer's prefix.
         = softmax(q(x) [K_l; k(x)]ᵀ / √d) [V_l; v(x)]   for every real query
 
 The rows enter as zeros and leave again; only their keys and values, overwritten by the prefix, reach the real
-tokens, through attention.  That holds where the attention does nothing else along the sequence (no position terms
-computed for its input length, no window or convolution over it).  :func:`check_hidden_prefix` tests it when the
+tokens, through attention.  Rotary position embeddings get identity rotations for the rows, so prefix keys stay
+free of position as a cached prefix's are.  That holds where the attention does nothing else along the sequence (no
+relative position terms computed for its input length, no window or convolution over it).  :func:`check_hidden_prefix` tests it when the
 delta is built: with the prefix hidden by the mask, the model must give its bare output, or prefix tuning is
 refused for it.
 """
@@ -78,6 +79,16 @@ def _extended(mask: torch.Tensor | None, n: int, visible: bool, like: torch.Tens
     return mask
 
 
+def _unrotated_rows(cos: torch.Tensor, sin: torch.Tensor, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary ``(cos, sin)`` with ``n`` identity rotations in front (cos 1, sin 0): the prefix keys stay as trained,
+    free of position, as a cached prefix is."""
+    if cos.shape[-2] != length:
+        raise TypeError(f"rotary position embeddings of shape {tuple(cos.shape)} do not run along the input's "
+                        f"{length} tokens on their second-to-last axis")
+    ones, zeros = cos.new_ones((*cos.shape[:-2], n, cos.shape[-1])), sin.new_zeros((*sin.shape[:-2], n, sin.shape[-1]))
+    return torch.cat([ones, cos], dim=-2), torch.cat([zeros, sin], dim=-2)
+
+
 class PrefixRows(nn.Module):
     """On one attention module: ``n`` zero rows in front of its hidden-state inputs, its mask extended, and the
     rows dropped from its output again.  The first one holds the prefix table of all layers."""
@@ -102,6 +113,9 @@ class PrefixRows(nn.Module):
             if isinstance(value, torch.Tensor) and value.shape == x.shape and value.is_floating_point():
                 kwargs[name] = torch.cat([zeros, value], dim=1)
         kwargs[self.mask_name] = _extended(kwargs.get(self.mask_name), self.length, self.visible, x)
+        rotary = kwargs.get("position_embeddings")
+        if isinstance(rotary, tuple) and len(rotary) == 2 and all(isinstance(t, torch.Tensor) for t in rotary):
+            kwargs["position_embeddings"] = _unrotated_rows(*rotary, self.length, x.shape[1])
         return args, kwargs
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
