@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TextIO
 import torch
 from torch import nn
 
-from . import checkpoint, live, routing, threads
+from . import checkpoint, live, merge_safety, routing, threads
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
 from .probe import Seen, probe, reached
@@ -335,7 +335,7 @@ class DeltaBase:
             raise RuntimeError(f"delta {self.name!r} is detached; attach it before merging")
         hosts = self._hosts
         updates = {p: self.deltas[p].weight_update(host) for p, host in hosts.items()}  # may refuse: nothing done yet
-        self._check_mergeable_here(exact, updates)
+        merge_safety.check(self, exact, updates)
         with torch.no_grad():
             for position, host in hosts.items():
                 state = self._merge_state[position] = {}
@@ -351,45 +351,6 @@ class DeltaBase:
                 routing.detach(host, self.name)
         self.merged = True
         return self
-
-    def _check_mergeable_here(self, exact: bool, updates: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Refuse a merge that would not give what the unmerged delta computes, or that an unmerge could not undo."""
-        tied: dict[int, list[str]] = {}
-        for key, parameter in self.backbone_model.named_parameters(remove_duplicate=False):
-            tied.setdefault(id(parameter), []).append(key)
-        for position, attrs in updates.items():
-            for attr in attrs:
-                names = tied.get(id(getattr(self._hosts[position], attr, None)), [])
-                if len(names) > 1:
-                    raise RuntimeError(f"cannot merge {self.name!r}: {names[0]} is tied to {names[1:]}, so folding the "
-                                       "update into it would change those too; keep this delta unmerged")
-        rescales = any(getattr(d, "needs_exact_unmerge", False) for d in self.deltas.values())  # DoRA, (IA)³
-        keeps = exact or rescales  # a copy of the weights, restored at unmerge
-        for other in live.deltas_on(self.backbone_model):
-            shared = sorted(set(self.positions) & set(other.positions))
-            if other is self or not (other.attached or other.merged) or not shared:
-                continue
-            other_keeps = other.merged and any(isinstance(saved, torch.Tensor) for p in shared
-                                               for saved in other._merge_state.get(p, {}).values())
-            if other_keeps or (keeps and other.merged):
-                why = "one unmerge would restore weights from before the other's merge"
-            elif rescales or not all(self._commutes_when_merged(p, other) for p in shared):
-                why = "folded into the weights it would no longer compose with it as it does unmerged (beside other " \
-                      "deltas only additive terms merge: plain LoRA, and BitFit after no other output rewrite)"
-            else:
-                continue
-            raise RuntimeError(f"cannot merge {self.name!r} while {type(other).__name__} {other.name!r} also acts on "
-                               f"{shared[0]}: {why}; detach or unmerge {other.name!r} first")
-
-    def _commutes_when_merged(self, position: str, other: DeltaBase) -> bool:
-        """Whether moving this delta's term into the module's output leaves ``other``'s computation at ``position``
-        as it was: an input -> output term is added beside the others; a constant added to the output, unless
-        ``other`` rewrites the output before it."""
-        route = self.route_at(position)
-        if route is Route.INPUT_OUTPUT:
-            return True
-        earlier_rewrite = other.attached and other.route_at(position) is Route.OUTPUT_OUTPUT and other.order < self.order
-        return getattr(self.deltas[position], "adds_constant", False) and not earlier_rewrite
 
     @_changes_model
     def unmerge(self) -> DeltaBase:

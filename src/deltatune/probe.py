@@ -114,6 +114,13 @@ def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str
     )
 
 
+def keyword_inputs(model: nn.Module, pseudo_input: Any = None) -> dict[str, Any]:
+    """Keyword inputs for a call that measures something (the user's dict, else the model's pseudo inputs),
+    without labels: the prompt methods' checks call the model with their own arguments added."""
+    inputs = pseudo_input if isinstance(pseudo_input, dict) else pseudo_inputs(model)
+    return {k: v for k, v in inputs.items() if k != "labels"}
+
+
 def _signature(model: nn.Module) -> str:
     return str(inspect.signature(model.forward))
 

@@ -121,10 +121,13 @@ def test_a_model_without_any_cache_takes_the_prompt_on_every_generation_step():
     from deltatune.zoo import ZooEntry, build
 
     model = build(ZooEntry("openai-gpt", "causal-lm", "OpenAIGPTLMHeadModel"))  # re-reads the whole sequence
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.no_grad():
+        bare = model(input_ids=ids).logits[:, -1]
     prompt = SoftPromptModel(model, soft_token_num=3)
     with torch.no_grad():
         prompt.delta_parameters()[0].mul_(20)
-        ids = torch.tensor([[5, 9, 14, 3]])
+        assert not torch.allclose(model(input_ids=ids).logits[:, -1], bare)  # the prompt is read
         generated = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         by_hand = ids
         for _ in range(4):  # greedy, one full forward pass per token

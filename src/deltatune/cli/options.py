@@ -13,6 +13,17 @@ def check_counts(**counts: int | None) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def json_object(text: str, source: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; an error names ``source`` (an option, a file)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{source} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     options = {}
     for item in items:

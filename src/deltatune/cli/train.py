@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from ..training import loop, report
 from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
 from .data_options import add_data_arguments, data_source, load_source
-from .options import check_counts, parse_overrides
+from .options import check_counts, json_object, parse_overrides
 from .training_info import TRAINING_FILE
 
 
@@ -49,20 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def delta_options(items: list[str]) -> dict:
-    source, text = None, None
     if len(items) == 1 and items[0].lstrip().startswith("{"):
-        source, text = "--delta-config", items[0]
-    elif len(items) == 1 and items[0].endswith(".json") and Path(items[0]).is_file():
-        source, text = f"--delta-config file {items[0]}", Path(items[0]).read_text()
-    if text is None:
-        return parse_overrides(items)
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{source} is not valid JSON ({error})") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"{source} must be a JSON object of delta options, got {type(options).__name__}")
-    return options
+        return json_object(items[0], "--delta-config")
+    if len(items) == 1 and items[0].endswith(".json") and Path(items[0]).is_file():
+        return json_object(Path(items[0]).read_text(), f"--delta-config file {items[0]}")
+    return parse_overrides(items)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -146,7 +136,7 @@ def _check_out_folder(out: Path, record: dict, resume: bool) -> None:
     if resume:
         if not saved.exists():
             raise FileNotFoundError(f"nothing to resume in {out}: it has no {TRAINING_FILE}")
-        previous = json.loads(saved.read_text())
+        previous = json_object(saved.read_text(errors="replace"), str(saved))
         changed = sorted(k for k in record if previous.get(k) != record[k])
         if changed:
             raise ValueError(f"--resume continues the run in {out} with the same settings; these differ: {changed}")

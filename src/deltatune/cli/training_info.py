@@ -3,9 +3,10 @@ backbone."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from .options import json_object
 
 TRAINING_FILE = "training.json"
 
@@ -17,13 +18,8 @@ def read_run(folder: str | Path) -> tuple[dict[str, Any], Path]:
         raise FileNotFoundError(f"{folder} is not a run folder of deltatune train: it has no {TRAINING_FILE}")
     if not (folder / "delta").is_dir():
         raise FileNotFoundError(f"{folder} holds no trained delta yet ({folder / 'delta'} is missing)")
-    try:
-        record = json.loads((folder / TRAINING_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{folder / TRAINING_FILE} is not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{folder / TRAINING_FILE} holds a {type(record).__name__}, not a training record")
-    return record, folder / "delta"
+    return json_object((folder / TRAINING_FILE).read_text(errors="replace"), str(folder / TRAINING_FILE)), \
+        folder / "delta"
 
 
 # The only from_pretrained options a run folder may record: a head's labels.  A run folder someone sends you is

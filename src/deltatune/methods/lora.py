@@ -102,9 +102,10 @@ class LoraLayer(nn.Module):
         weight = self._host[0].weight
         return weight.t() if self.transposed else weight
 
-    def _dora_scale(self) -> torch.Tensor:
+    def _dora_scale(self, lora_B: torch.Tensor | None = None) -> torch.Tensor:
         """m / ‖W + s·B A‖ per output row; one on rows outside the slices."""
-        adapted = self._host_weight() + self.scaling * (self._full_B() @ self.lora_A)
+        lora_B = self._full_B() if lora_B is None else lora_B
+        adapted = self._host_weight() + self.scaling * (lora_B @ self.lora_A)
         norms = adapted.norm(dim=1).detach()
         if self.rows is None:
             return self.magnitude / norms
@@ -119,7 +120,7 @@ class LoraLayer(nn.Module):
         if self.magnitude is not None:
             bias = self._host[0].bias  # h = W x + b: the magnitude rescales W x and the update, not b
             update = F.linear(a, lora_B) * self.scaling
-            tuned = self._dora_scale() * (h + update if bias is None else h - bias + update)
+            tuned = self._dora_scale(lora_B) * (h + update if bias is None else h - bias + update)
             tuned = tuned if bias is None else tuned + bias
             if self.rows is None:
                 return tuned

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..probe import Seen, from_weights, pseudo_inputs
+from ..probe import Seen, from_weights, keyword_inputs
 from ..structures import fused
 from ..routing import Route
 from .positions import check_room
@@ -212,10 +212,9 @@ class PrefixModel(DeltaBase):
     def __init__(self, *args, attach: bool = True, **kwargs) -> None:
         super().__init__(*args, attach=False, **kwargs)
         if self._row_layers:
-            inputs = self.pseudo_input if isinstance(self.pseudo_input, dict) else pseudo_inputs(self.backbone_model)
             rows = [d for d in self.deltas.values() if isinstance(d, PrefixRows)]
             check_hidden_prefix(self.backbone_model, rows, self.attach, self.detach,
-                                {k: v for k, v in inputs.items() if k != "labels"})
+                                keyword_inputs(self.backbone_model, self.pseudo_input))
         if attach:
             self.attach()
 
@@ -298,8 +297,7 @@ class PrefixModel(DeltaBase):
                 f"({' or '.join(compat.CACHE_ARGUMENTS)}), not {type(module).__name__}"
             )
         if not getattr(config, "is_encoder_decoder", False):
-            inputs = self.pseudo_input if isinstance(self.pseudo_input, dict) else pseudo_inputs(self.backbone_model)
-            shapes = compat.cached_head_shapes(module, {k: v for k, v in inputs.items() if k != "labels"})
+            shapes = compat.cached_head_shapes(module, keyword_inputs(self.backbone_model, self.pseudo_input))
             self._table = Prefix(self.config, shapes, len(shapes), module, seen)
             return self._table
         modules = dict(self.backbone_model.named_modules())

@@ -27,7 +27,7 @@ from torch import nn
 from .. import compat
 from ..base import DeltaBase
 from ..config import MAX_SIZE, DeltaConfig, hyper
-from ..probe import Seen, evaluating, first_tensor, pseudo_inputs
+from ..probe import Seen, evaluating, first_tensor, keyword_inputs
 from ..routing import Route
 from .positions import check_room
 
@@ -134,11 +134,6 @@ class EncoderMaskExtension(nn.Module):
         return args, kwargs
 
 
-def _call_inputs(module: nn.Module, pseudo_input) -> dict:
-    inputs = pseudo_input if isinstance(pseudo_input, dict) else pseudo_inputs(module)
-    return {k: v for k, v in inputs.items() if k != "labels"}
-
-
 def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
     """The embedding the prompt joins, once checked: ``module`` must give the same output for ``inputs_embeds``
     made with it as for the ``input_ids`` (else the prompt would enter a model that ignores or rescales it)."""
@@ -150,7 +145,7 @@ def _input_embeddings(module: nn.Module, pseudo_input) -> nn.Embedding:
     if not isinstance(embedding, nn.Embedding):
         raise TypeError(f"SoftPromptModel needs the input embedding of {name} (get_input_embeddings() gives "
                         f"{type(embedding).__name__})")
-    inputs = _call_inputs(module, pseudo_input)
+    inputs = keyword_inputs(module, pseudo_input)
     inputs["input_ids"] = ids = _ordinary_tokens(inputs["input_ids"], module, embedding.num_embeddings)
     try:  # only the model's own errors are a refusal
         with evaluating(module):
@@ -203,7 +198,7 @@ class SoftPromptModel(DeltaBase):
             embedding = _input_embeddings(module, self.pseudo_input)
             return SoftPrompt(embedding, self.config, insert_at=0, causal_lm=False, host=module)
         causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
-        stateful = causal_lm and compat.keeps_state(module, _call_inputs(module, self.pseudo_input))
+        stateful = causal_lm and compat.keeps_state(module, keyword_inputs(module, self.pseudo_input))
         if stateful and not compat.cache_argument(module):
             # Generation steps after the first could not be told apart: the prompt would go in again.  (A model
             # that keeps nothing between calls, like OpenAI GPT, reads the whole sequence each step: fine.)
