@@ -36,7 +36,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 __all__ = ["ACTIVATIONS", "CACHE_ARGUMENTS", "Cache", "CompatibilityError", "Conv1D", "activation",
-           "attention_mask_argument", "cache_argument", "cache_length", "cross_attention_cache",
+           "attention_mask_argument", "cache_argument", "cache_length", "cross_attention_cache", "takes_position_ids",
            "cross_attention_filled", "extend_mask", "fill_cache", "layer_index", "new_cache", "padding_mask",
            "passed_cache", "position_limit", "put_cache", "self_attention_cache", "shift_cache_position"]
 
@@ -57,6 +57,10 @@ class CompatibilityError(TypeError):
 @functools.lru_cache(maxsize=None)
 def _forward_parameters(module_class: type[nn.Module]) -> frozenset[str]:
     return frozenset(inspect.signature(module_class.forward).parameters)
+
+
+def takes_position_ids(module: nn.Module) -> bool:
+    return "position_ids" in _forward_parameters(type(module))
 
 
 def cache_argument(module: nn.Module) -> str | None:

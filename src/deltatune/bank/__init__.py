@@ -1,0 +1,188 @@
+"""Many deltas on one backbone: each row of a batch runs with its own delta, or none, in one forward pass.
+
+::
+
+    bank = DeltaBank(model, {"spam": spam_delta, "trec": trec_delta})    # built with attach=False, or detached
+    with bank.route(["spam", "trec", None, "spam"]):                      # one name (or None) per row
+        logits = model(**batch).logits                                    # also model.generate(...)
+
+At every module some delta of the bank modifies, the bank hangs one stack per delta type (:mod:`.stacks`,
+:mod:`.prompts`): the weights of all its deltas of that type stacked along a new axis, which each row reads by one
+gather (``bmm`` of gathered LoRA matrices, gathered (IA)³/BitFit vectors, adapter weights; soft prompts and
+prefixes padded per row and masked).  The cost does not grow with the number of deltas, and there is no loop over
+rows.  Each row computes what it computes alone with its delta attached, up to floating-point round-off.
+
+The stacks are inference-time copies of the deltas' weights: ``route()`` refuses a model in training mode, and
+rebuilds the stacks when a delta's tensors changed since (a checkpoint loaded into it, an optimizer step).  Outside
+``route()`` the bank changes nothing.  Deltas of the bank stay detached: attaching one would apply it to every row.
+Delta modules without a row form (the paired parallel adapter, prefixes of encoder-decoders and of attention
+without a KV cache) are refused when added.  Calls to ``route()`` from several threads take turns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .. import live, routing, threads
+from ..base import DeltaBase, _creation
+from .prompts import prompt_kind
+from .stacks import Stack, stack_kind
+
+_banks = itertools.count()
+
+
+def _kind(layer: nn.Module) -> tuple[type[Stack], tuple] | None:
+    return stack_kind(layer) or prompt_kind(layer)
+
+
+class DeltaBank:
+    """Deltas built on one backbone, served together: see the module docstring."""
+
+    def __init__(self, backbone_model: nn.Module,
+                 deltas: Mapping[str, DeltaBase] | Iterable[DeltaBase] = ()) -> None:
+        self.backbone_model = backbone_model
+        self.name = f"bank{next(_banks)}"
+        self.order = next(_creation)  # runs after deltas created before it, before those created after
+        self._deltas: dict[str, DeltaBase] = {}
+        self._stacks: list[tuple[str, nn.Module, Stack, dict[str, int]]] = []  # slot name, host, stack, lookup
+        self._built_from: tuple | None = None
+        self._lock = threading.RLock()
+        items = deltas.items() if isinstance(deltas, Mapping) else ((d.name, d) for d in deltas)
+        for name, delta in items:
+            self.add(delta, name)
+
+    # ------------------------------------------------------------------------------------------ membership
+    @property
+    def names(self) -> list[str]:
+        return list(self._deltas)
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._deltas
+
+    def __getitem__(self, name: str) -> DeltaBase:
+        return self._deltas[name]
+
+    def add(self, delta: DeltaBase, name: str | None = None) -> None:
+        """Serve ``delta`` under ``name`` (default: its own name); nothing changes if it is refused."""
+        name = delta.name if name is None else name
+        if not isinstance(delta, DeltaBase):
+            raise TypeError(f"a bank holds deltatune deltas, not {type(delta).__name__}")
+        if delta.backbone_model is not self.backbone_model:
+            raise ValueError(f"delta {name!r} was built on another backbone than this bank's")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a delta in a bank needs a non-empty string name, not {name!r}")
+        if name in self._deltas:
+            raise ValueError(f"the bank already holds a delta named {name!r}; remove it first or choose another name")
+        if any(existing is delta for existing in self._deltas.values()):
+            raise ValueError(f"delta {delta.name!r} is in the bank already, under another name")
+        self._check_detached(name, delta)
+        missing = sorted({type(layer).__name__ for layer in delta.deltas.values() if _kind(layer) is None})
+        if missing:
+            raise TypeError(f"delta {name!r} ({type(delta).__name__}) has modules without a row form: "
+                            f"{', '.join(missing)}; mixed batches support LoRA/DoRA, (IA)³, BitFit, sequential and "
+                            "parallel adapters, Compacter, low-rank adapters, soft prompts and prefixes of "
+                            "decoders and encoders with a KV cache")
+        self._deltas[name] = delta
+        self._built_from = None
+
+    def remove(self, name: str) -> DeltaBase:
+        """Stop serving ``name``; returns its delta (still detached)."""
+        delta = self._deltas.pop(self._known(name))
+        self._built_from = None
+        return delta
+
+    def close(self) -> None:
+        """Take the bank's stacks off the backbone (they come back at the next ``route()``)."""
+        with self._lock, threads.changing(self.backbone_model, "change a delta bank"):
+            for slot_name, host, _, _ in self._stacks:
+                routing.detach(host, slot_name)
+            self._stacks, self._built_from = [], None
+        threads.watch(self.backbone_model, live.any_hooked(self.backbone_model) or bool(self._stacks))
+
+    # ------------------------------------------------------------------------------------------------ route
+    @contextmanager
+    def route(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Run row ``b`` of the batches inside this context with delta ``names[b]`` (None: the bare backbone)."""
+        if isinstance(names, str) or not isinstance(names, Sequence) or not len(names):
+            raise TypeError(f"route() takes a non-empty list with one delta name (or None) per row, not {names!r}")
+        for name in names:
+            if name is not None:
+                self._known(name)
+        with self._lock:
+            if self.backbone_model.training:
+                raise RuntimeError("DeltaBank.route() is for inference: call model.eval() first (the bank holds "
+                                   "copies of the deltas' weights, so training through it would not train them)")
+            for name, delta in self._deltas.items():
+                self._check_detached(name, delta)
+            if self._built_from != self._fingerprint():
+                self._build()
+            indices: dict[tuple, torch.Tensor] = {}
+            try:
+                for _, _, stack, lookup in self._stacks:
+                    local = tuple(lookup.get(name, len(lookup)) for name in names)
+                    if set(local) == {len(lookup)}:  # no row reads this stack: it passes through
+                        stack.select(None)
+                        continue
+                    device = next(iter(stack.buffers())).device
+                    if (local, device) not in indices:
+                        indices[local, device] = torch.tensor(local, device=device)
+                    stack.select(indices[local, device])
+                yield
+            finally:
+                for _, _, stack, _ in self._stacks:
+                    stack.select(None)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _known(self, name: str) -> str:
+        if name not in self._deltas:
+            raise KeyError(f"the bank holds no delta named {name!r}; it holds: {', '.join(self._deltas) or 'none'}")
+        return name
+
+    @staticmethod
+    def _check_detached(name: str, delta: DeltaBase) -> None:
+        if delta.attached or delta.merged:
+            raise RuntimeError(f"delta {name!r} is {'merged' if delta.merged else 'attached'}, so it would apply to "
+                               "every row; detach it (or build it with attach=False) to serve it from a bank")
+
+    def _fingerprint(self) -> tuple:
+        return tuple((name, id(p), p._version) for name, delta in self._deltas.items()
+                     for p in delta.delta_parameters())
+
+    def _build(self) -> None:
+        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        hosts: dict[str, nn.Module] = {}
+        for name, delta in self._deltas.items():
+            for position, layer in delta.deltas.items():
+                hosts[position] = delta._hosts[position]
+                groups.setdefault((position, *_kind(layer)), []).append((name, layer))
+        stacks = []
+        for (position, kind, *_), members in groups.items():
+            stack = kind([layer for _, layer in members], hosts[position])
+            stacks.append((position, stack, {name: k for k, (name, _) in enumerate(members)}))
+        with threads.changing(self.backbone_model, "change a delta bank"):
+            for slot_name, host, _, _ in self._stacks:
+                routing.detach(host, slot_name)
+            self._stacks = []
+            counts: dict[str, int] = {}
+            try:
+                for position, stack, lookup in stacks:
+                    counts[position] = counts.get(position, -1) + 1
+                    slot_name = f"{self.name}_{counts[position]}"
+                    routing.attach(hosts[position], slot_name, stack, stack.route, self.order)
+                    self._stacks.append((slot_name, hosts[position], stack, lookup))
+            except Exception:
+                for slot_name, host, _, _ in self._stacks:
+                    routing.detach(host, slot_name)
+                self._stacks = []
+                raise
+        threads.watch(self.backbone_model, True)
+        self._built_from = self._fingerprint()
