@@ -447,7 +447,8 @@ class DeltaBase:
     def from_finetuned(
         cls, finetuned_model_path: str | os.PathLike, backbone_model: nn.Module, **options: Any
     ) -> DeltaBase:
-        """Rebuild a saved delta on ``backbone_model`` and attach it; nothing is attached if anything fails."""
+        """Rebuild a saved delta on ``backbone_model`` and attach it (unless ``attach=False``); nothing is attached if
+        anything fails."""
         folder = Path(finetuned_model_path)
         saved = checkpoint.read_config(folder)
         kind = saved["delta_type"]
@@ -467,10 +468,12 @@ class DeltaBase:
             raise ValueError(f"{folder} saved backbone parameters this {type(backbone_model).__name__} lacks: "
                              f"{missing[:5]}")
         tensors = checkpoint.read_tensors(folder)
+        attach = options.pop("attach", True)
         delta = method(backbone_model, positions=saved["positions"], attach=False, **{**hyperparameters, **options})
         delta.unfrozen_backbone = list(unfrozen)
         delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)
-        delta.attach()
+        if attach:
+            delta.attach()
         live.loaded(delta, folder)
         return delta
 

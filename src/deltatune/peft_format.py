@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import checkpoint
@@ -82,8 +83,9 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
         raise ValueError(f"{folder / CONFIG_FILE} uses PEFT features deltatune does not import: {'; '.join(problems)}")
 
 
-def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module) -> LoraModel:
-    """Import a PEFT LoRA adapter onto ``backbone_model`` as an attached :class:`LoraModel`."""
+def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, attach: bool = True,
+              name: str | None = None) -> LoraModel:
+    """Import a PEFT LoRA adapter onto ``backbone_model`` as a :class:`LoraModel` (attached unless ``attach=False``)."""
     folder = Path(peft_model_path)
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter: {CONFIG_FILE} is missing")
@@ -97,10 +99,11 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module) -> 
     delta = LoraModel(
         backbone_model, positions=sorted(found, key=lambda p: order.index(p) if p in order else -1), attach=False,
         lora_r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config.get("lora_dropout", 0.0),
-        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
+        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False), name=name,
     )
     ours = {f"{PREFIX}{p}.{_peft_name(layer, n)}": t for p, layer in delta.deltas.items() for n, t in layer.state_dict().items()}
     checkpoint.check_tensors(tensors, ours, folder / WEIGHTS_FILE)
-    for key, tensor in ours.items():
-        tensor.copy_(tensors[key])
-    return delta.attach()
+    with torch.no_grad():
+        for key, tensor in ours.items():
+            tensor.copy_(tensors[key])
+    return delta.attach() if attach else delta

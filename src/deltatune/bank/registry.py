@@ -1,0 +1,116 @@
+"""A registry of named deltas served from one backbone: loaded from checkpoint folders (deltatune's or PEFT's)
+when first asked for, kept in a :class:`~deltatune.bank.DeltaBank`, and evicted least recently used first when
+their tensors would exceed a byte budget.  Names can be added and removed while serving."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from torch import nn
+
+from .. import checkpoint
+from ..base import DeltaBase
+from . import DeltaBank
+
+
+def delta_bytes(delta: DeltaBase) -> int:
+    """Memory a served delta takes: its tensors, and the bank's stacked copy of them."""
+    return 2 * sum(p.numel() * p.element_size() for p in delta.delta_parameters())
+
+
+class DeltaRegistry:
+    """Name -> checkpoint folder; at most ``max_bytes`` of deltas loaded at once (None: no bound)."""
+
+    def __init__(self, backbone_model: nn.Module, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive (or None for no bound), not {max_bytes}")
+        self.backbone_model, self.max_bytes = backbone_model, max_bytes
+        self.bank = DeltaBank(backbone_model)
+        self._sources: dict[str, Path] = {}
+        self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
+        self._lock = threading.RLock()
+        self.evictions = 0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def loaded_bytes(self) -> int:
+        return sum(self._loaded.values())
+
+    def register(self, name: str, folder: str | os.PathLike) -> None:
+        """Make ``folder`` (a deltatune checkpoint or a PEFT LoRA adapter) servable as ``name``; it is checked now
+        and loaded when first used."""
+        folder = Path(folder)
+        if not name or not isinstance(name, str) or name in self._sources:
+            raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
+                             f"{'taken' if name in self._sources else 'not one'}")
+        if (folder / checkpoint.CONFIG_FILE).is_file():
+            saved = checkpoint.read_config(folder)
+            if saved.get("unfrozen_backbone"):
+                raise ValueError(f"{folder} also trained backbone parameters ({saved['unfrozen_backbone'][:3]}); "
+                                 "deltas served together share one backbone, so only deltas that leave it "
+                                 "untouched can be served")
+            checkpoint.check_backbone(saved, self.backbone_model, folder)
+        elif not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder} is neither a deltatune checkpoint ({checkpoint.CONFIG_FILE}) nor a "
+                                    "PEFT adapter (adapter_config.json)")
+        with self._lock:
+            self._sources[name] = folder
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            self._known(name)
+            if name in self._loaded:
+                self._evict(name)
+            del self._sources[name]
+
+    def acquire(self, names: list[str | None]) -> None:
+        """Load the named deltas that are not loaded (evicting others to stay within the budget) and mark them
+        used; raises if they cannot all be held at once."""
+        wanted = list(dict.fromkeys(n for n in names if n is not None))
+        with self._lock:
+            for name in wanted:
+                self._known(name)
+            for name in wanted:
+                if name in self._loaded:
+                    self._loaded.move_to_end(name)
+                else:
+                    self._load(name, keep=set(wanted))
+
+    def _known(self, name: str) -> None:
+        if name not in self._sources:
+            raise KeyError(f"no delta named {name!r}; known: {', '.join(self._sources) or 'none'}")
+
+    def _load(self, name: str, keep: set[str]) -> None:
+        folder = self._sources[name]
+        if (folder / checkpoint.CONFIG_FILE).is_file():
+            delta = DeltaBase.from_finetuned(folder, self.backbone_model, attach=False)
+        else:
+            from ..peft_format import from_peft
+
+            delta = from_peft(folder, self.backbone_model, attach=False)
+        size = delta_bytes(delta)
+        if self.max_bytes is not None:
+            while self._loaded and self.loaded_bytes() + size > self.max_bytes:
+                victim = next((n for n in self._loaded if n not in keep), None)
+                if victim is None:
+                    break
+                self._evict(victim)
+            if self.loaded_bytes() + size > self.max_bytes:
+                raise MemoryError(f"delta {name!r} ({size:,} bytes) and the others this batch needs do not fit "
+                                  f"max_bytes={self.max_bytes:,}")
+        self.bank.add(delta, name)
+        self._loaded[name] = size
+
+    def _evict(self, name: str) -> None:
+        self.bank.remove(name)
+        del self._loaded[name]
+        self.evictions += 1

@@ -1,0 +1,77 @@
+"""Serve deltas of one backbone behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+
+Each request names its delta as the model (the backbone itself is served under its own name); requests for any
+deltas that arrive together run as one mixed batch.  Binds 127.0.0.1 unless --host says otherwise.  Needs the
+serve extra: pip install "deltatune[serve]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..loading import load_backbone, tokenizer_path
+from .options import check_counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="smollm2-135m", help="a causal LM: asset name or folder")
+    parser.add_argument("--delta", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a delta to serve as model NAME: a deltatune checkpoint or PEFT adapter (repeatable)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind")
+    parser.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY, else none)")
+    parser.add_argument("--max-batch", type=int, default=16, help="rows per mixed batch")
+    parser.add_argument("--batch-window", type=float, default=0.01, help="seconds to wait for more requests")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens accepted")
+    parser.add_argument("--max-delta-bytes", type=int, default=None,
+                        help="memory for loaded deltas; least recently used ones are unloaded (default: no bound)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+
+
+def deltas_of(items: list[str]) -> dict[str, str]:
+    found = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--delta takes NAME=FOLDER, got {item!r}")
+        if name in found:
+            raise ValueError(f"--delta names {name!r} twice")
+        found[name] = folder
+    return found
+
+
+def run(args: argparse.Namespace) -> None:
+    check_counts(max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                 max_new_tokens=args.max_new_tokens, max_delta_bytes=args.max_delta_bytes)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    deltas = deltas_of(args.delta)
+    try:
+        import uvicorn
+
+        from ..serve import Engine, create_app
+    except ImportError as error:
+        raise ValueError(f'deltatune serve needs the serve extra ({error}): pip install "deltatune[serve]"') from None
+    import transformers
+
+    from ..bank.registry import DeltaRegistry
+
+    model = load_backbone(args.backbone)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(args.backbone))
+    registry = DeltaRegistry(model, args.max_delta_bytes)
+    for name, folder in deltas.items():
+        registry.register(name, folder)
+    base = os.path.basename(os.path.normpath(args.backbone))
+    if base in deltas:
+        raise ValueError(f"--delta {base}=... takes the backbone's own name; choose another")
+    engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, window=args.batch_window,
+                    max_queue=args.max_queue)
+    app = create_app(engine, base_name=base, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
+                     max_new_tokens=args.max_new_tokens, timeout=args.timeout)
+    print(f"deltatune serve: {base} with {', '.join(deltas) or 'no deltas'} on http://{args.host}:{args.port}/v1",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)

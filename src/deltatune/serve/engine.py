@@ -1,0 +1,175 @@
+"""The serving engine: requests for any deltas queue up, and one worker thread runs them as mixed batches.
+
+The worker takes the first waiting request, then every request that arrives within ``window`` seconds (up to
+``max_batch``) with the same sampling settings, and runs them as one left-padded ``generate()`` inside
+``bank.route([...])``: each row with its own delta.  Rows stop at their own ``max_tokens`` or end-of-sequence
+token; tokens are handed to each request as they are made (streaming).  The queue is bounded: a full queue refuses
+at once (HTTP 429), so latency stays bounded under overload.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from ..bank.registry import DeltaRegistry
+
+
+class QueueFull(Exception):
+    """More requests wait than the queue holds."""
+
+
+@dataclass
+class Request:
+    """One completion: prompt token ids, the delta (None: the bare backbone) and its sampling settings."""
+
+    prompt: list[int]
+    delta: str | None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    on_token: Callable[[int], None] = lambda token: None
+    on_done: Callable[[list[int] | None, str, BaseException | None], None] = lambda tokens, reason, error: None
+    submitted: float = field(default_factory=time.monotonic)
+
+    def sampling(self) -> tuple:
+        return (self.temperature > 0, self.temperature, self.top_p) if self.temperature > 0 else (False,)
+
+
+class _RowsDone(StoppingCriteria):
+    """Row b is done after its own ``limits[b]`` new tokens (or its end-of-sequence token, which generate() adds)."""
+
+    def __init__(self, start: int, limits: list[int]) -> None:
+        self.start, self.limits = start, torch.tensor(limits)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.start) >= self.limits.to(input_ids.device)
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new tokens to its request while generate() runs."""
+
+    def __init__(self, requests: list[Request], eos: set[int]) -> None:
+        self.requests, self.eos = requests, eos
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.finished = [False] * len(requests)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() passes the prompt first
+            self.prompt_seen = True
+            return
+        for b, token in enumerate(value.view(len(self.requests), -1)[:, -1].tolist()):
+            request = self.requests[b]
+            if self.finished[b]:
+                continue
+            if token in self.eos:
+                self.finished[b] = True
+                continue
+            self.tokens[b].append(token)
+            request.on_token(token)
+            if len(self.tokens[b]) >= request.max_tokens:
+                self.finished[b] = True
+
+    def end(self) -> None:
+        pass
+
+
+class Engine:
+    """A causal LM, its tokenizer and a registry of deltas, served by one worker thread."""
+
+    def __init__(self, model: nn.Module, tokenizer, registry: DeltaRegistry, *, max_batch: int = 16,
+                 window: float = 0.01, max_queue: int = 256) -> None:
+        if max_batch < 1 or window < 0 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be at least 1 and window at least 0")
+        self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
+        self.max_batch, self.window = max_batch, window
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
+        self._held: list[Request | None] = []  # taken from the queue for the next batch (None: stop after it)
+        self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "failed": 0}
+        self._worker = threading.Thread(target=self._run, name="deltatune-serve", daemon=True)
+        self._worker.start()
+
+    def submit(self, request: Request) -> None:
+        if request.delta is not None:
+            self.registry._known(request.delta)
+        try:
+            self._queue.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"{self._queue.maxsize} requests are waiting; try again later") from None
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish the queued requests, then stop the worker."""
+        self._queue.put(None)
+        self._worker.join(timeout)
+
+    # ------------------------------------------------------------------------------------------- worker
+    def _next_batch(self) -> list[Request] | None:
+        first = self._held.pop() if self._held else self._queue.get()
+        if first is None:
+            return None
+        batch, deadline = [first], time.monotonic() + self.window
+        while len(batch) < self.max_batch:
+            try:
+                request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if request is None or request.sampling() != first.sampling():
+                self._held.append(request)  # starts the next batch (None: the stop, after this batch)
+                break
+            batch.append(request)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                tokens = self.generate(batch)
+            except Exception as error:  # the requests get the error; the server keeps serving
+                self.stats["failed"] += len(batch)
+                for request in batch:
+                    request.on_done(None, "error", error)
+                continue
+            for request, (row, reason) in zip(batch, tokens):
+                request.on_done(row, reason, None)
+
+    def generate(self, batch: list[Request]) -> list[tuple[list[int], str]]:
+        """One mixed batch: each row with its own delta; returns (new tokens, finish reason) per row."""
+        self.registry.acquire([r.delta for r in batch])
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, request in enumerate(batch):  # left padding: every row's next token comes at the same column
+            ids[b, width - len(request.prompt):] = torch.tensor(request.prompt)
+            mask[b, width - len(request.prompt):] = 1
+        device = next(self.model.parameters()).device
+        streamer = _RowStreamer(batch, self.eos)
+        sampling = batch[0].sampling()
+        options = {"do_sample": True, "temperature": sampling[1], "top_p": sampling[2]} if sampling[0] else {
+            "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with torch.no_grad(), self.registry.bank.route([r.delta for r in batch]):
+            self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(r.max_tokens for r in batch),
+                stopping_criteria=StoppingCriteriaList([_RowsDone(width, [r.max_tokens for r in batch])]),
+                streamer=streamer, pad_token_id=self.pad, **options)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["requests"] += len(batch)
+        self.stats["tokens"] += sum(len(t) for t in streamer.tokens)
+        return [(row, "length" if len(row) >= r.max_tokens else "stop") for row, r in zip(streamer.tokens, batch)]
