@@ -399,3 +399,24 @@ def test_a_frozen_state_dict_says_it_is_a_subset_once(tmp_path):
         assert set(model.state_dict()) == {k for k, p in model.named_parameters() if p.requires_grad}  # once only
     lora.unfreeze_module()
     assert len(model.state_dict()) > 4 * len(lora.positions)  # the whole model again
+
+
+def test_a_detached_delta_follows_the_model_moved_meanwhile():
+    """detach(); model.double(); attach() used to fail with a dtype mismatch: the detached delta belonged to no
+    module, so .double() passed it by."""
+    from conftest import tiny_model
+
+    from deltatune import AdapterModel, LoraModel
+
+    model = tiny_model("llama")
+    lora = LoraModel(model, ["q_proj", "v_proj"])
+    adapter = AdapterModel(model, ["mlp"])
+    lora.detach()
+    adapter.detach()
+    model.double()
+    lora.attach()
+    adapter.attach()
+    ids = torch.randint(3, 96, (1, 5))
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in lora.delta_parameters() + adapter.delta_parameters())

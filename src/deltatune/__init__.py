@@ -1,6 +1,7 @@
 """deltatune: delta tuning for PyTorch models with an unmodified, frozen backbone."""
 
 from .auto import AutoDeltaConfig, AutoDeltaModel, register
+from .bank import DeltaBank
 from .base import DELTA_TYPES, DeltaBase
 from .config import DeltaConfig
 from .methods import (
@@ -19,6 +20,6 @@ from .routing import Route
 
 __version__ = "0.1.0"
 
-__all__ = ["DELTA_TYPES", "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BitFitModel", "CompacterModel", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
+__all__ = ["DELTA_TYPES", "AdapterModel", "AutoDeltaConfig", "AutoDeltaModel", "BitFitModel", "CompacterModel", "DeltaBank", "DeltaBase", "DeltaConfig", "IA3Model", "LoraModel", "LowRankAdapterModel",
            "ParallelAdapterModel", "PrefixModel", "Route", "SoftPromptModel", "export_peft",
            "from_peft", "register"]
