@@ -33,9 +33,10 @@ import transformers
 from torch import nn
 from transformers import Cache, DynamicCache, EncoderDecoderCache
 from transformers.activations import ACT2FN
+from transformers.generation.streamers import BaseStreamer  # the base of generate()'s token streamers
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["ACTIVATIONS", "CACHE_ARGUMENTS", "Cache", "CompatibilityError", "Conv1D", "activation",
+__all__ = ["ACTIVATIONS", "BaseStreamer", "CACHE_ARGUMENTS", "Cache", "CompatibilityError", "Conv1D", "activation",
            "attention_mask_argument", "cache_argument", "cache_length", "cross_attention_cache", "takes_position_ids",
            "cross_attention_filled", "extend_mask", "fill_cache", "layer_index", "new_cache", "padding_mask",
            "passed_cache", "position_limit", "put_cache", "self_attention_cache", "shift_cache_position"]

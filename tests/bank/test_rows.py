@@ -10,6 +10,8 @@ from deltatune.bank import DeltaBank
 
 from conftest import FAMILIES, tiny_batch, tiny_model
 
+pytestmark = pytest.mark.compat  # prompts and prefixes ride on the cache and mask APIs: both ends of the range
+
 WEIGHT_TYPES = ["lora", "adapter", "bitfit", "ia3", "parallel_adapter", "compacter", "low_rank_adapter"]
 ROWS = ["a", "b", None, "a"]
 # Row b alone runs as a batch of one: matrix products of another shape round differently, within 1e-6 here.
@@ -48,6 +50,15 @@ def alone(model, deltas, name, inputs):
     finally:
         if name is not None:
             deltas[name].detach()
+
+
+def assert_rows_alone(model, deltas, rows, inputs) -> None:
+    """The routed batch's row b equals row b run alone with delta ``rows[b]`` attached."""
+    with torch.no_grad(), DeltaBank(model, deltas).route(rows):
+        mixed = model(**inputs).logits
+    for b, name in enumerate(rows):
+        one = alone(model, deltas, name, {k: v[b:b + 1] for k, v in inputs.items()})
+        torch.testing.assert_close(mixed[b:b + 1], one, rtol=0, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama", "t5", "bart"])
@@ -120,11 +131,7 @@ def test_dora_sliced_and_embedding_lora_rows():
                 for p in delta.delta_parameters():
                     p.add_(torch.randn_like(p) * 0.1)
         inputs = {k: v for k, v in tiny_batch(family, batch=4).items() if k != "labels"}
-        with torch.no_grad(), DeltaBank(backbone, group).route(ROWS):
-            mixed = backbone(**inputs).logits
-        for b, name in enumerate(ROWS):
-            one = alone(backbone, group, name, {k: v[b:b + 1] for k, v in inputs.items()})
-            torch.testing.assert_close(mixed[b:b + 1], one, rtol=0, atol=TOLERANCE)
+        assert_rows_alone(backbone, group, ROWS, inputs)
 
 
 def test_a_bank_mixes_delta_types_and_composes_with_an_attached_delta():
@@ -135,12 +142,7 @@ def test_a_bank_mixes_delta_types_and_composes_with_an_attached_delta():
     shared.attach()  # every row gets it, with its own delta on top
     inputs = {k: v for k, v in tiny_batch("llama", batch=4).items() if k != "labels"}
     inputs["position_ids"] = torch.arange(7).expand(4, -1)
-    rows = ["a", "p", "i", None]
-    with torch.no_grad(), DeltaBank(model, deltas).route(rows):
-        mixed = model(**inputs).logits
-    for b, name in enumerate(rows):
-        one = alone(model, deltas, name, {k: v[b:b + 1] for k, v in inputs.items()})
-        torch.testing.assert_close(mixed[b:b + 1], one, rtol=0, atol=TOLERANCE)
+    assert_rows_alone(model, deltas, ["a", "p", "i", None], inputs)
 
 
 def test_stacks_follow_changed_weights_and_dtype():
@@ -222,8 +224,5 @@ def test_opt_rows_with_prompts_of_different_lengths_need_positions_when_padded()
         with torch.no_grad(), bank.route(ROWS):
             model(**inputs)
     inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), bank.route(ROWS):
-        mixed = model(**inputs).logits
-    for b, name in enumerate(ROWS):
-        one = alone(model, deltas, name, {k: v[b:b + 1] for k, v in inputs.items()})
-        torch.testing.assert_close(mixed[b:b + 1], one, rtol=0, atol=TOLERANCE)
+    bank.close()
+    assert_rows_alone(model, deltas, ROWS, inputs)

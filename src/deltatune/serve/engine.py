@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..bank.registry import DeltaRegistry
+from ..compat import BaseStreamer
 
 
 class QueueFull(Exception):
