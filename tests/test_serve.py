@@ -20,7 +20,7 @@ from deltatune.bank.registry import DeltaRegistry
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from deltatune.serve import Engine, create_app  # noqa: E402  (needs the serve extra)
+from deltatune.serve import Engine, Request, create_app  # noqa: E402  (needs the serve extra)
 
 pytestmark = pytest.mark.real
 PROMPTS = ["The capital of France is", "Water boils at", "My favourite colour is", "Once upon a time"]
@@ -181,3 +181,17 @@ def test_registry_evicts_least_recently_used_under_a_byte_budget(served, smollm2
     with pytest.raises(FileNotFoundError, match="neither a deltatune checkpoint"):
         registry.register("x", folders["lora"].parent)
 
+
+
+def test_closing_the_engine_finishes_the_queued_requests(served):
+    _, folders, model, tokenizer, *_ = served
+    registry = DeltaRegistry(model)
+    registry.register("lora", folders["lora"])
+    engine = Engine(model, tokenizer, registry, max_batch=2, window=0.0)
+    done = []
+    for i in range(5):
+        engine.submit(Request(tokenizer(PROMPTS[i % 4])["input_ids"], "lora" if i % 2 else None, 3,
+                              on_done=lambda tokens, reason, error: done.append((tokens, error))))
+    engine.close()
+    assert len(done) == 5 and all(error is None and len(tokens) >= 1 for tokens, error in done)
+    assert engine.stats["batches"] >= 3  # at most 2 rows a batch

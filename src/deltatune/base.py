@@ -211,7 +211,6 @@ class DeltaBase:
         done = []
         try:
             for position, host in self._hosts.items():
-                _follow(self.deltas[position], host)
                 routing.attach(host, self.name, self.deltas[position], self.route_at(position), self.order)
                 done.append(host)
         except Exception:
@@ -368,7 +367,6 @@ class DeltaBase:
                         getattr(host, attr).copy_(saved)
                     else:
                         getattr(host, attr).sub_(updates[attr].to(getattr(host, attr).dtype))
-                _follow(self.deltas[position], host)
                 routing.attach(host, self.name, self.deltas[position], self.route_at(position), self.order)
         self.merged = False
         return self
@@ -478,18 +476,6 @@ class DeltaBase:
             delta.attach()
         live.loaded(delta, folder)
         return delta
-
-
-def _floating(module: nn.Module) -> torch.Tensor | None:
-    return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
-
-
-def _follow(delta: nn.Module, host: nn.Module) -> None:
-    """A detached or merged delta belongs to no module, so ``model.to()`` / ``.double()`` passed it by: on its way
-    back it takes its host's device and floating-point dtype."""
-    ours, theirs = _floating(delta), _floating(host)
-    if ours is not None and theirs is not None and (ours.dtype, ours.device) != (theirs.dtype, theirs.device):
-        delta.to(device=theirs.device, dtype=theirs.dtype)
 
 
 def _as_list(names: str | list[str] | None) -> list[str] | None:

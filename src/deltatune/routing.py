@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from enum import Enum
 
 import torch
@@ -150,8 +151,22 @@ class DeltaSlot(nn.ModuleDict):
         return hidden if plain else _replace_first(output, hidden)
 
 
+def _floating(module: nn.Module) -> torch.Tensor | None:
+    return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
+
+
+def _follow(delta: nn.Module, host: nn.Module) -> None:
+    """A detached or merged delta belongs to no module, so ``model.to()`` / ``.double()`` passed it by: on its way
+    (back) in it takes its host's device and floating-point dtype."""
+    ours, theirs = _floating(delta), _floating(host)
+    if ours is not None and theirs is not None and (ours.dtype, ours.device) != (theirs.dtype, theirs.device):
+        delta.to(device=theirs.device, dtype=theirs.dtype)
+
+
 def attach(host: nn.Module, name: str, delta: nn.Module, route: Route, order: int) -> None:
-    """Route ``host``'s tensors through ``delta`` (registered as ``host.deltas[name]``)."""
+    """Route ``host``'s tensors through ``delta`` (registered as ``host.deltas[name]``), which takes the host's
+    device and dtype if it has lost them."""
+    _follow(delta, host)
     slot = host._modules.get(DELTA_SLOT)
     if slot is None:
         slot = DeltaSlot(host)

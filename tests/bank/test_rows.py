@@ -159,9 +159,25 @@ def test_stacks_follow_changed_weights_and_dtype():
     torch.testing.assert_close(after[:1], alone(model, deltas, "a", {k: v[:1] for k, v in inputs.items()}),
                                rtol=0, atol=TOLERANCE)
     assert not torch.allclose(before, after)
-    model.double()
-    with torch.no_grad(), bank.route(["a", None]):
-        assert model(**inputs).logits.dtype == torch.float64
+    model.double()  # moves the stacks, not the detached deltas: a rebuild from them must follow the model
+    with torch.no_grad():
+        deltas["b"].delta_parameters()[0].mul_(2)
+        with bank.route(["a", "b"]):
+            assert model(**inputs).logits.dtype == torch.float64
+
+
+def test_a_batch_narrower_than_the_banks_widest_prompt():
+    """The block is as wide as the batch's widest prompt, not the bank's."""
+    model = tiny_model("llama")
+    deltas = build_deltas(model, "llama", "soft_prompt", "abc")  # 3, 4 and 5 soft tokens
+    inputs = {"input_ids": torch.randint(3, 96, (3, 6))}
+    rows = ["a", "b", None]
+    with torch.no_grad(), DeltaBank(model, deltas).route(rows):
+        mixed = model(**inputs).logits
+    assert mixed.shape[1] == 4 + 6
+    for b, name in enumerate(rows):
+        one = alone(model, deltas, name, {"input_ids": inputs["input_ids"][b:b + 1]})
+        torch.testing.assert_close(own_outputs(mixed[b:b + 1], deltas.get(name), 4), one, rtol=0, atol=TOLERANCE)
 
 
 def test_outside_route_and_after_close_the_model_is_the_bare_model():

@@ -106,7 +106,7 @@ class DeltaBank:
             for slot_name, host, _, _ in self._stacks:
                 routing.detach(host, slot_name)
             self._stacks, self._built_from = [], None
-        threads.watch(self.backbone_model, live.any_hooked(self.backbone_model) or bool(self._stacks))
+        threads.watch(self.backbone_model, live.any_hooked(self.backbone_model))
 
     # ------------------------------------------------------------------------------------------------ route
     @contextmanager

@@ -24,6 +24,18 @@ from ..routing import Route
 from .stacks import Stack
 
 
+def right_aligned(pieces: list[torch.Tensor], axis: int) -> torch.Tensor:
+    """``pieces`` of different lengths along ``axis``, stacked on a new first axis with zeros on their left, plus
+    one entry of zeros (the rows without a prompt)."""
+    width = max(piece.shape[axis] for piece in pieces)
+    shape = list(pieces[0].shape)
+    shape[axis] = width
+    stacked = pieces[0].new_zeros(len(pieces) + 1, *shape)
+    for k, piece in enumerate(pieces):
+        stacked[k].narrow(axis, width - piece.shape[axis], piece.shape[axis]).copy_(piece)
+    return stacked
+
+
 def positions_ignore_padding(host: nn.Module) -> bool:
     """Whether ``host`` numbers its tokens 0, 1, 2, ... whatever the mask (LLaMA, GPT-2, BERT) rather than
     counting the tokens the mask keeps (OPT): asked of the model, with a left-padded pseudo input."""
@@ -98,15 +110,10 @@ class SoftPromptStack(PromptStack):
         first = layers[0]
         self._embedding, self.insert_at, self.causal_lm, self.limit = (first._embedding, first.insert_at,
                                                                       first.causal_lm, first.limit)
-        lengths = [layer.soft_embeds.shape[0] for layer in layers]
-        width = max(lengths)
-        embeds = first.soft_embeds
-        block = torch.zeros(len(layers) + 1, width, embeds.shape[1], device=embeds.device, dtype=embeds.dtype)
         with torch.no_grad():
-            for k, layer in enumerate(layers):
-                block[k, width - lengths[k]:] = layer.soft_embeds
-        self.register_buffer("block", block, persistent=False)
-        self._lengths(lengths, embeds.device, host)
+            self.register_buffer("block", right_aligned([layer.soft_embeds for layer in layers], 0),
+                                 persistent=False)
+        self._lengths([layer.soft_embeds.shape[0] for layer in layers], self.block.device, host)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.index is None or self.width == 0:
@@ -120,7 +127,7 @@ class SoftPromptStack(PromptStack):
         self.rows(reference)
         mask = compat.padding_mask(kwargs)
         if cached:  # a generation step after the first: the block is in the cache
-            check_room(self.limit, cached - width + int(self.row_lengths.max()) + new, "the soft prompt and the tokens")
+            check_room(self.limit, cached + new, "the soft prompt and the tokens")
             if not self.uniform and kwargs.get("position_ids") is None:
                 self.own_positions(kwargs, cached, new, at, reference.device)
             elif kwargs.get("position_ids") is not None:
@@ -136,7 +143,7 @@ class SoftPromptStack(PromptStack):
         ids = kwargs.pop("input_ids", None)
         if embeds is None:
             embeds = self._embedding[0](ids)
-        check_room(self.limit, new + int(self.row_lengths.max()), f"the soft prompt and an input of {new} tokens")
+        check_room(self.limit, new + width, f"the soft prompt and an input of {new} tokens")
         if not self.uniform and kwargs.get("position_ids") is None:
             self.own_positions(kwargs, 0, new, at, reference.device)
         elif kwargs.get("position_ids") is not None:
@@ -145,7 +152,7 @@ class SoftPromptStack(PromptStack):
             block = start + (torch.arange(width, device=positions.device) - (width - self.row_lengths[:, None]))
             kwargs["position_ids"] = torch.cat([positions[:, :at], block.clamp(min=0), self.shifted(positions[:, at:])],
                                                dim=1)
-        kwargs["inputs_embeds"] = _insert(embeds, at, self.block[self.index])
+        kwargs["inputs_embeds"] = _insert(embeds, at, self.block[self.index, -width:])  # this batch's widest
         if mask is None and not self.uniform:
             mask = kwargs["attention_mask"] = torch.ones(batch, new, dtype=torch.long, device=reference.device)
         if mask is not None and mask.shape[1] == new:
@@ -167,9 +174,9 @@ class PromptMaskStack(PromptStack):
         self._lengths([layer.soft_token_num for layer in layers], torch.device("cpu"), host)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        mask = compat.padding_mask(kwargs)
         if self.index is None or self.width == 0:
             return args, kwargs
+        mask = compat.padding_mask(kwargs)
         if mask is None:
             reference = next(kwargs[k] for k in ("input_ids", "inputs_embeds") if kwargs.get(k) is not None)
             mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
@@ -187,18 +194,13 @@ class PrefixStack(PromptStack):
         if self.encoder_decoder:
             raise TypeError("prefixes of encoder-decoders have no row form yet (their encoder and cross-attention "
                             "prefixes enter each attention on its own); route them one delta at a time")
-        lengths = [layer.length for layer in layers]
-        width = max(lengths)
         with torch.no_grad():
-            tables = [layer.key_values(range(self.filled)) for layer in layers]
-        for layer_index in range(self.filled):
-            for part, name in ((0, "keys"), (1, "values")):
-                sample = tables[0][layer_index][part]  # (heads, n, size)
-                stacked = sample.new_zeros(len(layers) + 1, sample.shape[0], width, sample.shape[2])
-                for k, table in enumerate(tables):
-                    stacked[k, :, width - lengths[k]:] = table[layer_index][part]
-                self.register_buffer(f"{name}_{layer_index}", stacked, persistent=False)
-        self._lengths(lengths, tables[0][0][0].device, host)
+            tables = [layer.key_values(range(self.filled)) for layer in layers]  # per layer (heads, n, size) pairs
+            for layer_index in range(self.filled):
+                for part, name in ((0, "keys"), (1, "values")):
+                    self.register_buffer(f"{name}_{layer_index}", right_aligned(
+                        [table[layer_index][part] for table in tables], 1), persistent=False)
+        self._lengths([layer.length for layer in layers], self.keys_0.device, host)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.index is None or self.width == 0:
@@ -220,8 +222,7 @@ class PrefixStack(PromptStack):
                 compat.fill_cache(cache, layer, keys[:, :, -width:], values[:, :, -width:])
             earlier = width
         compat.put_cache(kwargs, self.cache_name, cache)
-        check_room(self.limit, earlier - self.width + int(self.row_lengths.max()) + new,
-                   "the prefix, earlier tokens and this input")
+        check_room(self.limit, earlier + new, "the prefix, earlier tokens and this input")
         if not self.uniform and kwargs.get("position_ids") is None:
             self.own_positions(kwargs, earlier, new, 0, reference.device)
         elif kwargs.get("position_ids") is not None:

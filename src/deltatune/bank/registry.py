@@ -67,7 +67,7 @@ class DeltaRegistry:
 
     def unregister(self, name: str) -> None:
         with self._lock:
-            self._known(name)
+            self.require(name)
             if name in self._loaded:
                 self._evict(name)
             del self._sources[name]
@@ -78,14 +78,15 @@ class DeltaRegistry:
         wanted = list(dict.fromkeys(n for n in names if n is not None))
         with self._lock:
             for name in wanted:
-                self._known(name)
+                self.require(name)
             for name in wanted:
                 if name in self._loaded:
                     self._loaded.move_to_end(name)
                 else:
                     self._load(name, keep=set(wanted))
 
-    def _known(self, name: str) -> None:
+    def require(self, name: str) -> None:
+        """Raise KeyError unless ``name`` is registered."""
         if name not in self._sources:
             raise KeyError(f"no delta named {name!r}; known: {', '.join(self._sources) or 'none'}")
 

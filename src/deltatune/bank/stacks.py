@@ -52,6 +52,10 @@ class Stack(nn.Module):
         return self.index
 
 
+def _with_identity(vectors: list[torch.Tensor], fill: float) -> torch.Tensor:
+    return torch.stack([*vectors, torch.full_like(vectors[0], fill)])
+
+
 def _broadcast(values: torch.Tensor, like: torch.Tensor, axis: int = -1) -> torch.Tensor:
     """(batch, size) values shaped to broadcast over ``like`` along ``axis`` (-1, or 1 for channel-first maps)."""
     shape = [values.shape[0]] + [1] * (like.dim() - 1)
@@ -110,8 +114,8 @@ class ScaleStack(Stack):
         super().__init__()
         self.route = Route.INPUT_INPUT if layers[0].on_input else Route.OUTPUT_OUTPUT
         with torch.no_grad():
-            scales = [layer._full_scale() for layer in layers]
-        self.register_buffer("scales", torch.stack([*scales, torch.ones_like(scales[0])]), persistent=False)
+            self.register_buffer("scales", _with_identity([layer._full_scale() for layer in layers], 1.0),
+                                 persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if self.index is None:
@@ -128,8 +132,8 @@ class ShiftStack(Stack):
         super().__init__()
         self.axis = -1 if len(layers[0].view) == 1 else 1
         with torch.no_grad():
-            shifts = [layer._full_bias() for layer in layers]
-        self.register_buffer("shifts", torch.stack([*shifts, torch.zeros_like(shifts[0])]), persistent=False)
+            self.register_buffer("shifts", _with_identity([layer._full_bias() for layer in layers], 0.0),
+                                 persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.index is None:

@@ -76,8 +76,10 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
             if api_key is not None and request.url.path.startswith("/v1/"):
                 if request.headers.get("authorization") != f"Bearer {api_key}":
                     raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
-            length = request.headers.get("content-length")
-            if length is not None and int(length) > max_body_bytes:
+            length = request.headers.get("content-length", "0")
+            if not length.isdigit():
+                raise APIError(400, f"Content-Length must be a number of bytes, got {length!r}")
+            if int(length) > max_body_bytes:
                 raise APIError(413, f"the request body has {length} bytes; this server takes at most {max_body_bytes}")
             response = await call_next(request)
         except APIError as error:
@@ -237,7 +239,6 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
                  "# TYPE deltatune_requests_total counter", f"deltatune_requests_total {stats['requests']}",
                  "# TYPE deltatune_failed_requests_total counter", f"deltatune_failed_requests_total {stats['failed']}",
                  "# TYPE deltatune_batches_total counter", f"deltatune_batches_total {stats['batches']}",
-                 "# TYPE deltatune_batch_rows_total counter", f"deltatune_batch_rows_total {stats['rows']}",
                  "# TYPE deltatune_generated_tokens_total counter", f"deltatune_generated_tokens_total {stats['tokens']}",
                  "# TYPE deltatune_queue_depth gauge", f"deltatune_queue_depth {engine.queued()}",
                  "# TYPE deltatune_deltas_loaded gauge", f"deltatune_deltas_loaded {len(registry.loaded)}",

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -38,7 +38,6 @@ class Request:
     top_p: float = 1.0
     on_token: Callable[[int], None] = lambda token: None
     on_done: Callable[[list[int] | None, str, BaseException | None], None] = lambda tokens, reason, error: None
-    submitted: float = field(default_factory=time.monotonic)
 
     def sampling(self) -> tuple:
         return (self.temperature > 0, self.temperature, self.top_p) if self.temperature > 0 else (False,)
@@ -97,13 +96,13 @@ class Engine:
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self._held: list[Request | None] = []  # taken from the queue for the next batch (None: stop after it)
-        self.stats = {"requests": 0, "batches": 0, "rows": 0, "tokens": 0, "failed": 0}
+        self.stats = {"requests": 0, "batches": 0, "tokens": 0, "failed": 0}
         self._worker = threading.Thread(target=self._run, name="deltatune-serve", daemon=True)
         self._worker.start()
 
     def submit(self, request: Request) -> None:
         if request.delta is not None:
-            self.registry._known(request.delta)
+            self.registry.require(request.delta)
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -169,7 +168,6 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([_RowsDone(width, [r.max_tokens for r in batch])]),
                 streamer=streamer, pad_token_id=self.pad, **options)
         self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
         self.stats["requests"] += len(batch)
         self.stats["tokens"] += sum(len(t) for t in streamer.tokens)
         return [(row, "length" if len(row) >= r.max_tokens else "stop") for row, r in zip(streamer.tokens, batch)]
