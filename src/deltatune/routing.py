@@ -5,7 +5,8 @@ Three routes cover the methods (He et al. 2022)::
     input -> input    x <- m(x)        before the module runs      (prompts, prefixes)
                       or (args, kwargs) <- m(args, kwargs) for a delta with ``rewrites_call = True``
                       (positional inputs arrive as keyword arguments); such a delta may also have
-                      ``finish(h) -> h``, run first after the module (to take back what it added)
+                      ``finish(h) -> h``, run first after the module (to take back what it added); those
+                      that fill the KV cache (``fills_cache = True``) run after the others
     input -> output   h <- m(x, h)     after, reading its input    (LoRA, parallel adapter, (IA)^3)
     output -> output  h <- m(h)        after, reading its output   (sequential adapter, BitFit, Compacter)
 
@@ -95,7 +96,10 @@ class DeltaSlot(nn.ModuleDict):
     def _plan(self) -> None:
         ordered = sorted(self._routes.items(), key=lambda item: item[1][1])
         rewrites = [self[n] for n, (r, _) in ordered if r is Route.INPUT_INPUT]
-        self._call_rewrites = [m for m in rewrites if getattr(m, "rewrites_call", False)]
+        # Rewrites that fill the KV cache (prefixes) run after the others: a soft prompt that saw a filled cache
+        # would take the call for a later generation step and leave its prompt out.
+        self._call_rewrites = sorted((m for m in rewrites if getattr(m, "rewrites_call", False)),
+                                     key=lambda m: getattr(m, "fills_cache", False))
         self._finishers = [m for m in reversed(self._call_rewrites) if hasattr(m, "finish")]
         self._input_rewrites = [m for m in rewrites if not getattr(m, "rewrites_call", False)]
         self._parallel = [self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT]

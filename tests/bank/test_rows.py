@@ -97,10 +97,14 @@ def test_each_row_equals_the_row_alone_with_its_delta(family, delta_type):
     assert not torch.allclose(alone(model, deltas, "a", inputs)[:, -length:], alone(model, deltas, "b", inputs)[:, -length:])
 
 
-@pytest.mark.parametrize("delta_type", ["lora", "ia3", "prefix", "soft_prompt", "adapter"])
+@pytest.mark.parametrize("delta_type", ["lora", "ia3", "prefix", "soft_prompt", "adapter", "prefix+soft_prompt"])
 def test_generation_of_a_mixed_left_padded_batch_equals_each_row_alone(delta_type):
     model = tiny_model("llama")
-    deltas = build_deltas(model, "llama", delta_type)
+    if delta_type == "prefix+soft_prompt":  # a prefix added before a soft prompt still runs after it
+        deltas = {"a": build_deltas(model, "llama", "prefix", "p")["p"],
+                  "b": build_deltas(model, "llama", "soft_prompt", "s")["s"]}
+    else:
+        deltas = build_deltas(model, "llama", delta_type)
     ids = torch.randint(3, 96, (4, 6), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding, as generate() wants for decoders

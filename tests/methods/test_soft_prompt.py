@@ -135,3 +135,20 @@ def test_a_model_without_any_cache_takes_the_prompt_on_every_generation_step():
     assert torch.equal(generated, by_hand)
     with pytest.raises(Exception, match="cannot find the KV cache argument of RwkvForCausalLM"):
         SoftPromptModel(build(ZooEntry("rwkv", "causal-lm", "RwkvForCausalLM")))  # keeps a state between steps
+
+
+def test_a_soft_prompt_after_a_prefix_is_still_read():
+    """A prefix fills the KV cache; a soft prompt that ran after it took the call for a later generation step and
+    left its prompt out, silently.  Cache-filling rewrites now run last, whatever the creation order."""
+    from deltatune import PrefixModel
+
+    model = tiny_model("llama")
+    PrefixModel(model, prefix_token_num=2, reparameterize=False)
+    prompt = SoftPromptModel(model, soft_token_num=3)
+    ids = torch.randint(3, 96, (1, 6))
+    with torch.no_grad():
+        with_prompt = model(input_ids=ids).logits
+        prompt.detach()
+        without = model(input_ids=ids).logits
+    assert with_prompt.shape[1] == 6 + 3 and without.shape[1] == 6
+    assert not torch.allclose(with_prompt[:, 3:], without)

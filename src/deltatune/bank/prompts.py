@@ -186,6 +186,8 @@ class PromptMaskStack(PromptStack):
 class PrefixStack(PromptStack):
     """Prefixes entering through the model's KV cache (decoders, and encoders whose attention reads one)."""
 
+    fills_cache = True  # runs after the soft prompts of the same call (routing)
+
     def __init__(self, layers: list[Prefix], host: nn.Module) -> None:
         super().__init__()
         first = layers[0]

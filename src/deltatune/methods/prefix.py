@@ -128,6 +128,7 @@ class Prefix(PrefixTable):
     """The prefix table; fills a model call's KV cache with the prefixes of its first ``filled`` layers."""
 
     rewrites_call = True
+    fills_cache = True  # runs after the soft prompts of the same call (routing)
     exclusive = True  # a second prefix could not tell the first call from a cache the first one filled
 
     def __init__(self, config: PrefixConfig, shapes: list[tuple[int, int, int]], filled: int, host: nn.Module,
