@@ -147,6 +147,33 @@ def test_killed_saves_leave_a_complete_pair_and_never_touch_other_files(tmp_path
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], os.listdir(tmp_path)
 
 
+DIES_WHILE_WRITING = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model
+    from deltatune import LoraModel, checkpoint
+
+    def save_file(tensors, target, metadata):  # as safetensors does: a temporary file beside the target
+        (Path(target).parent / ".tmpXy12Zw").write_bytes(b"half")
+        os._exit(9)  # killed while writing
+
+    checkpoint.save_file = save_file
+    LoraModel(tiny_model("bert"), ["query"]).save_finetuned({folder!r})
+""")
+
+
+def test_a_kill_inside_the_tensor_writer_leaves_nothing_in_the_checkpoint_folder(tmp_path):
+    folder = tmp_path / "ckpt"
+    _lora().save_finetuned(folder)
+    script = DIES_WHILE_WRITING.format(tests=str(os.path.dirname(__file__)), folder=str(folder))
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 9
+    left = sorted(p.name for p in folder.iterdir())
+    assert left[1:] == [CONFIG_FILE, WEIGHTS_FILE] and left[0].startswith(f".{WEIGHTS_FILE}.tmp-"), left
+    assert (folder / left[0] / ".tmpXy12Zw").exists(), "the writer's own temporary file is in the staging folder"
+    _lora().save_finetuned(folder)  # and the next save removes the dead save's staging folder
+    assert not [p for p in tmp_path.rglob(".*")], list(tmp_path.rglob("*"))
+
 
 def _save_in_step(root, barrier, errors, which: int) -> None:
     from deltatune import checkpoint

@@ -81,17 +81,18 @@ def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, 
     text = json.dumps(config, indent=2) + "\n"
     metadata = {"format": "pt", **({EMBEDDED_CONFIG: text} if paired else {})}
     if folder.is_dir():
-        staged = [(_staged(folder, weights_file), folder / weights_file), (_staged(folder, config_file),
-                                                                           folder / config_file)]
+        # Staged in a private folder: safetensors writes through a temporary file of its own (``.tmpXXXXXX``)
+        # beside its target, which a kill would otherwise leave in the user's folder.
+        staging = _staged(folder, weights_file)
         try:
-            save_file(tensors, staged[0][0], metadata=metadata)
-            _write_text(staged[1][0], text)
-            _readable(*(source for source, _ in staged))
-            for source, target in staged:
-                os.replace(source, target)  # the weights first: from then on they hold the new checkpoint
+            staging.mkdir()
+            save_file(tensors, staging / weights_file, metadata=metadata)
+            _write_text(staging / config_file, text)
+            _readable(staging / weights_file, staging / config_file)
+            for name in (weights_file, config_file):  # the weights first: from then on they hold the new checkpoint
+                os.replace(staging / name, folder / name)
         finally:
-            for source, _ in staged:
-                source.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
         return folder
     staging = _staged(folder.parent, folder.name)
     try:
