@@ -1,13 +1,19 @@
-"""Mixed batches and serving many deltas, side by side in one run; writes JSON and a Markdown table.
+"""Many deltas on one backbone, side by side in one run; writes JSON and a Markdown table.
 
-    python -m benchmarks.mixed [--repeats N] [--out benchmarks/results]
+    python -m benchmarks.mixed [--smoke] [--repeats N] [--out benchmarks/results]
 
-1. MiniLM-L6 forward (batch 16, 128 tokens, eval): one attached LoRA(q, v, r=8) vs a DeltaBank holding 8, 32 or
-   128 LoRAs with 16 rows over up to 16 distinct ones, vs PEFT's mixed batches (``adapter_names=``, a loop over
-   the adapters in the batch), and the bare backbone.
-2. SmolLM2-135M serving 32 greedy requests (8 new tokens) spread over 8 LoRAs(q, v, r=8): mixed batches of 16
-   (:class:`deltatune.serve.Engine`) vs swapping one attached delta per batch (each delta's requests together).
-Medians over interleaved repeats, 2 threads.
+1. Encoder forward (MiniLM-L6, batch 16, 128 tokens, eval): one attached LoRA(q, v, r=8) vs a DeltaBank holding 8,
+   32 or 128 LoRAs with 16 rows over up to 16 distinct ones, vs PEFT's mixed batches (``adapter_names=``, a loop
+   over the adapters in the batch), and the bare backbone.
+2. Decoder generation at batch 1 (SmolLM2-135M, greedy, 32 new tokens), LoRA r=8 on all 7 projections, unmerged:
+   ours and PEFT's per token, against the bare model.
+3. Switching tasks on that decoder (all-linear LoRA): detaching one delta and attaching another, entering a
+   bank's ``route()`` for another delta, and PEFT's ``set_adapter``.
+4. Serving 32 greedy requests (8 new tokens) over 8 LoRAs(q, v, r=8): mixed batches of 16
+   (:class:`deltatune.serve.Engine`) vs swapping one attached delta per batch (each delta's 4 requests together),
+   with the bare backbone run on the same batches as the bound batching alone allows.
+Medians over interleaved repeats, 2 threads.  ``--smoke`` runs tiny random models of the same families, one repeat:
+the output format, not speed (the test suite runs it).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import argparse
 import datetime
 import json
 import platform
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +37,33 @@ from deltatune.bank.registry import DeltaRegistry
 from .timing import interleaved
 
 THREADS = 2
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class Models:
+    encoder_name: str
+    encoder: object  # () -> model
+    batch: dict
+    decoder_name: str
+    decoder: object  # () -> model
+    new_tokens: int
+
+
+def models(smoke: bool) -> Models:
+    torch.manual_seed(0)
+    if smoke:
+        encoder = lambda: tf.BertModel(tf.BertConfig(  # noqa: E731
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).eval()
+        decoder = lambda: tf.LlamaForCausalLM(tf.LlamaConfig(  # noqa: E731
+            vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)).eval()
+        batch = {"input_ids": torch.randint(3, 128, (16, 16)), "attention_mask": torch.ones(16, 16, dtype=torch.long)}
+        return Models("tiny BERT", encoder, batch, "tiny LLaMA", decoder, 4)
+    batch = {"input_ids": torch.randint(1000, 20000, (16, 128)), "attention_mask": torch.ones(16, 128, dtype=torch.long)}
+    return Models("MiniLM-L6", lambda: tf.AutoModel.from_pretrained(assets.minilm_l6()).eval(), batch, "SmolLM2-135M",
+                  lambda: tf.AutoModelForCausalLM.from_pretrained(assets.smollm2_135m(), dtype=torch.float32).eval(),
+                  32)
 
 
 def _random(delta):
@@ -37,9 +73,14 @@ def _random(delta):
     return delta
 
 
-def minilm_rows(repeats: int) -> list[dict]:
-    model = tf.AutoModel.from_pretrained(assets.minilm_l6()).eval()
-    batch = {"input_ids": torch.randint(1000, 20000, (16, 128)), "attention_mask": torch.ones(16, 128, dtype=torch.long)}
+def _row(benchmark: str, variant: str, value: float, unit: str, ratio: float | None = None, to: str = "",
+         **extra) -> dict:
+    return {"benchmark": benchmark, "variant": variant, "value": value, "unit": unit, "ratio": ratio, "ratio_to": to,
+            **extra}
+
+
+def encoder_rows(setup: Models, repeats: int) -> list[dict]:
+    model, batch = setup.encoder(), setup.batch
     deltas = [_random(LoraModel(model, ["query", "value"], attach=False, name=f"d{i}")) for i in range(128)]
     banks = {n: DeltaBank(model, deltas[:n]) for n in (8, 32, 128)}
 
@@ -67,18 +108,19 @@ def minilm_rows(repeats: int) -> list[dict]:
     times = interleaved(variants, repeats, warmup=2)
     for bank in banks.values():
         bank.close()
-    times.update(peft_rows(repeats, batch))
+    times.update(peft_rows(setup, repeats))
     reference = times["one LoRA attached"]
-    return [{"benchmark": "MiniLM-L6 forward, batch 16 x 128 tokens", "variant": name, "seconds": t,
-             "vs one attached LoRA": t / reference} for name, t in times.items()]
+    shape = "x".join(map(str, batch["input_ids"].shape))
+    return [_row(f"{setup.encoder_name} forward, batch {shape} tokens", name, t, "s", t / reference,
+                 "one attached LoRA") for name, t in times.items()]
 
 
-def peft_rows(repeats: int, batch: dict) -> dict[str, float]:
+def peft_rows(setup: Models, repeats: int) -> dict[str, float]:
     import peft
 
-    times = {}
+    times, batch = {}, setup.batch
     for n in (8, 32, 128):
-        model = tf.AutoModel.from_pretrained(assets.minilm_l6()).eval()
+        model = setup.encoder()
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
         wrapped = peft.get_peft_model(model, config, adapter_name="d0").eval()
         for i in range(1, n):
@@ -93,74 +135,158 @@ def peft_rows(repeats: int, batch: dict) -> dict[str, float]:
     return times
 
 
-def serving_rows(repeats: int, tmp: Path) -> list[dict]:
+def generation_rows(setup: Models, repeats: int) -> list[dict]:
+    import peft
+
+    model = setup.decoder()
+    ids, n = torch.randint(3, 1000, (1, 16)), setup.new_tokens
+    ours = _random(LoraModel(model, ALL_LINEAR, lora_r=8, attach=False))
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False)
+    wrapped = peft.get_peft_model(setup.decoder(), config).eval()
+
+    def greedy(m):
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    def attached():
+        ours.attach()
+        try:
+            greedy(model)
+        finally:
+            ours.detach()
+
+    times = interleaved({"bare": lambda: greedy(model), "ours, LoRA unmerged": attached,
+                         "PEFT, LoRA unmerged": lambda: greedy(wrapped)}, repeats, warmup=1)
+    benchmark = f"{setup.decoder_name} greedy generation, batch 1, LoRA r=8 on all 7 projections"
+    return [_row(benchmark, name, t / n * 1000, "ms/token", t / times["bare"], "bare model")
+            for name, t in times.items()]
+
+
+def switching_rows(setup: Models, repeats: int) -> list[dict]:
+    import peft
+
+    from .timing import alternating
+
+    model = setup.decoder()
+    a, b = (_random(LoraModel(model, ALL_LINEAR, name=n, attach=False)) for n in "ab")
+    a.attach()
+    attach_switch = alternating(lambda: (a.detach(), b.attach()), lambda: (b.detach(), a.attach()), repeats * 10)
+    a.detach()
+    bank = DeltaBank(model, {"a": a, "b": b})
+
+    def enter(name):
+        with bank.route([name]):
+            pass
+    enter("a")
+    route_switch = alternating(lambda: enter("b"), lambda: enter("a"), repeats * 10)
+    bank.close()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False)
+    wrapped = peft.get_peft_model(setup.decoder(), config, adapter_name="a")
+    wrapped.add_adapter("b", config)
+    peft_switch = alternating(lambda: wrapped.set_adapter("b"), lambda: wrapped.set_adapter("a"), repeats * 10)
+    benchmark = f"{setup.decoder_name} switching tasks, all-linear LoRA"
+    return [_row(benchmark, variant, sum(pair) / 2 * 1000, "ms") for variant, pair in (
+        ("ours: detach one delta, attach another", attach_switch),
+        ("ours: a bank's route() for another delta", route_switch),
+        ("PEFT: set_adapter", peft_switch))]
+
+
+def serving_rows(setup: Models, repeats: int, tmp: Path) -> list[dict]:
     from deltatune.serve import Engine, Request
 
-    path = assets.smollm2_135m()
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    model = setup.decoder()
+    tokenizer = tf.AutoTokenizer.from_pretrained(assets.smollm2_135m())
     registry = DeltaRegistry(model)
     deltas = []
     for i in range(8):
         delta = _random(LoraModel(model, ["q_proj", "v_proj"], attach=False, name=f"s{i}"))
-        folder = delta.save_finetuned(tmp / f"s{i}")
-        registry.register(f"s{i}", folder)
+        registry.register(f"s{i}", delta.save_finetuned(tmp / f"s{i}"))
         deltas.append(delta)
     prompts = [tokenizer(f"Request number {i} asks about")["input_ids"] for i in range(32)]
     engine = Engine(model, tokenizer, registry, max_batch=16)
     registry.acquire(registry.names)
+    mixed_batches = [list(range(start, start + 16)) for start in (0, 16)]
+    swap_batches = [[i for i in range(32) if i % 8 == d] for d in range(8)]
+    done: dict[str, list[float]] = {}  # seconds from the start to each request's answer, in the last run
 
-    def mixed():
-        for start in (0, 16):
-            engine.generate([Request(prompts[i], f"s{i % 8}", 8) for i in range(start, start + 16)])
+    def timed(name: str, batches: list[list[int]], run_batch) -> None:
+        start, done[name] = time.perf_counter(), []
+        for k, batch in enumerate(batches):
+            run_batch(k, batch)
+            done[name] += [time.perf_counter() - start] * len(batch)
 
-    def swapping():
-        for d, delta in enumerate(deltas):
-            rows = [prompts[i] for i in range(32) if i % 8 == d]
-            width = max(map(len, rows))
-            ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-            delta.attach()
-            with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
-                               do_sample=False, pad_token_id=tokenizer.eos_token_id)
-            delta.detach()
+    def padded(batch: list[int]) -> dict:
+        rows = [prompts[i] for i in batch]
+        width = max(map(len, rows))
+        return {"input_ids": torch.tensor([[tokenizer.eos_token_id] * (width - len(r)) + r for r in rows]),
+                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
 
-    times = interleaved({"mixed batches of 16 (Engine)": mixed, "swap one attached delta per batch": swapping},
-                        repeats, warmup=1)
+    def greedy(batch: list[int]) -> None:
+        with torch.no_grad():
+            model.generate(**padded(batch), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id)
+
+    def swap(k: int, batch: list[int]) -> None:
+        deltas[k].attach()
+        try:
+            greedy(batch)
+        finally:
+            deltas[k].detach()
+
+    variants = {
+        "mixed batches of 16 (Engine)": lambda: timed("mixed batches of 16 (Engine)", mixed_batches, lambda k, b: (
+            engine.generate([Request(prompts[i], f"s{i % 8}", 8) for i in b]))),
+        "swap one attached delta per batch of 4": lambda: timed("swap one attached delta per batch of 4",
+                                                                swap_batches, swap),
+        "bare backbone, batches of 16 (bound)": lambda: timed("bare backbone, batches of 16 (bound)", mixed_batches,
+                                                              lambda k, b: greedy(b)),
+        "bare backbone, batches of 4 (bound)": lambda: timed("bare backbone, batches of 4 (bound)", swap_batches,
+                                                             lambda k, b: greedy(b))}
+    times = interleaved(variants, repeats, warmup=1)
     engine.close()
-    reference = times["swap one attached delta per batch"]
-    return [{"benchmark": "SmolLM2-135M, 32 requests x 8 tokens over 8 LoRAs", "variant": name, "seconds": t,
-             "requests per second": 32 / t, "throughput vs swapping": reference / t} for name, t in times.items()]
+    reference = times["swap one attached delta per batch of 4"]
+    benchmark = f"{setup.decoder_name} serving 32 requests x 8 tokens over 8 LoRAs"
+    return [_row(benchmark, name, 32 / t, "requests/s", reference / t, "throughput of swapping",
+                 mean_latency_s=sum(done[name]) / len(done[name])) for name, t in times.items()]
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Mixed batches and serving ({result['date']})", "", f"`{result['command']}` on {result['machine']}",
-             "", "| benchmark | variant | median s | ratio |", "|---|---|---|---|"]
+    lines = [f"# Many deltas on one backbone ({result['date']})", "",
+             f"`{result['command']}` on {result['machine']}", "",
+             "| benchmark | variant | value | ratio | mean latency |", "|---|---|---|---|---|"]
     for row in result["rows"]:
-        ratio = row.get("vs one attached LoRA") or row.get("throughput vs swapping")
-        label = "× one attached LoRA" if "vs one attached LoRA" in row else "× throughput of swapping"
-        lines.append(f"| {row['benchmark']} | {row['variant']} | {row['seconds']:.4f} | {ratio:.2f} {label} |")
+        ratio = f"{row['ratio']:.2f} × {row['ratio_to']}" if row["ratio"] is not None else ""
+        latency = f"{row['mean_latency_s']:.2f} s" if "mean_latency_s" in row else ""
+        lines.append(f"| {row['benchmark']} | {row['variant']} | {row['value']:.4g} {row['unit']} | {ratio} | "
+                     f"{latency} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny random models, one repeat: the format only")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    repeats = 1 if args.smoke else args.repeats
     torch.set_num_threads(THREADS)
-    torch.manual_seed(0)
+    setup = models(args.smoke)
     import tempfile
 
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = minilm_rows(args.repeats) + serving_rows(max(3, args.repeats // 3), Path(tmp))
-    result = {"date": datetime.date.today().isoformat(), "command": "python -m benchmarks.mixed " + " ".join(argv or []),
-              "machine": f"{platform.machine()}, {THREADS} threads, torch {torch.__version__}, {platform.processor()}",
-              "rows": rows}
+        rows = (encoder_rows(setup, repeats) + generation_rows(setup, max(1, repeats // 2))
+                + switching_rows(setup, repeats) + serving_rows(setup, max(1, repeats // 3), Path(tmp)))
+    result = {"date": datetime.date.today().isoformat(),
+              "command": " ".join(["python -m benchmarks.mixed", *argv]),
+              "machine": f"{platform.machine()}, {THREADS} threads, torch {torch.__version__}, "
+                         f"transformers {tf.__version__}, {platform.processor() or 'unknown CPU'}",
+              "seconds": round(time.perf_counter() - started), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mixed.json").write_text(json.dumps(result, indent=1))
-    (args.out / "mixed.md").write_text(markdown(result))
+    name = "mixed-smoke" if args.smoke else "mixed"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     return result
 

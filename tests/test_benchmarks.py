@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare  # noqa: E402
+from benchmarks import compare, mixed  # noqa: E402
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -36,3 +36,24 @@ def test_smoke_run_writes_json_and_markdown_with_every_row(tmp_path, capsys):
         "lora, s/step", "ia3, s/step", "prefix, s/step", "prompt, s/step"]
     table = (tmp_path / "smoke.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and table.count("\n- ") == len(failed) and "| ours ÷ PEFT |" in table and saved["machine"]["cpu"] in table
+
+
+def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
+    results = mixed.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "mixed-smoke.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and saved["command"] == f"python -m benchmarks.mixed --smoke --out {tmp_path}"
+    rows = saved["rows"]
+    groups: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        assert row["value"] > 0, row
+        groups.setdefault(row["benchmark"], {})[row["variant"]] = row
+    encoder, generation, switching, serving = groups.values()
+    assert encoder["one LoRA attached"]["ratio"] == 1.0 and len(encoder) == 9
+    assert all(r["ratio"] == r["value"] / encoder["one LoRA attached"]["value"] for r in encoder.values())
+    assert list(generation) == ["bare", "ours, LoRA unmerged", "PEFT, LoRA unmerged"]
+    assert all(r["unit"] == "ms/token" and r["ratio_to"] == "bare model" for r in generation.values())
+    assert len(switching) == 3 and all(r["unit"] == "ms" and r["ratio"] is None for r in switching.values())
+    swap = serving["swap one attached delta per batch of 4"]
+    assert len(serving) == 4 and swap["ratio"] == 1.0 and all(r["mean_latency_s"] > 0 for r in serving.values())
+    table = (tmp_path / "mixed-smoke.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and saved["machine"] in table

@@ -62,10 +62,9 @@ class DeltaSlot(nn.ModuleDict):
 
     def __init__(self, host: nn.Module) -> None:
         super().__init__()
-        self._routes: dict[str, tuple[Route, int]] = {}
-        self._positional = _positional_names(type(host))
-        self._first_input = self._positional[0] if self._positional else None
-        self._handles: list = []
+        positional = _positional_names(type(host))
+        self.__dict__.update(_routes={}, _positional=positional, _first_input=positional[0] if positional else None,
+                             _handles=[])  # plain values: see _plan
         self._plan()
 
     def forward(self, x, *args, **kwargs):
@@ -98,18 +97,19 @@ class DeltaSlot(nn.ModuleDict):
         rewrites = [self[n] for n, (r, _) in ordered if r is Route.INPUT_INPUT]
         # Rewrites that fill the KV cache (prefixes) run after the others: a soft prompt that saw a filled cache
         # would take the call for a later generation step and leave its prompt out.
-        self._call_rewrites = sorted((m for m in rewrites if getattr(m, "rewrites_call", False)),
-                                     key=lambda m: getattr(m, "fills_cache", False))
-        self._finishers = [m for m in reversed(self._call_rewrites) if hasattr(m, "finish")]
-        self._input_rewrites = [m for m in rewrites if not getattr(m, "rewrites_call", False)]
-        self._parallel = [self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT]
-        self._output_rewrites = [self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT]
+        call_rewrites = sorted((m for m in rewrites if getattr(m, "rewrites_call", False)),
+                               key=lambda m: getattr(m, "fills_cache", False))
+        # Plain lists, set past nn.Module.__setattr__ (whose checks cost more than the rest of attaching).
+        self.__dict__.update(
+            _call_rewrites=call_rewrites,
+            _finishers=[m for m in reversed(call_rewrites) if hasattr(m, "finish")],
+            _input_rewrites=[m for m in rewrites if not getattr(m, "rewrites_call", False)],
+            _parallel=[self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT],
+            _output_rewrites=[self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT])
 
     def _hook(self, host: nn.Module) -> None:
-        # Re-register from scratch: at most one hook of each kind, only the kinds some delta needs.
-        # torch.compile does not guard on module hooks, so a compiled graph would keep running the old deltas: drop
-        # compiled graphs (about 10 µs when there are none; a compiled model recompiles on its next call).
-        torch.compiler.reset()
+        # Re-register from scratch: at most one hook of each kind, only the kinds some delta needs.  (Compiled
+        # graphs, which do not guard on hooks, are dropped once per change by threads.changing.)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -156,7 +156,9 @@ class DeltaSlot(nn.ModuleDict):
 
 
 def _floating(module: nn.Module) -> torch.Tensor | None:
-    return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
+    own = itertools.chain(module._parameters.values(), module._buffers.values())  # usually enough, and fast
+    everything = itertools.chain(own, module.parameters(), module.buffers())
+    return next((t for t in everything if t is not None and t.is_floating_point()), None)
 
 
 def _follow(delta: nn.Module, host: nn.Module) -> None:

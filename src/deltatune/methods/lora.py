@@ -52,6 +52,11 @@ class LoraConfig(SlicedConfig):
     use_dora: bool = False
 
 
+# Up to this many rows (tokens) an update costs least as two small kernels; beyond, as one fused addmm
+# (measured on CPU: 4 µs saved per module for one token, 20% lost at 1,024 tokens).
+_FEW_ROWS = 512
+
+
 class LoraLayer(nn.Module):
     """``h <- h + (α/r) · dropout(x) Aᵀ Bᵀ`` for one Linear, Conv1D or Embedding."""
 
@@ -89,6 +94,7 @@ class LoraLayer(nn.Module):
             self._host = (host,)  # a tuple, so the host is not registered as a submodule of its own delta
             norms = self._host_weight().detach().norm(dim=1)
             self.magnitude = nn.Parameter(norms if self.rows is None else norms[self.rows])
+        self.plain = slices is None and not dora  # the hot path (a plain attribute: read at every call)
 
     def _full_B(self) -> torch.Tensor:
         """B as one (out × count·r) matrix: each slice's block on its rows and its columns, zero elsewhere."""
@@ -116,18 +122,20 @@ class LoraLayer(nn.Module):
             a = F.embedding(x, self.lora_A.t(), padding_idx=self.padding_idx)
         else:
             a = F.linear(self.dropout(x) if self.dropout is not None else x, self.lora_A)
-        lora_B = self._full_B()
-        if self.magnitude is not None:
-            bias = self._host[0].bias  # h = W x + b: the magnitude rescales W x and the update, not b
-            update = F.linear(a, lora_B) * self.scaling
-            tuned = self._dora_scale(lora_B) * (h + update if bias is None else h - bias + update)
-            tuned = tuned if bias is None else tuned + bias
-            if self.rows is None:
-                return tuned
-            return h.index_copy(-1, self.rows, tuned.index_select(-1, self.rows))  # other rows stay exact
-        # one fused kernel for h + scaling * (a @ Bᵀ)
-        out = torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, a.shape[-1]), lora_B.t(), alpha=self.scaling)
-        return out.view(h.shape)
+        if self.plain and h.numel() > _FEW_ROWS * self.out_features:
+            # Many rows: one fused kernel for h + scaling · a Bᵀ, which saves a pass over the output.
+            flat = torch.addmm(h.reshape(-1, h.shape[-1]), a.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+            return flat.view(h.shape)
+        lora_B = self.lora_B if self.plain else self._full_B()
+        if self.magnitude is None:
+            return torch.add(h, F.linear(a, lora_B), alpha=self.scaling)
+        bias = self._host[0].bias  # h = W x + b: the magnitude rescales W x and the update, not b
+        update = F.linear(a, lora_B) * self.scaling
+        tuned = self._dora_scale(lora_B) * (h + update if bias is None else h - bias + update)
+        tuned = tuned if bias is None else tuned + bias
+        if self.rows is None:
+            return tuned
+        return h.index_copy(-1, self.rows, tuned.index_select(-1, self.rows))  # other rows stay exact
 
     @property
     def needs_exact_unmerge(self) -> bool:
