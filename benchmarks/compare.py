@@ -12,19 +12,16 @@ models once each, to check the harness and the output format (CI), not the speed
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from .machine import machine
 from .models import Setting, quiet, settings
 from .report import markdown
 from .timing import alternating, interleaved, median_of
@@ -156,15 +153,6 @@ def construction(setting: Setting, repeats: int) -> list[dict]:
     return [row("construction", setting.name, "LoRA incl. probe pass, s", middle["ours"], middle["peft"])]
 
 
-def machine(command: str) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    versions = {p: metadata.version(p) for p in ("torch", "transformers", "peft", "deltatune")}
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "cpu": cpu, "cores": os.cpu_count(), "threads": THREADS,
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random models, one repeat: checks the format")
@@ -190,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in args.only or GROUPS:
             rows += groups[group]()
         print(f"{setting.name} done ({time.time() - started:.0f} s)", file=sys.stderr)
-    results = {"machine": machine(command.strip()), "seconds": round(time.time() - started, 1), "rows": rows}
+    results = {"machine": machine(command.strip(), THREADS), "seconds": round(time.time() - started, 1), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "smoke" if args.smoke else "latest" if not args.only else "only-" + "-".join(args.only)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -19,9 +19,7 @@ the output format, not speed (the test suite runs it).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from deltatune import LoraModel, assets
 from deltatune.bank import DeltaBank
 from deltatune.bank.registry import DeltaRegistry
 
+from .machine import machine
 from .timing import interleaved
 
 THREADS = 2
@@ -251,8 +250,11 @@ def serving_rows(setup: Models, repeats: int, tmp: Path) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Many deltas on one backbone ({result['date']})", "",
-             f"`{result['command']}` on {result['machine']}", "",
+    m = result["machine"]
+    lines = ["# Many deltas on one backbone", "",
+             f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['threads']} threads), Python {m['python']}, "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; `{m['command']}` took {result['seconds']} s.",
+             "",
              "| benchmark | variant | value | ratio | mean latency |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         ratio = f"{row['ratio']:.2f} × {row['ratio_to']}" if row["ratio"] is not None else ""
@@ -278,10 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rows = (encoder_rows(setup, repeats) + generation_rows(setup, max(1, repeats // 2))
                 + switching_rows(setup, repeats) + serving_rows(setup, max(1, repeats // 3), Path(tmp)))
-    result = {"date": datetime.date.today().isoformat(),
-              "command": " ".join(["python -m benchmarks.mixed", *argv]),
-              "machine": f"{platform.machine()}, {THREADS} threads, torch {torch.__version__}, "
-                         f"transformers {tf.__version__}, {platform.processor() or 'unknown CPU'}",
+    result = {"machine": machine(" ".join(["python -m benchmarks.mixed", *argv]), THREADS),
               "seconds": round(time.perf_counter() - started), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "mixed-smoke" if args.smoke else "mixed"

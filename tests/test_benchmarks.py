@@ -41,7 +41,8 @@ def test_smoke_run_writes_json_and_markdown_with_every_row(tmp_path, capsys):
 def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
     results = mixed.main(["--smoke", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "mixed-smoke.json").read_text())
-    assert saved == json.loads(json.dumps(results)) and saved["command"] == f"python -m benchmarks.mixed --smoke --out {tmp_path}"
+    assert saved == json.loads(json.dumps(results))
+    assert saved["machine"]["command"] == f"python -m benchmarks.mixed --smoke --out {tmp_path}"
     rows = saved["rows"]
     groups: dict[str, dict[str, dict]] = {}
     for row in rows:
@@ -56,4 +57,4 @@ def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
     swap = serving["swap one attached delta per batch of 4"]
     assert len(serving) == 4 and swap["ratio"] == 1.0 and all(r["mean_latency_s"] > 0 for r in serving.values())
     table = (tmp_path / "mixed-smoke.md").read_text()
-    assert table.count("\n| ") == len(rows) + 1 and saved["machine"] in table
+    assert table.count("\n| ") == len(rows) + 1 and saved["machine"]["cpu"] in table
