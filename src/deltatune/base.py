@@ -124,6 +124,9 @@ class DeltaBase:
         self.name = name or self._free_name()
         live.add(self)
         self.unfrozen_backbone: list[str] = []
+        # Backbone parameters trained with this delta (a classification head), held apart from the backbone so
+        # several deltas can share it (from_finetuned(keep_backbone_apart=True), read by a DeltaBank).
+        self.backbone_apart: dict[str, torch.Tensor] = {}
         self.attached = False
         self.merged = False
         self._merge_state: dict[str, dict[str, Any]] = {}
@@ -208,6 +211,10 @@ class DeltaBase:
         """Route the backbone through this delta (again). Returns self."""
         if self.attached:
             raise RuntimeError(f"delta {self.name!r} is already attached")
+        if self.backbone_apart:
+            raise RuntimeError(f"delta {self.name!r} holds its backbone parameters ({', '.join(self.backbone_apart)}) "
+                               "apart from the backbone, for a DeltaBank; load it without keep_backbone_apart to "
+                               "attach it")
         done = []
         try:
             for position, host in self._hosts.items():
@@ -415,6 +422,7 @@ class DeltaBase:
                    for p, delta in self.deltas.items() for k, t in delta.state_dict().items()}
         backbone = dict(self.backbone_model.named_parameters(remove_duplicate=False))
         tensors.update({f"backbone.{k}": backbone[k] for k in self.unfrozen_backbone})
+        tensors.update({f"backbone.{k}": t for k, t in self.backbone_apart.items()})
         return tensors
 
     def load_delta_state_dict(self, tensors: dict[str, torch.Tensor], source: str | os.PathLike = "tensors") -> None:
@@ -438,8 +446,8 @@ class DeltaBase:
             "name": self.name,
             "config": self.config.to_dict(),
             "positions": self.positions,
-            "unfrozen_backbone": self.unfrozen_backbone,
-            "backbone": checkpoint.fingerprint(self.backbone_model, self.unfrozen_backbone),
+            "unfrozen_backbone": [*self.unfrozen_backbone, *self.backbone_apart],
+            "backbone": checkpoint.fingerprint(self.backbone_model, [*self.unfrozen_backbone, *self.backbone_apart]),
         }
         return checkpoint.write(save_directory, config, self.delta_state_dict())
 
@@ -448,7 +456,9 @@ class DeltaBase:
         cls, finetuned_model_path: str | os.PathLike, backbone_model: nn.Module, **options: Any
     ) -> DeltaBase:
         """Rebuild a saved delta on ``backbone_model`` and attach it (unless ``attach=False``); nothing is attached if
-        anything fails."""
+        anything fails.  With ``keep_backbone_apart=True`` (and ``attach=False``) backbone parameters saved with the
+        delta (a classification head) are not written into the backbone but kept in ``delta.backbone_apart``, as
+        saved (their shapes may differ, e.g. another number of labels), for a :class:`~deltatune.DeltaBank`."""
         folder = Path(finetuned_model_path)
         saved = checkpoint.read_config(folder)
         kind = saved["delta_type"]
@@ -457,7 +467,8 @@ class DeltaBase:
         method = DELTA_TYPES[kind]
         if cls is not DeltaBase and method is not cls:
             raise TypeError(f"{folder} holds a {kind!r} delta, not {cls.delta_type!r}; use {method.__name__}")
-        checkpoint.check_backbone(saved, backbone_model, folder)
+        apart = options.pop("keep_backbone_apart", False)
+        checkpoint.check_backbone(saved, backbone_model, folder, heads_apart=apart)
         # Only declared hyper-parameters come from the file (checked as the constructor checks them); constructor
         # keywords such as name, attach or interactive_modify come only from the caller.
         hyperparameters = method.config_class.from_dict(saved["config"]).to_dict()
@@ -469,9 +480,17 @@ class DeltaBase:
                              f"{missing[:5]}")
         tensors = checkpoint.read_tensors(folder)
         attach = options.pop("attach", True)
+        if apart and attach:
+            raise ValueError("keep_backbone_apart=True keeps a delta's head out of the backbone, for a DeltaBank; "
+                             "pass attach=False with it")
         delta = method(backbone_model, positions=saved["positions"], attach=False, **{**hyperparameters, **options})
-        delta.unfrozen_backbone = list(unfrozen)
-        delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)
+        absent = [k for k in unfrozen if f"backbone.{k}" not in tensors]
+        if apart and absent:
+            raise ValueError(f"{folder} lists backbone parameters its weights file does not hold: {absent[:5]}")
+        heads = {k: tensors.pop(f"backbone.{k}") for k in unfrozen} if apart else {}
+        delta.unfrozen_backbone = [] if apart else list(unfrozen)
+        delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)  # checks the keys and values
+        delta.backbone_apart = heads
         if attach:
             delta.attach()
         live.loaded(delta, folder)

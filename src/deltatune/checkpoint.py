@@ -49,12 +49,18 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
     enough to tell another checkpoint of the same architecture apart without reading all bytes.  Parameters saved
     with the delta (``saved_with_delta``) are left out of the sample: loading overwrites them."""
     tensors = backbone_tensors(model)
-    lines = sorted(f"{k}:{list(t.shape)}:{t.dtype}" for k, t in tensors.items())
+    lines = {k: f"{k}:{list(t.shape)}:{t.dtype}" for k, t in tensors.items()}
     sample = hashlib.sha256()
     for key in sorted(set(tensors) - set(saved_with_delta)):
         sample.update(tensors[key].detach().reshape(-1)[:8].float().cpu().numpy().tobytes())
-    return {"class": type(model).__name__, "tensors": len(lines),
-            "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(), "weights_sample": sample.hexdigest()}
+    return {"class": type(model).__name__, "tensors": len(lines), "sha256": _structure(lines.values()),
+            # the structure without what was saved with the delta: a head served apart may have another size
+            "body_sha256": _structure(line for k, line in lines.items() if k not in set(saved_with_delta)),
+            "weights_sample": sample.hexdigest()}
+
+
+def _structure(lines) -> str:
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
 def write(folder: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -236,9 +242,13 @@ def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         raise ValueError(f"{path} does not fit this backbone and delta:\n  {shown}")
 
 
-def check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path) -> None:
+def check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path, heads_apart: bool = False) -> None:
+    """Refuse another model class; warn about another structure or other weights.  ``heads_apart``: the
+    parameters saved with the delta are not loaded into ``backbone``, so their shapes may differ."""
     expected = saved["backbone"]
     actual = fingerprint(backbone, saved.get("unfrozen_backbone", []))
+    if heads_apart and "body_sha256" in expected:
+        expected, actual = {**expected, "sha256": expected["body_sha256"]}, {**actual, "sha256": actual["body_sha256"]}
     if expected.get("class") != actual["class"]:
         raise ValueError(
             f"{folder} was trained on a {expected.get('class')} backbone, this one is {actual['class']}; "

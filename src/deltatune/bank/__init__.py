@@ -13,8 +13,10 @@ prefixes padded per row and masked).  The cost does not grow with the number of 
 rows.  Each row computes what it computes alone with its delta attached, up to floating-point round-off.
 
 The stacks are inference-time copies of the deltas' weights: ``route()`` refuses a model in training mode, and
-rebuilds the stacks when a delta's tensors changed since (a checkpoint loaded into it, an optimizer step).  Outside
-``route()`` the bank changes nothing.  Deltas of the bank stay detached: attaching one would apply it to every row.
+rebuilds the stacks when a delta's tensors changed since (a checkpoint loaded into it, an optimizer step: PyTorch's
+version counters; a write through ``tensor.data`` bypasses them, so call :meth:`refresh` after one).  Outside
+``route()`` the bank changes nothing.  Deltas loaded with their classification heads kept apart
+(``keep_backbone_apart=True``) give each row its own head (:mod:`.heads`).  Deltas of the bank stay detached: attaching one would apply it to every row.
 Delta modules without a row form (the paired parallel adapter, prefixes of encoder-decoders and of attention
 without a KV cache) are refused when added.  Calls to ``route()`` from several threads take turns.
 """
@@ -31,6 +33,7 @@ from torch import nn
 
 from .. import live, routing, threads
 from ..base import DeltaBase, _creation
+from .heads import HeadStack, check_heads, heads_of
 from .prompts import prompt_kind
 from .stacks import Stack, stack_kind
 
@@ -91,6 +94,7 @@ class DeltaBank:
                             f"{', '.join(missing)}; mixed batches support LoRA/DoRA, (IA)³, BitFit, sequential and "
                             "parallel adapters, Compacter, low-rank adapters, soft prompts and prefixes of "
                             "decoders and encoders with a KV cache")
+        check_heads(name, delta, self.backbone_model)
         self._deltas[name] = delta
         self._built_from = None
 
@@ -99,6 +103,10 @@ class DeltaBank:
         delta = self._deltas.pop(self._known(name))
         self._built_from = None
         return delta
+
+    def refresh(self) -> None:
+        """Rebuild the stacks at the next ``route()`` (needed only after writes through ``tensor.data``)."""
+        self._built_from = None
 
     def close(self) -> None:
         """Take the bank's stacks off the backbone (they come back at the next ``route()``)."""
@@ -125,6 +133,7 @@ class DeltaBank:
                 self._check_detached(name, delta)
             if self._built_from != self._fingerprint():
                 self._build()
+            self._check_heads_come_first()
             indices: dict[tuple, torch.Tensor] = {}
             try:
                 for _, _, stack, lookup in self._stacks:
@@ -153,20 +162,38 @@ class DeltaBank:
             raise RuntimeError(f"delta {name!r} is {'merged' if delta.merged else 'attached'}, so it would apply to "
                                "every row; detach it (or build it with attach=False) to serve it from a bank")
 
+    def _head_hosts(self) -> dict[str, nn.Module]:
+        positions = dict.fromkeys(p for delta in self._deltas.values() for p in heads_of(delta))
+        return {position: self.backbone_model.get_submodule(position) for position in positions}
+
+    def _check_heads_come_first(self) -> None:
+        ours = {slot_name for slot_name, *_ in self._stacks}
+        for position, host in self._head_hosts().items():
+            others = [n for n in routing.attached_names(host) if n not in ours]
+            if others:
+                raise RuntimeError(f"{position} serves the deltas' own heads, which replace its output, but "
+                                   f"{', '.join(others)} is attached to it as well; detach it to use the bank")
+
     def _fingerprint(self) -> tuple:
-        return tuple((name, id(p), p._version) for name, delta in self._deltas.items()
-                     for p in delta.delta_parameters())
+        # The snapshot depends on the deltas' tensors and on the backbone's own heads (rows without one).
+        watched = [(name, t) for name, delta in self._deltas.items()
+                   for t in (*delta.delta_parameters(), *delta.backbone_apart.values())]
+        watched += [("", t) for host in self._head_hosts().values() for t in host.parameters()]
+        return tuple((name, id(t), t.data_ptr(), t._version) for name, t in watched)
 
     def _build(self) -> None:
-        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
-        hosts: dict[str, nn.Module] = {}
+        groups: dict[tuple, list[tuple[str, object]]] = {}
+        hosts = self._head_hosts()
+        for name, delta in self._deltas.items():  # heads first: they replace their module's output
+            for position, entry in heads_of(delta).items():
+                groups.setdefault((position, HeadStack), []).append((name, entry))
         for name, delta in self._deltas.items():
             for position, layer in delta.deltas.items():
                 hosts[position] = delta._hosts[position]
                 groups.setdefault((position, *_kind(layer)), []).append((name, layer))
         stacks = []
         for (position, kind, *_), members in groups.items():
-            stack = kind([layer for _, layer in members], hosts[position])
+            stack = kind([member for _, member in members], hosts[position])
             stacks.append((position, stack, {name: k for k, (name, _) in enumerate(members)}))
         with threads.changing(self.backbone_model, "change a delta bank"):
             for slot_name, host, _, _ in self._stacks:

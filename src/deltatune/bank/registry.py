@@ -17,8 +17,9 @@ from . import DeltaBank
 
 
 def delta_bytes(delta: DeltaBase) -> int:
-    """Memory a served delta takes: its tensors, and the bank's stacked copy of them."""
-    return 2 * sum(p.numel() * p.element_size() for p in delta.delta_parameters())
+    """Memory a served delta takes: its tensors (with its own head), and the bank's stacked copy of them."""
+    tensors = (*delta.delta_parameters(), *delta.backbone_apart.values())
+    return 2 * sum(t.numel() * t.element_size() for t in tensors)
 
 
 class DeltaRegistry:
@@ -30,6 +31,7 @@ class DeltaRegistry:
         self.backbone_model, self.max_bytes = backbone_model, max_bytes
         self.bank = DeltaBank(backbone_model)
         self._sources: dict[str, Path] = {}
+        self._labels: dict[str, list[str]] = {}
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._lock = threading.RLock()
         self.evictions = 0
@@ -45,25 +47,28 @@ class DeltaRegistry:
     def loaded_bytes(self) -> int:
         return sum(self._loaded.values())
 
-    def register(self, name: str, folder: str | os.PathLike) -> None:
+    def register(self, name: str, folder: str | os.PathLike, labels: list[str] | None = None) -> None:
         """Make ``folder`` (a deltatune checkpoint or a PEFT LoRA adapter) servable as ``name``; it is checked now
-        and loaded when first used."""
+        and loaded when first used.  A head trained with the delta stays its own (the backbone is not changed);
+        ``labels`` name its outputs."""
         folder = Path(folder)
         if not name or not isinstance(name, str) or name in self._sources:
             raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
                              f"{'taken' if name in self._sources else 'not one'}")
         if (folder / checkpoint.CONFIG_FILE).is_file():
-            saved = checkpoint.read_config(folder)
-            if saved.get("unfrozen_backbone"):
-                raise ValueError(f"{folder} also trained backbone parameters ({saved['unfrozen_backbone'][:3]}); "
-                                 "deltas served together share one backbone, so only deltas that leave it "
-                                 "untouched can be served")
-            checkpoint.check_backbone(saved, self.backbone_model, folder)
+            checkpoint.check_backbone(checkpoint.read_config(folder), self.backbone_model, folder, heads_apart=True)
         elif not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{folder} is neither a deltatune checkpoint ({checkpoint.CONFIG_FILE}) nor a "
                                     "PEFT adapter (adapter_config.json)")
         with self._lock:
             self._sources[name] = folder
+            if labels is not None:
+                self._labels[name] = list(labels)
+
+    def labels(self, name: str) -> list[str] | None:
+        """The names of the outputs of ``name``'s own head, if it was registered with them."""
+        self.require(name)
+        return self._labels.get(name)
 
     def unregister(self, name: str) -> None:
         with self._lock:
@@ -71,6 +76,7 @@ class DeltaRegistry:
             if name in self._loaded:
                 self._evict(name)
             del self._sources[name]
+            self._labels.pop(name, None)
 
     def acquire(self, names: list[str | None]) -> None:
         """Load the named deltas that are not loaded (evicting others to stay within the budget) and mark them
@@ -93,7 +99,7 @@ class DeltaRegistry:
     def _load(self, name: str, keep: set[str]) -> None:
         folder = self._sources[name]
         if (folder / checkpoint.CONFIG_FILE).is_file():
-            delta = DeltaBase.from_finetuned(folder, self.backbone_model, attach=False)
+            delta = DeltaBase.from_finetuned(folder, self.backbone_model, attach=False, keep_backbone_apart=True)
         else:
             from ..peft_format import from_peft
 

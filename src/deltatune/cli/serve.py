@@ -1,23 +1,31 @@
-"""Serve deltas of one backbone behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+"""Serve deltas of one backbone behind an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions;
+with --task classify, /v1/classify).
 
 Each request names its delta as the model (the backbone itself is served under its own name); requests for any
-deltas that arrive together run as one mixed batch.  Binds 127.0.0.1 unless --host says otherwise.  Needs the
-serve extra: pip install "deltatune[serve]".
+deltas that arrive together run as one mixed batch.  With --task classify each delta answers with the head it was
+trained with (a run folder of deltatune train names its labels).  Binds 127.0.0.1 unless --host says otherwise.
+Needs the serve extra: pip install "deltatune[serve]".
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
+from .. import checkpoint
 from ..loading import load_backbone, tokenizer_path
 from .options import check_counts
+from .training_info import delta_and_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", default="smollm2-135m", help="a causal LM: asset name or folder")
+    parser.add_argument("--backbone", default="smollm2-135m", help="asset name or folder")
+    parser.add_argument("--task", choices=["generate", "classify"], default="generate",
+                        help="generate text (a causal LM) or classify it (each delta with its own trained head)")
     parser.add_argument("--delta", action="append", default=[], metavar="NAME=FOLDER",
-                        help="a delta to serve as model NAME: a deltatune checkpoint or PEFT adapter (repeatable)")
+                        help="a delta to serve as model NAME: a run folder of deltatune train, a deltatune "
+                             "checkpoint or a PEFT adapter (repeatable)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
     parser.add_argument("--port", type=int, default=8000, help="port to bind")
     parser.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"),
@@ -44,6 +52,20 @@ def deltas_of(items: list[str]) -> dict[str, str]:
     return found
 
 
+def labels_of(folder: Path, options: dict) -> list[str] | None:
+    """The labels of a delta's own head: recorded by deltatune train, else ``LABEL_i`` for each output of the last
+    head weight saved with it; None without a head."""
+    if "id2label" in options:
+        return [str(label) for _, label in sorted(options["id2label"].items(), key=lambda item: int(item[0]))]
+    if not (folder / checkpoint.CONFIG_FILE).is_file():
+        return None  # a PEFT adapter: no head
+    heads = [k for k in checkpoint.read_config(folder).get("unfrozen_backbone", []) if k.endswith(".weight")]
+    if not heads:
+        return None
+    outputs = checkpoint.read_tensors(folder)[f"backbone.{heads[-1]}"].shape[0]
+    return [f"LABEL_{i}" for i in range(outputs)]
+
+
 def run(args: argparse.Namespace) -> None:
     check_counts(max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
                  max_new_tokens=args.max_new_tokens, max_delta_bytes=args.max_delta_bytes)
@@ -60,11 +82,24 @@ def run(args: argparse.Namespace) -> None:
 
     from ..bank.registry import DeltaRegistry
 
-    model = load_backbone(args.backbone)
+    folders = {name: delta_and_options(folder) for name, folder in deltas.items()}
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(args.backbone))
+    labels = {name: labels_of(folder, options) for name, (folder, options) in folders.items()}
+    if args.task == "classify":
+        headless = [name for name, names in labels.items() if names is None]
+        if not deltas or headless:
+            raise ValueError("--task classify serves each delta with the head trained with it; "
+                             + (f"{', '.join(headless)} saved no head" if headless else "give at least one --delta"))
+        model = load_backbone(args.backbone, "AutoModelForSequenceClassification",
+                              num_labels=max(map(len, labels.values())))
+        if model.config.pad_token_id is None:  # decoders classify at the last token that is not padding
+            model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+                tokenizer.eos_token_id)
+    else:
+        model = load_backbone(args.backbone)
     registry = DeltaRegistry(model, args.max_delta_bytes)
-    for name, folder in deltas.items():
-        registry.register(name, folder)
+    for name, (folder, _) in folders.items():
+        registry.register(name, folder, labels[name])
     base = os.path.basename(os.path.normpath(args.backbone))
     if base in deltas:
         raise ValueError(f"--delta {base}=... takes the backbone's own name; choose another")

@@ -5,6 +5,6 @@ requests of all deltas together (:class:`~deltatune.bank.DeltaBank`); :mod:`.app
 """
 
 from .app import create_app
-from .engine import Engine, QueueFull, Request
+from .engine import Classification, Engine, QueueFull, Request
 
-__all__ = ["Engine", "QueueFull", "Request", "create_app"]
+__all__ = ["Classification", "Engine", "QueueFull", "Request", "create_app"]

@@ -1,5 +1,10 @@
 """The HTTP API: OpenAI's ``/v1/completions`` and ``/v1/chat/completions`` (the delta is the ``model``; streaming
-with server-sent events), ``/v1/models``, ``/health`` and ``/metrics`` (Prometheus text), on FastAPI.
+with server-sent events), ``/v1/models``, ``/health`` and ``/metrics`` (Prometheus text), on FastAPI.  A
+sequence-classification backbone serves ``/v1/classify`` instead of the completions::
+
+    POST /v1/classify {"model": "spam", "input": "text" | ["text", ...]}
+    -> {"object": "list", "model": "spam", "data": [{"object": "classification", "index": 0, "label": "spam",
+        "score": 0.97, "scores": {"ham": 0.03, "spam": 0.97}}, ...], "usage": {"prompt_tokens": 12, ...}}
 
 Bad requests get a 4xx answer in OpenAI's error format and the server keeps serving: malformed JSON or a wrong
 field (400), a missing or wrong API key (401), an unknown model (404), a body over the size limit (413), a full
@@ -19,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, QueueFull, Request
+from .engine import Classification, Engine, QueueFull, Request
 
 
 class APIError(Exception):
@@ -59,7 +64,8 @@ class _Text:
 
 
 def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None = None, max_prompt_tokens: int = 2048,
-               max_new_tokens: int = 512, max_body_bytes: int = 1 << 20, timeout: float = 120.0) -> FastAPI:
+               max_new_tokens: int = 512, max_body_bytes: int = 1 << 20, timeout: float = 120.0,
+               max_inputs: int = 64) -> FastAPI:
     """The FastAPI application serving ``engine``; ``base_name`` names the bare backbone as a model."""
     statuses: Counter[int] = Counter()
 
@@ -126,7 +132,16 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
                        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                        top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)))
 
+    def serving(task: str) -> None:
+        if engine.task != task:
+            doing = "classifies text (/v1/classify)" if engine.task == "classify" else (
+                "generates text (/v1/completions, /v1/chat/completions)")
+            raise APIError(400, f"this server's backbone ({type(engine.model).__name__}) {doing}; serve a "
+                                f"{'sequence-classification' if task == 'classify' else 'causal LM'} backbone for this "
+                                "endpoint (deltatune serve --task)")
+
     async def run(request: Request, body: dict, chat: bool) -> Any:
+        serving("generate")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request.on_token = lambda token: loop.call_soon_threadsafe(events.put_nowait, ("token", token))
@@ -221,6 +236,50 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
         prompt = engine.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in messages],
                                                       add_generation_prompt=True, tokenize=True, return_dict=True)
         return await run(request_of(body, list(prompt["input_ids"])), body, chat=True)
+
+    @app.post("/v1/classify")
+    async def classify(http: HTTPRequest):
+        serving("classify")
+        body = await body_of(http)
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            raise APIError(400, "input must be a non-empty string or a non-empty list of them", param="input")
+        if len(texts) > max_inputs:
+            raise APIError(400, f"input has {len(texts)} texts; this server takes at most {max_inputs} per request",
+                           param="input")
+        if body["model"] == base_name:
+            raise APIError(400, f"{base_name!r} is the bare backbone, whose head was never trained; name a delta",
+                           param="model")
+        encoded = [engine.tokenizer(text)["input_ids"] for text in texts]
+        longest = max(map(len, encoded))
+        if longest > max_prompt_tokens:
+            raise APIError(400, f"an input has {longest} tokens; this server takes at most {max_prompt_tokens}",
+                           param="input")
+        loop = asyncio.get_running_loop()
+        answers = [loop.create_future() for _ in encoded]
+        for tokens, answer in zip(encoded, answers):
+            def done(probabilities, reason, error, answer=answer):
+                loop.call_soon_threadsafe(answer.set_result, (probabilities, error))
+            try:
+                engine.submit(Classification(tokens, body["model"], done))
+            except QueueFull as error:
+                raise APIError(429, str(error), "rate_limit_error") from None
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*answers), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the request took longer than {timeout} s", "timeout_error") from None
+        labels = engine.registry.labels(body["model"])
+        data = []
+        for index, (probabilities, error) in enumerate(results):
+            if error is not None:
+                raise APIError(500, f"classification failed: {type(error).__name__}: {error}", "server_error")
+            best = max(range(len(labels)), key=probabilities.__getitem__)
+            data.append({"object": "classification", "index": index, "label": labels[best],
+                         "score": probabilities[best], "scores": dict(zip(labels, probabilities))})
+        tokens = sum(map(len, encoded))
+        return {"object": "list", "model": body["model"], "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.get("/v1/models")
     async def list_models():

@@ -5,6 +5,10 @@ The worker takes the first waiting request, then every request that arrives with
 ``bank.route([...])``: each row with its own delta.  Rows stop at their own ``max_tokens`` or end-of-sequence
 token; tokens are handed to each request as they are made (streaming).  The queue is bounded: a full queue refuses
 at once (HTTP 429), so latency stays bounded under overload.
+
+A sequence-classification backbone is served the same way: :class:`Classification` requests for any deltas run as
+one right-padded forward pass, each row through its delta and its delta's own head (see
+:mod:`deltatune.bank.heads`), and get the probabilities of that head's labels.
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ class Request:
 
     def sampling(self) -> tuple:
         return (self.temperature > 0, self.temperature, self.top_p) if self.temperature > 0 else (False,)
+
+
+@dataclass
+class Classification:
+    """One text (token ids) to classify with a delta and the head it was trained with."""
+
+    tokens: list[int]
+    delta: str
+    on_done: Callable[[list[float] | None, str, BaseException | None], None] = lambda probabilities, reason, error: None
+
+    def sampling(self) -> tuple:
+        return ("classify",)  # classifications batch together, never with generations
 
 
 class _RowsDone(StoppingCriteria):
@@ -92,7 +108,8 @@ class Engine:
         self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
         self.max_batch, self.window = max_batch, window
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = model.generation_config.eos_token_id
+        self.task = "generate" if model.can_generate() else "classify"
+        eos = model.generation_config.eos_token_id if self.task == "generate" else None
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self._held: list[Request | None] = []  # taken from the queue for the next batch (None: stop after it)
@@ -100,9 +117,15 @@ class Engine:
         self._worker = threading.Thread(target=self._run, name="deltatune-serve", daemon=True)
         self._worker.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: Request | Classification) -> None:
+        wanted = "classify" if isinstance(request, Classification) else "generate"
+        if wanted != self.task:
+            raise ValueError(f"this engine's backbone ({type(self.model).__name__}) can only "
+                             f"{'classify' if self.task == 'classify' else 'generate text'}")
         if request.delta is not None:
             self.registry.require(request.delta)
+        if wanted == "classify" and self.registry.labels(request.delta) is None:
+            raise ValueError(f"delta {request.delta!r} was registered without the labels of its head")
         try:
             self._queue.put_nowait(request)
         except queue.Full:
@@ -139,14 +162,31 @@ class Engine:
             if batch is None:
                 return
             try:
-                tokens = self.generate(batch)
+                results = self.classify(batch) if self.task == "classify" else self.generate(batch)
             except Exception as error:  # the requests get the error; the server keeps serving
                 self.stats["failed"] += len(batch)
                 for request in batch:
                     request.on_done(None, "error", error)
                 continue
-            for request, (row, reason) in zip(batch, tokens):
-                request.on_done(row, reason, None)
+            for request, (value, reason) in zip(batch, results):
+                request.on_done(value, reason, None)
+
+    def classify(self, batch: list[Classification]) -> list[tuple[list[float], str]]:
+        """One mixed batch of classifications; returns (probabilities of the row's labels, "stop") per row."""
+        self.registry.acquire([r.delta for r in batch])
+        width = max(len(r.tokens) for r in batch)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, request in enumerate(batch):  # right padding: classification heads read the first or last token
+            ids[b, :len(request.tokens)] = torch.tensor(request.tokens)
+            mask[b, :len(request.tokens)] = 1
+        device = next(self.model.parameters()).device
+        with torch.no_grad(), self.registry.bank.route([r.delta for r in batch]):
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(batch)
+        counts = [len(self.registry.labels(r.delta)) for r in batch]
+        return [(row[:n].float().softmax(-1).tolist(), "stop") for row, n in zip(logits, counts)]
 
     def generate(self, batch: list[Request]) -> list[tuple[list[int], str]]:
         """One mixed batch: each row with its own delta; returns (new tokens, finish reason) per row."""
