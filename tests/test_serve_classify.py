@@ -116,3 +116,41 @@ def test_a_classification_needs_registered_labels(classify_server, minilm_path):
     with pytest.raises(ValueError, match="registered without the labels of its head"):
         bare.submit(Classification([101, 102], "unlabelled"))
     bare.close()
+
+
+def test_the_command_serves_run_folders_with_their_label_names(classify_server, minilm_path, tmp_path):
+    """deltatune serve --task classify, as a user starts it: a run folder's training.json names the labels."""
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    _, folders, _ = classify_server
+    run = tmp_path / "topic-run"
+    shutil.copytree(folders["topic"], run / "delta")
+    (run / "training.json").write_text(json.dumps({"backbone_options": {
+        "num_labels": 3, "id2label": {str(i): label for i, label in enumerate(TASKS["topic"])}}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--task", "classify", "--backbone",
+                               minilm_path, "--delta", f"topic={run}", "--port", str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().startswith("deltatune serve: ")
+        for _ in range(600):  # the line comes as uvicorn starts to bind
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        status, answer = Client(port).post("/v1/classify", {"model": "topic", "input": TEXTS[1]})
+        assert status == 200, answer
+        scores = answer["data"][0]["scores"]
+        assert list(scores) == TASKS["topic"]
+        assert list(scores.values()) == pytest.approx(_alone(minilm_path, folders["topic"], TASKS["topic"], TEXTS[1]),
+                                                      abs=1e-5)
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
