@@ -55,6 +55,27 @@ def positions_ignore_padding(host: nn.Module) -> bool:
     return torch.allclose(by_default, numbered, rtol=0, atol=0, equal_nan=True)
 
 
+def padding_is_invisible(host: nn.Module) -> bool:
+    """Whether ``host``, which takes no ``position_ids``, computes for tokens after masked left padding what it
+    computes without the padding (relative positions: T5) rather than counting the padding as positions (BART):
+    asked of the model, with a pseudo input and the same input after one masked token."""
+    inputs = keyword_inputs(host)
+    ids = inputs.pop("input_ids", None)
+    if ids is None or ids.shape[1] < 2:
+        return False
+    inputs.pop("attention_mask", None)
+    if any(k in inputs for k in ("token_type_ids", "inputs_embeds")):
+        return False  # more per-token inputs than this check shifts
+    mask = torch.ones_like(ids)
+    with evaluating(host):
+        alone = first_tensor(host(input_ids=ids[:, 1:], attention_mask=mask[:, 1:], **inputs))
+        mask[:, 0] = 0
+        padded = first_tensor(host(input_ids=ids, attention_mask=mask, **inputs))
+    if padded.shape[1:] != alone.shape[1:]:  # outputs per input token: the padded row's come after its pad
+        padded = padded[:, 1:]
+    return padded.shape == alone.shape and torch.allclose(padded, alone, rtol=1e-4, atol=1e-5)
+
+
 class PromptStack(Stack):
     """What soft prompts and prefixes share: per-row lengths, the block's mask and the rows' positions."""
 
@@ -63,7 +84,9 @@ class PromptStack(Stack):
 
     def _lengths(self, lengths: list[int], device: torch.device, host: nn.Module) -> None:
         self.takes_positions = compat.takes_position_ids(host)
-        self.ignores_padding = self.takes_positions and positions_ignore_padding(host)
+        # Rows of different lengths need positions that ignore the block's padding, or no positions at all.
+        self.ignores_padding = (positions_ignore_padding(host) if self.takes_positions
+                                else padding_is_invisible(host))
         self.register_buffer("lengths", torch.tensor([*lengths, 0], device=device), persistent=False)
 
     def select(self, index: torch.Tensor | None) -> None:
@@ -83,8 +106,11 @@ class PromptStack(Stack):
         model gives it alone (``earlier`` cached and ``new`` input tokens after its ``n_b`` prompt or prefix
         positions; a soft prompt's first call also numbers its ``at`` tokens before and the block itself)."""
         if not self.takes_positions:
+            if self.ignores_padding:
+                return  # relative positions (T5): a row's masked padding changes nothing, nothing to number
             raise ValueError("rows with prompts or prefixes of different lengths (or none) need a model that takes "
-                             "position_ids; give every row a delta with the same prompt or prefix length")
+                             "position_ids or whose attention ignores masked padding (it counts padding as "
+                             "positions); give every row a delta with the same prompt or prefix length")
         mask = compat.padding_mask(kwargs)
         if mask is not None and not bool(mask.all()) and not self.ignores_padding:
             raise ValueError("rows with prompts or prefixes of different lengths (or none) in a padded batch of "
