@@ -250,3 +250,30 @@ def test_opt_rows_with_prompts_of_different_lengths_need_positions_when_padded()
     inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     bank.close()
     assert_rows_alone(model, deltas, ROWS, inputs)
+
+
+def test_stacks_follow_changes_to_the_deltas():
+    """In-place updates (an optimizer step, a loaded checkpoint), replaced parameters, and writes through .data
+    after refresh(): the next route() computes with the new weights."""
+    model = tiny_model("llama")
+    deltas = build_deltas(model, "llama", "lora")
+    bank = DeltaBank(model, deltas)
+    inputs = {k: v for k, v in tiny_batch("llama", batch=2).items() if k != "labels"}
+    layer = next(iter(deltas["a"].deltas.values()))
+
+    def check():
+        with torch.no_grad(), bank.route(["a", "b"]):
+            mixed = model(**inputs).logits
+        for b, name in enumerate("ab"):
+            one = alone(model, deltas, name, {k: v[b:b + 1] for k, v in inputs.items()})
+            torch.testing.assert_close(mixed[b:b + 1], one, rtol=0, atol=TOLERANCE)
+
+    check()
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)  # as an optimizer step
+    check()
+    layer.lora_B = torch.nn.Parameter(torch.randn_like(layer.lora_B))
+    check()
+    layer.lora_B.data.copy_(torch.randn_like(layer.lora_B))  # no version counter sees this
+    bank.refresh()
+    check()

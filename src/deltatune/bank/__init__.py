@@ -131,7 +131,7 @@ class DeltaBank:
                                    "copies of the deltas' weights, so training through it would not train them)")
             for name, delta in self._deltas.items():
                 self._check_detached(name, delta)
-            if self._built_from != self._fingerprint():
+            if self._built_from is None or self._built_from != self._fingerprint():
                 self._build()
             self._check_heads_come_first()
             indices: dict[tuple, torch.Tensor] = {}
@@ -174,12 +174,20 @@ class DeltaBank:
                 raise RuntimeError(f"{position} serves the deltas' own heads, which replace its output, but "
                                    f"{', '.join(others)} is attached to it as well; detach it to use the bank")
 
-    def _fingerprint(self) -> tuple:
-        # The snapshot depends on the deltas' tensors and on the backbone's own heads (rows without one).
-        watched = [(name, t) for name, delta in self._deltas.items()
-                   for t in (*delta.delta_parameters(), *delta.backbone_apart.values())]
-        watched += [("", t) for host in self._head_hosts().values() for t in host.parameters()]
-        return tuple((name, id(t), t.data_ptr(), t._version) for name, t in watched)
+    def _fingerprint(self) -> tuple | None:
+        """Identity, storage and version of every tensor the stacks copied: the deltas' parameters, their heads and
+        the backbone's own heads (for rows without one).  Parameters are read from their modules' own tables,
+        listed at the last build (walking the modules costs more than a forward pass at batch 1)."""
+        if self._built_from is None:
+            return None
+        tensors = [owner.get(key) for owner, key in self._watched]
+        tensors += [t for delta in self._deltas.values() for t in delta.backbone_apart.values()]
+        return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+    def _watch(self) -> list[tuple[dict, str]]:
+        modules = [m for delta in self._deltas.values() for layer in delta.deltas.values() for m in layer.modules()]
+        modules += list(self._head_hosts().values())
+        return [(m._parameters, key) for m in modules for key, t in m._parameters.items() if t is not None]
 
     def _build(self) -> None:
         groups: dict[tuple, list[tuple[str, object]]] = {}
@@ -212,4 +220,5 @@ class DeltaBank:
                 self._stacks = []
                 raise
         threads.watch(self.backbone_model, True)
+        self._watched, self._built_from = self._watch(), ()
         self._built_from = self._fingerprint()
