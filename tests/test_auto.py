@@ -125,6 +125,18 @@ def test_a_registered_outside_method_works_through_autodelta(tmp_path):
         register(type("Clash", (ScaleModel,), {"delta_type": "lora"}))
 
 
+def test_an_outside_method_declares_its_default_positions_in_common_names():
+    with pytest.raises(ValueError, match="ScaleModel needs modified_modules here .*'test_scale' has no default"):
+        ScaleModel(tiny_model("bert"))
+    defaulted = type("DefaultedScale", (ScaleModel,), {"delta_type": "test_scale_v",
+                                                       "default_positions": {"modified_modules": ["v"]}})
+    for family, value in (("bert", "attention.self.value"), ("llama", "self_attn.v_proj")):
+        delta = defaulted(tiny_model(family))
+        assert delta.positions and all(p.endswith(value) for p in delta.positions), delta.positions
+    with pytest.raises(ValueError, match=r"need the option\(s\) \['qkv_slices'\], which ScaleConfig lacks"):
+        defaulted(tiny_model("gpt2"))  # v is a slice of the fused c_attn there
+
+
 def _extra_family(name):
     import transformers as tf
 

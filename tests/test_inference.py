@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune import AutoDeltaModel, LoraModel, PrefixModel
+from deltatune import DELTA_TYPES, AutoDeltaModel, LoraModel, PrefixModel
 from deltatune.structures import default_positions
 from deltatune.zoo import ZooEntry, build
 
@@ -15,7 +15,7 @@ def tiny(model_type: str, class_name: str) -> nn.Module:
 
 
 def positions(delta_type: str, model: nn.Module) -> dict[str, list[str]]:
-    return default_positions(delta_type, model)[1]
+    return default_positions(DELTA_TYPES[delta_type].default_positions, model)[1]
 
 
 def test_grouped_query_attention_projects_k_and_v_to_fewer_heads():

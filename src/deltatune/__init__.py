@@ -1,8 +1,8 @@
 """deltatune: delta tuning for PyTorch models with an unmodified, frozen backbone."""
 
-from .auto import AutoDeltaConfig, AutoDeltaModel, register
+from .auto import DELTA_TYPES, AutoDeltaConfig, AutoDeltaModel, register
 from .bank import DeltaBank
-from .base import DELTA_TYPES, DeltaBase
+from .base import DeltaBase
 from .config import DeltaConfig
 from .methods import (
     AdapterModel,

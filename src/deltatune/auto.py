@@ -12,13 +12,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from . import checkpoint
-from .base import DELTA_TYPES, DeltaBase
 from .config import DeltaConfig
+
+if TYPE_CHECKING:
+    from .base import DeltaBase
+
+# Every delta type by name.  DeltaBase subclasses with their own ``delta_type`` are entered here as they are
+# defined (DeltaBase.__init_subclass__ calls _enter); this module imports no method, so every module can use it.
+DELTA_TYPES: dict[str, type[DeltaBase]] = {}
+
+
+def _enter(method: type[DeltaBase]) -> None:
+    known = DELTA_TYPES.get(method.delta_type)
+    if known is not None and known.__module__.startswith("deltatune.") and known.__qualname__ != method.__qualname__:
+        raise ValueError(f"delta_type {method.delta_type!r} is deltatune's {known.__name__}; choose another name")
+    DELTA_TYPES[method.delta_type] = method
 
 
 def method_for(delta_type: str) -> type[DeltaBase]:
@@ -29,9 +42,11 @@ def method_for(delta_type: str) -> type[DeltaBase]:
 
 def register(method: type[DeltaBase]) -> type[DeltaBase]:
     """Make ``method`` available by its ``delta_type`` (usable as a class decorator)."""
+    from .base import DeltaBase
+
     if not (isinstance(method, type) and issubclass(method, DeltaBase)) or "delta_type" not in method.__dict__:
         raise TypeError(f"{method!r} is not a DeltaBase subclass with its own delta_type")
-    DELTA_TYPES[method.delta_type] = method  # subclassing registered it already, checking for clashes
+    _enter(method)  # subclassing entered it already, checking for clashes
     return method
 
 
@@ -66,4 +81,6 @@ class AutoDeltaModel:
 
     @staticmethod
     def from_finetuned(finetuned_model_path: str | os.PathLike, backbone_model: nn.Module, **options: Any) -> DeltaBase:
+        from .base import DeltaBase
+
         return DeltaBase.from_finetuned(finetuned_model_path, backbone_model, **options)

@@ -12,13 +12,13 @@ from typing import Any, ClassVar, TextIO
 import torch
 from torch import nn
 
-from . import checkpoint, live, merge_safety, routing, threads
+from . import auto, checkpoint, live, merge_safety, routing, threads
+from .auto import DELTA_TYPES
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
 from .probe import Seen, probe, reached
 from .routing import Route
 
-DELTA_TYPES: dict[str, type[DeltaBase]] = {}
 
 
 class DeltaStateDictWarning(UserWarning):
@@ -60,14 +60,14 @@ class DeltaBase:
     route: ClassVar[Route]
     mergeable: ClassVar[bool] = False
     takes_modules: ClassVar[bool] = True  # False: the method rewrites the model's call and picks its own positions
+    # Where the method goes when no modules are named, in common names (see deltatune.structures): config fields,
+    # or a list of alternatives (the first the model has all names for).  None: modified_modules is required.
+    default_positions: ClassVar[dict[str, list[str]] | list[dict[str, list[str]]] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "delta_type" in cls.__dict__:
-            known = DELTA_TYPES.get(cls.delta_type)
-            if known is not None and known.__module__.startswith("deltatune.") and known.__qualname__ != cls.__qualname__:
-                raise ValueError(f"delta_type {cls.delta_type!r} is deltatune's {known.__name__}; choose another name")
-            DELTA_TYPES[cls.delta_type] = cls
+            auto._enter(cls)
 
     def __init__(
         self,
@@ -172,12 +172,17 @@ class DeltaBase:
         from .structures import default_positions
 
         try:
-            source, defaults = default_positions(self.delta_type, self.backbone_model)
+            source, defaults = default_positions(self.default_positions, self.backbone_model, repr(self.delta_type))
         except ValueError as error:
             raise ValueError(
                 f"{type(self).__name__} needs modified_modules here ({error}), e.g. {self._example_modules()!r}: "
                 "names (tail match) or '[r]<regex>' of the modules to modify"
             ) from None
+        unknown = sorted(field for field in defaults if not hasattr(self.config, field))
+        if unknown:  # qkv_slices: the defaults name part of a fused projection, which this method cannot take
+            raise ValueError(f"{type(self).__name__}'s default positions on {source} need the option(s) {unknown}, "
+                             f"which {self.config_class.__name__} lacks (q, k or v are slices of a fused projection "
+                             "here); pass modified_modules")
         for field, specs in defaults.items():
             if not getattr(self.config, field):
                 setattr(self.config, field, specs)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..base import DELTA_TYPES
+from ..auto import DELTA_TYPES
 from ..checkpoint import read_tensors
 from ..training import loop, report
 from ..training.loop import TrainingArguments, evaluate

@@ -49,6 +49,8 @@ class AdapterModel(DeltaBase):
     """Houlsby adapters after the modified modules: ``h <- h + up(act(down(h)))``, bottleneck ``bottleneck_dim``."""
 
     delta_type = "adapter"
+    # In common names (deltatune.structures); Houlsby et al. 2019: after attention and after the feed-forward.
+    default_positions = {"modified_modules": ["attn_out", "ffn_block_out"]}
     config_class = AdapterConfig
     route = Route.OUTPUT_OUTPUT
 

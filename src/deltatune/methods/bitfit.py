@@ -59,6 +59,7 @@ class BitFitModel(FusedSlices, DeltaBase):
     """Bias-only tuning: a zero-initialised ``Δb`` added to each modified module's output."""
 
     delta_type = "bitfit"
+    default_positions = {"modified_modules": ["q", "k", "v", "o", "ffn_in", "ffn_out", "norm"]}
     config_class = SlicedConfig
     route = Route.OUTPUT_OUTPUT
     mergeable = True

@@ -70,6 +70,9 @@ class IA3Model(FusedSlices, DeltaBase):
     """Rescale keys, values (outputs) and feed-forward activations (inputs of ``feedforward_modules``) by ``l``."""
 
     delta_type = "ia3"
+    # MoE experts stored as fused 3-D tensors have no feed-forward output module: keys and values only.
+    default_positions = [{"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
+                         {"modified_modules": ["k", "v"]}]
     config_class = IA3Config
     route = Route.OUTPUT_OUTPUT
     mergeable = True

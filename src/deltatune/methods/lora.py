@@ -158,6 +158,7 @@ class LoraModel(FusedSlices, DeltaBase):
     """
 
     delta_type = "lora"
+    default_positions = {"modified_modules": ["q", "v"]}
     config_class = LoraConfig
     route = Route.INPUT_OUTPUT
     mergeable = True

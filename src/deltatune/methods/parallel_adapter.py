@@ -83,6 +83,9 @@ class ParallelAdapterModel(DeltaBase):
     """Adapters in parallel with the modified modules: ``h = module(x) + scaled · up(act(down(x)))``."""
 
     delta_type = "parallel_adapter"
+    # He et al. 2022: beside the feed-forward; the pair form where the feed-forward is no single module.
+    default_positions = [{"modified_modules": ["ffn_parallel"]},
+                         {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]}]
     config_class = ParallelAdapterConfig
     route = Route.INPUT_OUTPUT
 

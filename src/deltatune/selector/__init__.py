@@ -22,7 +22,7 @@ __all__ = ["SelectorServer", "select_modules"]
 
 
 def _api(model: nn.Module, delta_type: str, hyperparameters: dict[str, Any], result: list[str]) -> dict:
-    from ..base import DELTA_TYPES
+    from ..auto import DELTA_TYPES
 
     names = addressable_names(model)
     known = set(names)
@@ -71,7 +71,7 @@ def select_modules(
     ``port`` 0 picks a free one.  The cost shown is that of ``delta_type`` with ``hyperparameters``.  Raises
     ``TimeoutError`` after ``timeout`` seconds without a submission; Ctrl-C stops the server and propagates.
     """
-    from ..base import DELTA_TYPES
+    from ..auto import DELTA_TYPES
 
     if delta_type not in DELTA_TYPES:
         raise ValueError(f"unknown delta type {delta_type!r}; known: {', '.join(sorted(DELTA_TYPES))}")

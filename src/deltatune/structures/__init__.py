@@ -15,7 +15,8 @@ common names, so ``LoraModel(model)`` knows where ``q`` and ``v`` are in BERT, G
     norm              layer norms
     qkv               a fused q/k/v projection (GPT-2's ``c_attn``, ``query_key_value``, ``qkv_proj``)
 
-A default written ``"a|b"`` uses the first of the names the model has; a list of defaults, the first whose
+Each method declares its default positions in these names (``default_positions`` on its class; the OpenDelta
+paper's Table 1).  A default written ``"a|b"`` uses the first of the names the model has; a list of defaults, the first whose
 names the model all has.  Where a model fuses q, k and v into one projection, a default naming some of them takes
 the fused projection with ``qkv_slices`` (those features only, see :mod:`deltatune.methods.slices`), so LoRA's
 "q, v" means the same on GPT-2 as on BERT.
@@ -29,22 +30,6 @@ from .families import FAMILIES
 from .infer import describe, infer_common_names
 
 QKV = ("q", "k", "v")
-
-# Default positions per method, in common names (OpenDelta paper Table 1; He et al. 2022 for the parallel adapter).
-# A pair (a, b) means: input of a, output added after b.
-DEFAULTS: dict[str, dict | list[dict]] = {
-    "lora": {"modified_modules": ["q", "v"]},
-    "adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
-    "low_rank_adapter": {"modified_modules": ["attn_out", "ffn_block_out"]},
-    "compacter": {"modified_modules": ["attn_out", "ffn_block_out"]},
-    "bitfit": {"modified_modules": ["q", "k", "v", "o", "ffn_in", "ffn_out", "norm"]},
-    # MoE experts stored as fused 3-D tensors have no feed-forward output module: keys and values only
-    "ia3": [{"modified_modules": ["k", "v", "ffn_out"], "feedforward_modules": ["ffn_out"]},
-            {"modified_modules": ["k", "v"]}],
-    "parallel_adapter": [{"modified_modules": ["ffn_parallel"]},
-                         {"modified_modules": ["ffn_in_block"], "output_modules": ["ffn_out"]}],
-}
-
 
 def family_of(model: nn.Module) -> str | None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -66,13 +51,18 @@ def common_names(model: nn.Module) -> tuple[str, dict[str, list[str]]]:
     return f"inferred from the structure of {type(model).__name__}", inferred
 
 
-def default_positions(delta_type: str, model: nn.Module) -> tuple[str, dict[str, list[str] | None]]:
-    """(source, config fields) a method uses on ``model`` when the user names no modules: addressing specs, and
-    ``qkv_slices`` where q, k or v are slices of a fused projection."""
-    if delta_type not in DEFAULTS:
-        raise ValueError(f"{delta_type!r} has no default positions; pass modified_modules")
+Defaults = dict[str, list[str]] | list[dict[str, list[str]]]  # config fields in common names; a list: alternatives
+
+
+def default_positions(defaults: Defaults | None, model: nn.Module, delta_type: str = "this method"
+                      ) -> tuple[str, dict[str, list[str] | None]]:
+    """(source, config fields) a method uses on ``model`` when the user names no modules: its ``defaults`` (the
+    method class's ``default_positions``) as addressing specs, and ``qkv_slices`` where q, k or v are slices of a
+    fused projection."""
+    if not defaults:
+        raise ValueError(f"{delta_type} has no default positions; pass modified_modules")
     source, names = common_names(model)
-    alternatives = DEFAULTS[delta_type] if isinstance(DEFAULTS[delta_type], list) else [DEFAULTS[delta_type]]
+    alternatives = defaults if isinstance(defaults, list) else [defaults]
 
     def pick(wanted: str) -> list[str]:
         """"a|b": the first name the model has; q, k or v: also a fused projection (hybrid stacks have both)."""
