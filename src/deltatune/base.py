@@ -115,7 +115,7 @@ class DeltaBase:
         self.pseudo_input = pseudo_input
         self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
-        self.deltas: dict[str, nn.Module] = {p: self._build_one(p, modules[p], seen[p]) for p in self.positions}
+        self.deltas: dict[str, nn.Module] = self._build({p: modules[p] for p in self.positions}, seen)
         self._check_budget(allow_larger_than_backbone)
         self.order = next(_creation)
         if name is not None and name in live.names_on(backbone_model):
@@ -143,15 +143,22 @@ class DeltaBase:
         return resolve_positions(self.backbone_model, self.config.modified_modules, self.config.exclude_modules)
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+        """The delta module for one position, from the probe's record of it."""
         raise NotImplementedError
 
-    def _build_one(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+    def build_all(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
+        """The delta module of every position (``modules`` in position order).  By default each is built alone
+        (:meth:`build`); a method whose modules share parts (one prefix table for all layers, shared PHM rules,
+        an adapter read at one module and added at another) makes those parts here first, then the modules."""
+        return {position: self.build(position, module, seen[position]) for position, module in modules.items()}
+
+    def _build(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
         try:
-            delta = self.build(position, module, seen)
+            deltas = self.build_all(modules, seen)
         except (MemoryError, torch.OutOfMemoryError) as error:
-            raise ValueError(f"{type(self).__name__} could not allocate its delta for {position!r} ({error}); "
-                             f"check the size hyper-parameters: {self.config}") from None
-        return delta.train(module.training)  # match its host
+            raise ValueError(f"{type(self).__name__} could not allocate its deltas ({error}); check the size "
+                             f"hyper-parameters: {self.config}") from None
+        return {p: delta.train(modules[p].training) for p, delta in deltas.items()}  # each matches its host
 
     def _check_budget(self, allowed: bool) -> None:
         backbone = sum(p.numel() for k, p in self.backbone_model.named_parameters() if DELTA_SLOT not in k.split("."))

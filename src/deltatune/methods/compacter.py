@@ -76,19 +76,22 @@ class CompacterModel(AdapterModel):
     delta_type = "compacter"
     config_class = CompacterConfig
 
-    @functools.cached_property
-    def shared_rules(self) -> tuple[nn.Parameter, nn.Parameter]:
-        """One rule for every down projection and one for every up projection."""
-        weight = next(self.backbone_model.parameters())
-        n, factory = self.config.hypercomplex_division, {"device": weight.device, "dtype": weight.dtype}
-        return new_rule(n, **factory), new_rule(n, **factory)
+    def build_all(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
+        """With ``shared_phm_rule``: one rule for every down projection and one for every up projection, made
+        first and given to every adapter."""
+        self.shared_rules = (None, None)
+        if self.config.shared_phm_rule:
+            weight = next(self.backbone_model.parameters())
+            n, factory = self.config.hypercomplex_division, {"device": weight.device, "dtype": weight.dtype}
+            self.shared_rules = new_rule(n, **factory), new_rule(n, **factory)
+        return super().build_all(modules, seen)
 
     def bottleneck_size(self, hidden: int) -> int:
         return max(self.config.hypercomplex_division, hidden // self.config.reduction_factor)
 
     def projections(self, hidden: int, bottleneck: int, seen: Seen) -> tuple[nn.Module, nn.Module]:
         config = self.config
-        down_rule, up_rule = self.shared_rules if config.shared_phm_rule else (None, None)
+        down_rule, up_rule = self.shared_rules
         phm = functools.partial(PHMLinear, n=config.hypercomplex_division, rank=config.phm_rank,
                                 init_range=config.phm_init_range, device=seen.device, dtype=seen.dtype)
         return phm(hidden, bottleneck, rule=down_rule), phm(bottleneck, hidden, rule=up_rule)

@@ -115,10 +115,11 @@ class ParallelAdapterModel(DeltaBase):
             return Route.OUTPUT_OUTPUT
         return Route.INPUT_INPUT if self.pairs else Route.INPUT_OUTPUT
 
-    @functools.cached_property
-    def _paired_layers(self) -> dict[str, PairedAdapterLayer]:
-        return {output: self._layer(self.seen[source], self.seen[output], PairedAdapterLayer)
-                for output, source in self.pairs.items()}
+    def build_all(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
+        """In the pair form, each adapter is made first: read at its input module, added at its output module."""
+        self._paired_layers = {output: self._layer(seen[source], seen[output], PairedAdapterLayer)
+                               for output, source in self.pairs.items()}
+        return super().build_all(modules, seen)
 
     def _layer(self, source: Seen, target: Seen, kind: type[ParallelAdapterLayer]) -> ParallelAdapterLayer:
         config = self.config

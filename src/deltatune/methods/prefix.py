@@ -252,21 +252,21 @@ class PrefixModel(DeltaBase):
             self.config.reparameterize = False
         return self
 
-    def _build_rows(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+    def _build_rows(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
+        """Attention without a cache: one table of all layers, held by the first attention's PrefixRows; each
+        layer's key and value projections add their rows of it."""
         layers = list(self._row_layers.items())
-        if position == layers[0][0]:  # the first attention holds the table of all layers
-            sizes = [[len(t) if isinstance(t, torch.Tensor) else from_weights(self.backbone_model.get_submodule(p))
-                      .hidden_size for p, t in zip(pair, self._targets(pair))] for _, pair in layers]
-            self._table = PrefixTable(self.config, [(1, *pair) for pair in sizes], seen)
-            return PrefixRows(self.config.prefix_token_num, module, self._table)
+        sizes = [[len(t) if isinstance(t, torch.Tensor) else from_weights(self.backbone_model.get_submodule(p))
+                  .hidden_size for p, t in zip(pair, self._targets(pair))] for _, pair in layers]
+        table = PrefixTable(self.config, [(1, *pair) for pair in sizes], seen[layers[0][0]])
+        deltas: dict[str, nn.Module] = {}
         for index, (attention, pair) in enumerate(layers):
-            if position == attention:
-                return PrefixRows(self.config.prefix_token_num, module)
-            if position in pair:
-                keys, values = self._targets(pair)
-                return PrefixKeysValues(self._table, index, keys if position == pair[0] else False,
-                                        values if position == pair[1] else False)
-        raise ValueError(f"{position} is no attention, key or value projection of the prefix rows")
+            deltas[attention] = PrefixRows(self.config.prefix_token_num, modules[attention], table if index == 0 else None)
+            keys, values = self._targets(pair)
+            for position in dict.fromkeys(pair):  # one module when k and v are slices of a fused projection
+                deltas[position] = PrefixKeysValues(table, index, keys if position == pair[0] else False,
+                                                    values if position == pair[1] else False)
+        return {position: deltas[position] for position in modules}
 
     def _targets(self, pair: tuple[str, str]) -> tuple[torch.Tensor | bool, torch.Tensor | bool]:
         """Which output features take the keys and the values: all (True), or a fused projection's k and v."""
@@ -285,12 +285,13 @@ class PrefixModel(DeltaBase):
     def route_at(self, position: str) -> Route:
         return Route.OUTPUT_OUTPUT if any(position in pair for pair in self._row_layers.values()) else self.route
 
-    def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
+    def build_all(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
+        """One table of prefixes for all layers, held by the first position's module (the model or its decoder);
+        an encoder-decoder's encoder and cross-attentions read their rows of it."""
         if self._row_layers:
-            return self._build_rows(position, module, seen)
-        if position != self.positions[0]:  # an encoder self-attention or a cross-attention
-            cross = CROSS_ATTENTION.search(position.split(".")[-1]) is not None
-            return AttentionPrefix(self._table, self._layers.index(position), module, cross)
+            return self._build_rows(modules, seen)
+        first, *others = self.positions
+        module = modules[first]
         config = getattr(self.backbone_model, "config", None)
         if config is None or not compat.cache_argument(module):
             raise compat.CompatibilityError(
@@ -299,15 +300,14 @@ class PrefixModel(DeltaBase):
             )
         if not getattr(config, "is_encoder_decoder", False):
             shapes = compat.cached_head_shapes(module, keyword_inputs(self.backbone_model, self.pseudo_input))
-            self._table = Prefix(self.config, shapes, len(shapes), module, seen)
-            return self._table
-        modules = dict(self.backbone_model.named_modules())
-        cross = set(self.positions[1:]) & {n for n in modules if CROSS_ATTENTION.search(n.split(".")[-1])}
-        decoder_self = [n for n in _cache_attentions(module, position) if n not in cross]
-        self._layers = [*decoder_self, *self.positions[1:]]  # table rows: decoder self, encoder self, cross
+            return {first: Prefix(self.config, shapes, len(shapes), module, seen[first])}
+        named = dict(self.backbone_model.named_modules())
+        cross = set(others) & {n for n in named if CROSS_ATTENTION.search(n.split(".")[-1])}
+        decoder_self = [n for n in _cache_attentions(module, first) if n not in cross]
+        layers = [*decoder_self, *others]  # table rows: decoder self, encoder self, cross
         if len(cross) != len(decoder_self):
             raise TypeError(f"PrefixModel found {len(decoder_self)} decoder self-attention and {len(cross)} "
                             f"cross-attention modules in {type(module).__name__}; expected one of each per layer")
-        shapes = [_attention_shape(modules[n]) for n in self._layers]
-        self._table = Prefix(self.config, shapes, len(decoder_self), module, seen, encoder_decoder=True)
-        return self._table
+        table = Prefix(self.config, [_attention_shape(named[n]) for n in layers], len(decoder_self), module,
+                       seen[first], encoder_decoder=True)
+        return {first: table, **{p: AttentionPrefix(table, layers.index(p), modules[p], p in cross) for p in others}}
