@@ -6,7 +6,7 @@
    32 or 128 LoRAs with 16 rows over up to 16 distinct ones, vs PEFT's mixed batches (``adapter_names=``, a loop
    over the adapters in the batch), and the bare backbone.
 2. Decoder generation at batch 1 (SmolLM2-135M, greedy, 32 new tokens), LoRA r=8 on all 7 projections, unmerged:
-   ours and PEFT's per token, against the bare model.
+   ours (attached, and routed from a bank) and PEFT's per token, against the bare model.
 3. Switching tasks on that decoder (all-linear LoRA): detaching one delta and attaching another, entering a
    bank's ``route()`` for another delta, and PEFT's ``set_adapter``.
 4. Serving 32 greedy requests (8 new tokens) over 8 LoRAs(q, v, r=8): mixed batches of 16
@@ -154,8 +154,16 @@ def generation_rows(setup: Models, repeats: int) -> list[dict]:
         finally:
             ours.detach()
 
+    bank = DeltaBank(model, {"other": _random(LoraModel(model, ALL_LINEAR, lora_r=8, attach=False)), "ours": ours})
+
+    def routed():
+        with bank.route(["ours"]):
+            greedy(model)
+
     times = interleaved({"bare": lambda: greedy(model), "ours, LoRA unmerged": attached,
-                         "PEFT, LoRA unmerged": lambda: greedy(wrapped)}, repeats, warmup=1)
+                         "ours, from a bank of 2 (route)": routed, "PEFT, LoRA unmerged": lambda: greedy(wrapped)},
+                        repeats, warmup=1)
+    bank.close()
     benchmark = f"{setup.decoder_name} greedy generation, batch 1, LoRA r=8 on all 7 projections"
     return [_row(benchmark, name, t / n * 1000, "ms/token", t / times["bare"], "bare model")
             for name, t in times.items()]

@@ -277,3 +277,27 @@ def test_stacks_follow_changes_to_the_deltas():
     layer.lora_B.data.copy_(torch.randn_like(layer.lora_B))  # no version counter sees this
     bank.refresh()
     check()
+
+
+@pytest.mark.parametrize("delta_type", WEIGHT_TYPES)
+def test_a_batch_of_one_delta_runs_through_that_deltas_own_modules(delta_type):
+    """Every row naming one delta: each stack hands the batch to that delta's module (no gathered copies), with
+    the same result; a member in training mode (its dropout would be live) falls back to the stacked weights."""
+    model = tiny_model("llama")
+    deltas = build_deltas(model, "llama", delta_type, **({"lora_dropout": 0.5} if delta_type == "lora" else {}))
+    bank = DeltaBank(model, deltas)
+    inputs = {k: v for k, v in tiny_batch("llama", batch=3).items() if k != "labels"}
+    expected = alone(model, deltas, "b", inputs)
+    for delta in deltas.values():
+        for layer in delta.deltas.values():
+            layer.eval()
+    with torch.no_grad(), bank.route(["b"] * 3):
+        stacks = [stack for _, _, stack, _ in bank._stacks if stack.index is not None]
+        assert stacks and all(stack.alone(inputs["attention_mask"].float()) is not None for stack in stacks)
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=TOLERANCE)
+    for delta in deltas.values():
+        for layer in delta.deltas.values():
+            layer.train()
+    with torch.no_grad(), bank.route(["b"] * 3):
+        assert all(stack.alone(inputs["attention_mask"].float()) is None for stack in stacks)
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=TOLERANCE)

@@ -144,7 +144,7 @@ class DeltaBank:
                     device = next(iter(stack.buffers())).device
                     if (local, device) not in indices:
                         indices[local, device] = torch.tensor(local, device=device)
-                    stack.select(indices[local, device])
+                    stack.select(indices[local, device], local[0] if len(set(local)) == 1 else None)
                 yield
             finally:
                 for _, _, stack, _ in self._stacks:

@@ -89,8 +89,8 @@ class PromptStack(Stack):
                                 else padding_is_invisible(host))
         self.register_buffer("lengths", torch.tensor([*lengths, 0], device=device), persistent=False)
 
-    def select(self, index: torch.Tensor | None) -> None:
-        super().select(index)
+    def select(self, index: torch.Tensor | None, entry: int | None = None) -> None:
+        super().select(index, entry)
         if index is not None:
             self.row_lengths = self.lengths[index]
             self.width = int(self.row_lengths.max())

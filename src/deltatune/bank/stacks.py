@@ -11,7 +11,9 @@ scales), read by rows that name no delta of this type here.  With ``i`` the (bat
     adapters    h_b <- h_b + up[i_b](act(down[i_b](t_b))),  t = h (sequential) or x (parallel, scale folded into up)
 
 Ranks and bottlenecks of different sizes are padded with zeros, which add nothing.  A stack is a snapshot of its
-deltas' weights, made by :class:`~deltatune.bank.DeltaBank` (which rebuilds it when they change).
+deltas' weights, made by :class:`~deltatune.bank.DeltaBank` (which rebuilds it when they change).  When every row
+of a batch reads one delta, the stack hands the batch to that delta's own module instead (:meth:`Stack.alone`):
+the cost of an attached delta, without gathered copies.
 """
 
 from __future__ import annotations
@@ -35,12 +37,27 @@ class Stack(nn.Module):
     route: Route
     rewrites_call = False
 
-    def __init__(self) -> None:
+    def __init__(self, layers: list[nn.Module] = ()) -> None:
         super().__init__()
         self.index: torch.Tensor | None = None  # None: no row of the batch uses this stack, pass through
+        self.entry: int | None = None  # the one entry every row reads, if they all read one
+        self._members = tuple(layers)  # a tuple: the deltas' own modules are not the stack's submodules
 
-    def select(self, index: torch.Tensor | None) -> None:
-        self.index = index
+    def select(self, index: torch.Tensor | None, entry: int | None = None) -> None:
+        self.index, self.entry = index, entry
+
+    def alone(self, like: torch.Tensor) -> nn.Module | None:
+        """When every row reads one delta, that delta's own module, which computes the batch as if attached
+        (no gathered copies of its weights: at batch 1 the cost of an attached delta); None otherwise, or if the
+        module has not followed the model to ``like``'s dtype and device (the model moved after the build) or is
+        in training mode (dropout: detached, it does not follow ``model.eval()``)."""
+        if self.entry is None or self.entry >= len(self._members):
+            return None
+        member = self._members[self.entry]
+        weight = next(member.parameters(), None)
+        if weight is None or member.training or weight.dtype != like.dtype or weight.device != like.device:
+            return None
+        return member
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """The row index, checked against the batch ``t`` holds on its first axis."""
@@ -67,7 +84,7 @@ class LoraStack(Stack):
     route = Route.INPUT_OUTPUT
 
     def __init__(self, layers: list[LoraLayer], host: nn.Module) -> None:
-        super().__init__()
+        super().__init__(layers)
         first = layers[0]
         self.embedding = first.embedding
         rank = max(layer.lora_A.shape[0] for layer in layers)
@@ -93,6 +110,9 @@ class LoraStack(Stack):
         if self.index is None:
             return h
         i = self.rows(h)
+        alone = self.alone(x)
+        if alone is not None:
+            return alone(x, h)
         if self.embedding:
             a = self.a[i.view(-1, *[1] * (x.dim() - 1)), x]  # (batch, tokens, R)
         else:
@@ -111,7 +131,7 @@ class ScaleStack(Stack):
     """(IA)³: output features, or the inputs of a feed-forward module (``on_input``)."""
 
     def __init__(self, layers: list[Rescale], host: nn.Module) -> None:
-        super().__init__()
+        super().__init__(layers)
         self.route = Route.INPUT_INPUT if layers[0].on_input else Route.OUTPUT_OUTPUT
         with torch.no_grad():
             self.register_buffer("scales", _with_identity([layer._full_scale() for layer in layers], 1.0),
@@ -120,7 +140,8 @@ class ScaleStack(Stack):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return t
-        return t * _broadcast(self.scales[self.rows(t)], t)
+        i, alone = self.rows(t), self.alone(t)
+        return alone(t) if alone is not None else t * _broadcast(self.scales[i], t)
 
 
 class ShiftStack(Stack):
@@ -129,7 +150,7 @@ class ShiftStack(Stack):
     route = Route.OUTPUT_OUTPUT
 
     def __init__(self, layers: list[BiasShift], host: nn.Module) -> None:
-        super().__init__()
+        super().__init__(layers)
         self.axis = -1 if len(layers[0].view) == 1 else 1
         with torch.no_grad():
             self.register_buffer("shifts", _with_identity([layer._full_bias() for layer in layers], 0.0),
@@ -138,7 +159,8 @@ class ShiftStack(Stack):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return h
-        return h + _broadcast(self.shifts[self.rows(h)], h, self.axis)
+        i, alone = self.rows(h), self.alone(h)
+        return alone(h) if alone is not None else h + _broadcast(self.shifts[i], h, self.axis)
 
 
 def _dense(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +178,7 @@ class BottleneckStack(Stack):
     """Sequential (output -> output) and parallel (input -> output) adapters, Compacter and the low-rank adapter."""
 
     def __init__(self, layers: list[AdapterLayer | ParallelAdapterLayer], host: nn.Module) -> None:
-        super().__init__()
+        super().__init__(layers)
         self.route = Route.INPUT_OUTPUT if isinstance(layers[0], ParallelAdapterLayer) else Route.OUTPUT_OUTPUT
         self.act = layers[0].act
         with torch.no_grad():
@@ -186,6 +208,10 @@ class BottleneckStack(Stack):
         target = t if h is None else h
         if self.index is None:
             return target
+        self.rows(target)
+        alone = self.alone(t)
+        if alone is not None:
+            return alone(t) if h is None else alone(t, h)
         return self._update(t, target)
 
 
