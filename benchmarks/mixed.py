@@ -9,9 +9,10 @@
    ours (attached, and routed from a bank) and PEFT's per token, against the bare model.
 3. Switching tasks on that decoder (all-linear LoRA): detaching one delta and attaching another, entering a
    bank's ``route()`` for another delta, and PEFT's ``set_adapter``.
-4. Serving 32 greedy requests (8 new tokens) over 8 LoRAs(q, v, r=8): mixed batches of 16
-   (:class:`deltatune.serve.Engine`) vs swapping one attached delta per batch (each delta's 4 requests together),
-   with the bare backbone run on the same batches as the bound batching alone allows.
+4. Serving 32 greedy requests (8 new tokens) over 8 LoRAs(q, v, r=8): mixed batches of 16, or one of 32
+   (:class:`deltatune.serve.Engine`), vs swapping one attached delta per batch (each delta's 4 requests together),
+   with the bare backbone run on the same batches as the bound batching alone allows; the mean latency of a
+   request (all 32 arrive at once) beside each.
 Medians over interleaved repeats, 2 threads.  ``--smoke`` runs tiny random models of the same families, one repeat:
 the output format, not speed (the test suite runs it).
 """
@@ -213,6 +214,7 @@ def serving_rows(setup: Models, repeats: int, tmp: Path) -> list[dict]:
     engine = Engine(model, tokenizer, registry, max_batch=16)
     registry.acquire(registry.names)
     mixed_batches = [list(range(start, start + 16)) for start in (0, 16)]
+    one_batch = [list(range(32))]
     swap_batches = [[i for i in range(32) if i % 8 == d] for d in range(8)]
     done: dict[str, list[float]] = {}  # seconds from the start to each request's answer, in the last run
 
@@ -240,15 +242,21 @@ def serving_rows(setup: Models, repeats: int, tmp: Path) -> list[dict]:
         finally:
             deltas[k].detach()
 
+    def mixed(k: int, batch: list[int]) -> None:
+        engine.generate([Request(prompts[i], f"s{i % 8}", 8) for i in batch])
+
     variants = {
-        "mixed batches of 16 (Engine)": lambda: timed("mixed batches of 16 (Engine)", mixed_batches, lambda k, b: (
-            engine.generate([Request(prompts[i], f"s{i % 8}", 8) for i in b]))),
+        "mixed batches of 16 (Engine)": lambda: timed("mixed batches of 16 (Engine)", mixed_batches, mixed),
+        "one mixed batch of 32 (Engine, --max-batch 32)": lambda: timed(
+            "one mixed batch of 32 (Engine, --max-batch 32)", one_batch, mixed),
         "swap one attached delta per batch of 4": lambda: timed("swap one attached delta per batch of 4",
                                                                 swap_batches, swap),
         "bare backbone, batches of 16 (bound)": lambda: timed("bare backbone, batches of 16 (bound)", mixed_batches,
                                                               lambda k, b: greedy(b)),
         "bare backbone, batches of 4 (bound)": lambda: timed("bare backbone, batches of 4 (bound)", swap_batches,
-                                                             lambda k, b: greedy(b))}
+                                                             lambda k, b: greedy(b)),
+        "bare backbone, one batch of 32 (bound)": lambda: timed("bare backbone, one batch of 32 (bound)", one_batch,
+                                                                lambda k, b: greedy(b))}
     times = interleaved(variants, repeats, warmup=1)
     engine.close()
     reference = times["swap one attached delta per batch of 4"]

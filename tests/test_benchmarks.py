@@ -55,6 +55,6 @@ def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
     assert all(r["unit"] == "ms/token" and r["ratio_to"] == "bare model" for r in generation.values())
     assert len(switching) == 3 and all(r["unit"] == "ms" and r["ratio"] is None for r in switching.values())
     swap = serving["swap one attached delta per batch of 4"]
-    assert len(serving) == 4 and swap["ratio"] == 1.0 and all(r["mean_latency_s"] > 0 for r in serving.values())
+    assert len(serving) == 6 and swap["ratio"] == 1.0 and all(r["mean_latency_s"] > 0 for r in serving.values())
     table = (tmp_path / "mixed-smoke.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and saved["machine"]["cpu"] in table
