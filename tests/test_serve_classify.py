@@ -106,6 +106,8 @@ def test_labels_come_from_the_run_folder_or_the_saved_head(classify_server, tmp_
     plain = LoraModel(tf.BertModel(tf.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                                  num_attention_heads=2, intermediate_size=32)), ["query"])
     assert labels_of(plain.save_finetuned(tmp_path / "plain"), {}) is None  # no head of its own
+    with pytest.raises(FileNotFoundError, match="neither a run folder of deltatune train, a deltatune checkpoint"):
+        labels_of(tmp_path, {})
 
 
 def test_a_classification_needs_registered_labels(classify_server, minilm_path):

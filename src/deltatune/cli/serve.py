@@ -58,7 +58,10 @@ def labels_of(folder: Path, options: dict) -> list[str] | None:
     if "id2label" in options:
         return [str(label) for _, label in sorted(options["id2label"].items(), key=lambda item: int(item[0]))]
     if not (folder / checkpoint.CONFIG_FILE).is_file():
-        return None  # a PEFT adapter: no head
+        if (folder / "adapter_config.json").is_file():
+            return None  # a PEFT adapter: no head
+        raise FileNotFoundError(f"{folder} is neither a run folder of deltatune train, a deltatune checkpoint "
+                                f"({checkpoint.CONFIG_FILE}) nor a PEFT adapter (adapter_config.json)")
     heads = [k for k in checkpoint.read_config(folder).get("unfrozen_backbone", []) if k.endswith(".weight")]
     if not heads:
         return None
