@@ -141,7 +141,7 @@ class DeltaBank:
                     if set(local) == {len(lookup)}:  # no row reads this stack: it passes through
                         stack.select(None)
                         continue
-                    device = next(iter(stack.buffers())).device
+                    device = stack.device
                     if (local, device) not in indices:
                         indices[local, device] = torch.tensor(local, device=device)
                     stack.select(indices[local, device], local[0] if len(set(local)) == 1 else None)

@@ -12,7 +12,7 @@ scales), read by rows that name no delta of this type here.  With ``i`` the (bat
 
 Ranks and bottlenecks of different sizes are padded with zeros, which add nothing.  A stack is a snapshot of its
 deltas' weights, made by :class:`~deltatune.bank.DeltaBank` (which rebuilds it when they change).  When every row
-of a batch reads one delta, the stack hands the batch to that delta's own module instead (:meth:`Stack.alone`):
+of a batch reads one delta, the stack hands the batch to that delta's own module instead (``Stack.alone``):
 the cost of an attached delta, without gathered copies.
 """
 
@@ -42,20 +42,33 @@ class Stack(nn.Module):
         self.index: torch.Tensor | None = None  # None: no row of the batch uses this stack, pass through
         self.entry: int | None = None  # the one entry every row reads, if they all read one
         self._members = tuple(layers)  # a tuple: the deltas' own modules are not the stack's submodules
+        self.__dict__["alone"] = None
 
     def select(self, index: torch.Tensor | None, entry: int | None = None) -> None:
-        self.index, self.entry = index, entry
+        # Plain attributes, set past nn.Module.__setattr__ (a route() selects every stack; ``alone`` is no
+        # submodule of the stack).
+        self.__dict__.update(index=index, entry=entry, alone=self._alone(entry))
 
-    def alone(self, like: torch.Tensor) -> nn.Module | None:
+    @property
+    def device(self) -> torch.device:
+        return self._like().device
+
+    def _like(self) -> torch.Tensor:
+        """A tensor of the stack's, which follows the model's dtype and device."""
+        return next(t for t in self._buffers.values() if t is not None)
+
+    def _alone(self, entry: int | None) -> nn.Module | None:
         """When every row reads one delta, that delta's own module, which computes the batch as if attached
         (no gathered copies of its weights: at batch 1 the cost of an attached delta); None otherwise, or if the
-        module has not followed the model to ``like``'s dtype and device (the model moved after the build) or is
+        module has not followed the model to the stack's dtype and device (the model moved after the build) or is
         in training mode (dropout: detached, it does not follow ``model.eval()``)."""
-        if self.entry is None or self.entry >= len(self._members):
+        if entry is None or entry >= len(self._members):
             return None
-        member = self._members[self.entry]
-        weight = next(member.parameters(), None)
-        if weight is None or member.training or weight.dtype != like.dtype or weight.device != like.device:
+        member = self._members[entry]
+        weight = next((t for t in member._parameters.values() if t is not None), None)  # no module walk
+        weight = next(member.parameters(), None) if weight is None else weight
+        like = self._like()
+        if weight is None or member.training or (weight.dtype, weight.device) != (like.dtype, like.device):
             return None
         return member
 
@@ -110,9 +123,8 @@ class LoraStack(Stack):
         if self.index is None:
             return h
         i = self.rows(h)
-        alone = self.alone(x)
-        if alone is not None:
-            return alone(x, h)
+        if self.alone is not None:
+            return self.alone(x, h)
         if self.embedding:
             a = self.a[i.view(-1, *[1] * (x.dim() - 1)), x]  # (batch, tokens, R)
         else:
@@ -140,8 +152,8 @@ class ScaleStack(Stack):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return t
-        i, alone = self.rows(t), self.alone(t)
-        return alone(t) if alone is not None else t * _broadcast(self.scales[i], t)
+        i = self.rows(t)
+        return self.alone(t) if self.alone is not None else t * _broadcast(self.scales[i], t)
 
 
 class ShiftStack(Stack):
@@ -159,8 +171,8 @@ class ShiftStack(Stack):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return h
-        i, alone = self.rows(h), self.alone(h)
-        return alone(h) if alone is not None else h + _broadcast(self.shifts[i], h, self.axis)
+        i = self.rows(h)
+        return self.alone(h) if self.alone is not None else h + _broadcast(self.shifts[i], h, self.axis)
 
 
 def _dense(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,9 +221,8 @@ class BottleneckStack(Stack):
         if self.index is None:
             return target
         self.rows(target)
-        alone = self.alone(t)
-        if alone is not None:
-            return alone(t) if h is None else alone(t, h)
+        if self.alone is not None:
+            return self.alone(t) if h is None else self.alone(t, h)
         return self._update(t, target)
 
 
