@@ -420,3 +420,31 @@ def test_a_detached_delta_follows_the_model_moved_meanwhile():
     with torch.no_grad():
         assert model(input_ids=ids).logits.dtype == torch.float64
     assert all(p.dtype == torch.float64 for p in lora.delta_parameters() + adapter.delta_parameters())
+
+
+def test_a_delta_is_a_module_owning_its_delta_modules_and_not_the_backbone(tmp_path):
+    """.to(), .double(), .eval(), parameters() and state_dict() reach a delta's modules, attached or not, and never
+    the backbone; the checkpoint format is delta_state_dict()'s."""
+    from conftest import tiny_model
+
+    from deltatune import LoraModel
+
+    model = tiny_model("llama")
+    lora = LoraModel(model, ["q_proj", "v_proj"], lora_dropout=0.1)
+    assert isinstance(lora, torch.nn.Module)
+    assert {id(p) for p in lora.parameters()} == {id(p) for p in lora.delta_parameters()}
+    backbone = {id(p) for name, p in model.named_parameters() if ".deltas." not in name}
+    assert not backbone & {id(p) for p in lora.parameters()}
+    assert set(lora.state_dict()) == {f"modules_by_position.{p.replace('.', '/')}.{n}"
+                                      for p, d in lora.deltas.items() for n in d.state_dict()}
+    lora.detach()
+    lora.double()
+    assert all(p.dtype == torch.float64 for p in lora.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the backbone is not the delta's to move"
+    lora.eval()
+    assert not any(m.training for m in lora.modules())
+    lora.attach()  # back on a float32 model: the delta takes its host's dtype again
+    assert all(p.dtype == torch.float32 for p in lora.parameters())
+    with torch.no_grad():
+        assert model(input_ids=torch.randint(3, 96, (1, 5))).logits.dtype == torch.float32
+    assert set(lora.delta_state_dict()) == {f"deltas.{p}.{n}" for p, d in lora.deltas.items() for n in d.state_dict()}

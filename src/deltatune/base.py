@@ -41,8 +41,18 @@ def _changes_model(method):
     return change
 
 
-class DeltaBase:
+def module_key(position: str) -> str:
+    """A position as a key of :attr:`DeltaBase.modules_by_position` (module names may not contain dots)."""
+    return position.replace(".", "/") or "/"
+
+
+class DeltaBase(nn.Module):
     """A set of delta modules attached to chosen positions of a frozen, unmodified backbone.
+
+    The delta is an ``nn.Module`` owning its delta modules (``modules_by_position``, not the backbone), so
+    ``delta.to(...)``, ``delta.double()``, ``delta.eval()``, ``delta.parameters()`` and ``delta.state_dict()`` reach
+    them whether the delta is attached, detached or merged (checkpoints use :meth:`delta_state_dict`).  Attached, the
+    same modules are also children of the backbone, so ``model.to(...)`` moves them.
 
     Arguments: the backbone; ``modified_modules`` / ``exclude_modules`` (see :mod:`deltatune.addressing`); the
     method's hyper-parameters (fields of its ``config_class``); ``name``, the slot name on each module (default: the
@@ -85,6 +95,7 @@ class DeltaBase:
     ) -> None:
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
+        super().__init__()
         modified_modules, exclude_modules = _as_list(modified_modules), _as_list(exclude_modules)
         if interactive_modify is not False:
             if modified_modules:
@@ -93,7 +104,7 @@ class DeltaBase:
 
             port = 0 if interactive_modify is True else int(interactive_modify)
             modified_modules = select_modules(backbone_model, self.delta_type, port=port, **hyperparameters)
-        self.backbone_model = backbone_model
+        object.__setattr__(self, "backbone_model", backbone_model)  # not a submodule: the delta does not own it
         self.config = self.config_class.from_dict(
             {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}
         )
@@ -116,6 +127,7 @@ class DeltaBase:
         self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
         self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
         self.deltas: dict[str, nn.Module] = self._build({p: modules[p] for p in self.positions}, seen)
+        self.modules_by_position = nn.ModuleDict({module_key(p): delta for p, delta in self.deltas.items()})
         self._check_budget(allow_larger_than_backbone)
         self.order = next(_creation)
         if name is not None and name in live.names_on(backbone_model):
@@ -259,7 +271,7 @@ class DeltaBase:
     # --------------------------------------------------------------------------------------------- training
     def delta_parameters(self) -> list[nn.Parameter]:
         """This delta's parameters, each once (a method may share one tensor across positions)."""
-        return list({id(p): p for delta in self.deltas.values() for p in delta.parameters()}.values())
+        return list(self.parameters())
 
     def num_delta_parameters(self) -> int:
         return sum(p.numel() for p in self.delta_parameters())
