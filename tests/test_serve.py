@@ -214,3 +214,40 @@ def test_closing_the_engine_finishes_the_queued_requests(served):
     engine.close()
     assert len(done) == 5 and all(error is None and len(tokens) >= 1 for tokens, error in done)
     assert engine.stats["batches"] >= 3  # at most 2 rows a batch
+
+
+def test_stop_strings_end_a_completion_before_them_streamed_or_not(served):
+    client, folders, model, tokenizer, *_ = served
+    expected = _alone(model, tokenizer, folders["lora"], PROMPTS[1], 12)
+    words = expected.split()
+    assert len(words) >= 3, expected
+    stop = " " + words[2]  # ends the text before its third word
+    cut = expected[:expected.find(stop)]
+    whole = client.completions.create(model="lora", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                      stop=[stop, "never appears"])
+    assert whole.choices[0].text == cut and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens < 12
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="lora", prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=stop, stream=True)]
+    assert "".join(pieces) == cut
+    unstopped = client.completions.create(model="lora", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                          stop="never appears")
+    assert unstopped.choices[0].text == expected and unstopped.choices[0].finish_reason == "length"
+    for bad in (["a", "b", "c", "d", "e"], [""], [3]):
+        with pytest.raises(openai.BadRequestError, match="stop must be a non-empty string or a list of up to 4"):
+            client.completions.create(model="lora", prompt="hi", max_tokens=2, stop=bad)
+
+
+def test_streamed_text_holds_back_what_may_start_a_stop_string():
+    from deltatune.serve.text import Text
+
+    class Characters:  # a tokenizer whose tokens are characters
+        def decode(self, tokens, skip_special_tokens=True):
+            return "".join(map(chr, tokens))
+
+    text = Text(Characters(), ("abc", "zz"))
+    pieces = [text.add(ord(c)) for c in "xyab_q abz abc rest"] + [text.add(None)]
+    assert "".join(pieces) == "xyab_q abz " and text.stopped
+    assert pieces[2:4] == ["", ""]  # "a", "ab": maybe the start of "abc", held back until "_" shows they are not
+    text = Text(Characters(), ("abc",))
+    assert [text.add(ord(c)) for c in "xab"] + [text.add(None)] == ["x", "", "", "ab"]  # the end releases the rest

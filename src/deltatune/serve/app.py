@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .engine import Classification, Engine, QueueFull, Request
+from .text import Text, cut_at_stop
 
 
 class APIError(Exception):
@@ -46,21 +47,6 @@ def _number(body: dict, name: str, default: float, low: float, high: float, inte
     if not low <= value <= high:
         raise APIError(400, f"{name} must be between {low} and {high}, got {value}", param=name)
     return value
-
-
-class _Text:
-    """Incremental decoding: the text of the tokens so far, released once complete (no half UTF-8 characters)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.sent = text[len(self.sent):], text
-        return new
 
 
 def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None = None, max_prompt_tokens: int = 2048,
@@ -114,7 +100,7 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
         if model not in models():
             raise APIError(404, f"the model {model!r} does not exist; served: {', '.join(models())}",
                            "not_found_error", "model")
-        for unsupported, neutral in (("n", 1), ("stop", None), ("echo", False), ("logprobs", None), ("tools", None)):
+        for unsupported, neutral in (("n", 1), ("echo", False), ("logprobs", None), ("tools", None)):
             if body.get(unsupported, neutral) not in (neutral, [] if neutral is None else neutral):
                 raise APIError(400, f"{unsupported}={body[unsupported]!r} is not supported by this server",
                                param=unsupported)
@@ -127,7 +113,12 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        return Request(prompt=prompt, delta=None if body["model"] == base_name else body["model"],
+        stop = body.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise APIError(400, f"stop must be a non-empty string or a list of up to 4 of them, got {body['stop']!r}",
+                           param="stop")
+        return Request(prompt=prompt, delta=None if body["model"] == base_name else body["model"], stop=tuple(stop),
                        max_tokens=int(_number({"max_tokens": limit}, "max_tokens", 16, 1, max_new_tokens, True)),
                        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
                        top_p=float(_number(body, "top_p", 1.0, 1e-6, 1.0)))
@@ -155,7 +146,7 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
             raise APIError(404, str(error.args[0]), "not_found_error", "model") from None
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        text = _Text(engine.tokenizer)
+        text = Text(engine.tokenizer, request.stop)
 
         def usage(tokens: list[int]) -> dict:
             return {"prompt_tokens": len(request.prompt), "completion_tokens": len(tokens),
@@ -182,7 +173,7 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
             _, tokens, reason, error = event
             if error is not None:
                 raise APIError(500, f"generation failed: {type(error).__name__}: {error}", "server_error")
-            answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+            answer, _ = cut_at_stop(engine.tokenizer.decode(tokens, skip_special_tokens=True), request.stop)
             return JSONResponse({"id": ident, "object": kind, "created": created, "model": body["model"],
                                  "choices": [choice(answer, reason, False)], "usage": usage(tokens)})
 
@@ -206,6 +197,9 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
                 if error is not None:
                     yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error'}})}\n\n"
                     return
+                rest = text.add(None)  # what was held back as the possible start of a stop string
+                if rest:
+                    yield f"data: {json.dumps({**chunk, 'choices': [choice(rest, None, True)]})}\n\n"
                 yield f"data: {json.dumps({**chunk, 'choices': [choice(None, reason, True)], 'usage': usage(tokens)})}\n\n"
                 yield "data: [DONE]\n\n"
                 return

@@ -40,6 +40,7 @@ class Request:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # the row ends once its text contains one (the text is cut before it by the API)
     on_token: Callable[[int], None] = lambda token: None
     on_done: Callable[[list[int] | None, str, BaseException | None], None] = lambda tokens, reason, error: None
 
@@ -60,22 +61,24 @@ class Classification:
 
 
 class _RowsDone(StoppingCriteria):
-    """Row b is done after its own ``limits[b]`` new tokens (or its end-of-sequence token, which generate() adds)."""
+    """Row b is done when the streamer says so: its own ``max_tokens``, a stop string, or its end-of-sequence token
+    (which generate() also handles)."""
 
-    def __init__(self, start: int, limits: list[int]) -> None:
-        self.start, self.limits = start, torch.tensor(limits)
+    def __init__(self, streamer: _RowStreamer) -> None:
+        self.streamer = streamer
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return (input_ids.shape[1] - self.start) >= self.limits.to(input_ids.device)
+        return torch.tensor(self.streamer.finished, device=input_ids.device)
 
 
 class _RowStreamer(BaseStreamer):
-    """Hands each row's new tokens to its request while generate() runs."""
+    """Hands each row's new tokens to its request while generate() runs, and knows which rows are done."""
 
-    def __init__(self, requests: list[Request], eos: set[int]) -> None:
-        self.requests, self.eos = requests, eos
+    def __init__(self, requests: list[Request], eos: set[int], tokenizer) -> None:
+        self.requests, self.eos, self.tokenizer = requests, eos, tokenizer
         self.tokens: list[list[int]] = [[] for _ in requests]
         self.finished = [False] * len(requests)
+        self.reasons = ["length"] * len(requests)
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -87,11 +90,14 @@ class _RowStreamer(BaseStreamer):
             if self.finished[b]:
                 continue
             if token in self.eos:
-                self.finished[b] = True
+                self.finished[b], self.reasons[b] = True, "stop"
                 continue
             self.tokens[b].append(token)
             request.on_token(token)
-            if len(self.tokens[b]) >= request.max_tokens:
+            if request.stop and any(stop in self.tokenizer.decode(self.tokens[b], skip_special_tokens=True)
+                                    for stop in request.stop):
+                self.finished[b], self.reasons[b] = True, "stop"
+            elif len(self.tokens[b]) >= request.max_tokens:
                 self.finished[b] = True
 
     def end(self) -> None:
@@ -198,16 +204,16 @@ class Engine:
             ids[b, width - len(request.prompt):] = torch.tensor(request.prompt)
             mask[b, width - len(request.prompt):] = 1
         device = next(self.model.parameters()).device
-        streamer = _RowStreamer(batch, self.eos)
+        streamer = _RowStreamer(batch, self.eos, self.tokenizer)
         sampling = batch[0].sampling()
         options = {"do_sample": True, "temperature": sampling[1], "top_p": sampling[2]} if sampling[0] else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         with torch.no_grad(), self.registry.bank.route([r.delta for r in batch]):
             self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(r.max_tokens for r in batch),
-                stopping_criteria=StoppingCriteriaList([_RowsDone(width, [r.max_tokens for r in batch])]),
+                stopping_criteria=StoppingCriteriaList([_RowsDone(streamer)]),
                 streamer=streamer, pad_token_id=self.pad, **options)
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         self.stats["tokens"] += sum(len(t) for t in streamer.tokens)
-        return [(row, "length" if len(row) >= r.max_tokens else "stop") for row, r in zip(streamer.tokens, batch)]
+        return list(zip(streamer.tokens, streamer.reasons))
