@@ -454,9 +454,7 @@ class DeltaBase(nn.Module):
         checked first, so a mismatch changes nothing.  ``source`` names them in the error."""
         own = self.delta_state_dict()
         checkpoint.check_tensors(tensors, own, Path(source))
-        broken = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if broken:
-            raise ValueError(f"{source} holds NaN or infinite values in {broken[:5]}; refusing to load them")
+        checkpoint.refuse_non_finite(tensors, Path(source))
         with torch.no_grad():
             for key, value in own.items():
                 value.copy_(tensors[key])
@@ -512,6 +510,7 @@ class DeltaBase(nn.Module):
         if apart and absent:
             raise ValueError(f"{folder} lists backbone parameters its weights file does not hold: {absent[:5]}")
         heads = {k: tensors.pop(f"backbone.{k}") for k in unfrozen} if apart else {}
+        checkpoint.refuse_non_finite(heads, folder / checkpoint.WEIGHTS_FILE)
         delta.unfrozen_backbone = [] if apart else list(unfrozen)
         delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)  # checks the keys and values
         delta.backbone_apart = heads

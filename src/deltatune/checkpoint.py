@@ -228,6 +228,12 @@ def _embedded_config(weights: Path) -> dict[str, Any] | None:
         return None
 
 
+def refuse_non_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    broken = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ValueError(f"{source} holds NaN or infinite values in {broken[:5]}; refusing to load them")
+
+
 def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
     """Every expected key present with its shape and dtype, and nothing else."""
     problems = [f"missing {k}" for k in expected if k not in loaded]

@@ -16,7 +16,9 @@ The stacks are inference-time copies of the deltas' weights: ``route()`` refuses
 rebuilds the stacks when a delta's tensors changed since (a checkpoint loaded into it, an optimizer step: PyTorch's
 version counters; a write through ``tensor.data`` bypasses them, so call :meth:`refresh` after one).  Outside
 ``route()`` the bank changes nothing.  Deltas loaded with their classification heads kept apart
-(``keep_backbone_apart=True``) give each row its own head (:mod:`.heads`).  Deltas of the bank stay detached: attaching one would apply it to every row.
+(``keep_backbone_apart=True``) give each row its own head (:mod:`.heads`).  Deltas of the bank stay detached:
+attaching one would apply it to every row.  A batch whose rows all name one delta runs through that delta's own
+modules.
 Delta modules without a row form (the paired parallel adapter, prefixes of encoder-decoders and of attention
 without a KV cache) are refused when added.  Calls to ``route()`` from several threads take turns.
 """
@@ -54,7 +56,8 @@ class DeltaBank:
         self.order = next(_creation)  # runs after deltas created before it, before those created after
         self._deltas: dict[str, DeltaBase] = {}
         self._stacks: list[tuple[str, nn.Module, Stack, dict[str, int]]] = []  # slot name, host, stack, lookup
-        self._built_from: tuple | None = None
+        self._built_from: tuple | None = None  # the fingerprint at the last build (None: build at the next route)
+        self._watched: list[tuple[dict, str]] = []
         self._lock = threading.RLock()
         items = deltas.items() if isinstance(deltas, Mapping) else ((d.name, d) for d in deltas)
         for name, delta in items:
@@ -138,13 +141,14 @@ class DeltaBank:
             try:
                 for _, _, stack, lookup in self._stacks:
                     local = tuple(lookup.get(name, len(lookup)) for name in names)
-                    if set(local) == {len(lookup)}:  # no row reads this stack: it passes through
+                    distinct = set(local)
+                    if distinct == {len(lookup)}:  # no row reads this stack: it passes through
                         stack.select(None)
                         continue
                     device = stack.device
                     if (local, device) not in indices:
                         indices[local, device] = torch.tensor(local, device=device)
-                    stack.select(indices[local, device], local[0] if len(set(local)) == 1 else None)
+                    stack.select(indices[local, device], local[0] if len(distinct) == 1 else None)
                 yield
             finally:
                 for _, _, stack, _ in self._stacks:
@@ -174,12 +178,10 @@ class DeltaBank:
                 raise RuntimeError(f"{position} serves the deltas' own heads, which replace its output, but "
                                    f"{', '.join(others)} is attached to it as well; detach it to use the bank")
 
-    def _fingerprint(self) -> tuple | None:
+    def _fingerprint(self) -> tuple:
         """Identity, storage and version of every tensor the stacks copied: the deltas' parameters, their heads and
         the backbone's own heads (for rows without one).  Parameters are read from their modules' own tables,
         listed at the last build (walking the modules costs more than a forward pass at batch 1)."""
-        if self._built_from is None:
-            return None
         tensors = [owner.get(key) for owner, key in self._watched]
         tensors += [t for delta in self._deltas.values() for t in delta.backbone_apart.values()]
         return tuple((id(t), t.data_ptr(), t._version) if t is not None else None for t in tensors)
@@ -220,5 +222,5 @@ class DeltaBank:
                 self._stacks = []
                 raise
         threads.watch(self.backbone_model, True)
-        self._watched, self._built_from = self._watch(), ()
+        self._watched = self._watch()
         self._built_from = self._fingerprint()

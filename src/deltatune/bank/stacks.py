@@ -40,14 +40,14 @@ class Stack(nn.Module):
     def __init__(self, layers: list[nn.Module] = ()) -> None:
         super().__init__()
         self.index: torch.Tensor | None = None  # None: no row of the batch uses this stack, pass through
-        self.entry: int | None = None  # the one entry every row reads, if they all read one
         self._members = tuple(layers)  # a tuple: the deltas' own modules are not the stack's submodules
         self.__dict__["alone"] = None
 
     def select(self, index: torch.Tensor | None, entry: int | None = None) -> None:
+        """Row ``b`` reads entry ``index[b]``; ``entry``: the one entry every row reads, if they all read one."""
         # Plain attributes, set past nn.Module.__setattr__ (a route() selects every stack; ``alone`` is no
         # submodule of the stack).
-        self.__dict__.update(index=index, entry=entry, alone=self._alone(entry))
+        self.__dict__.update(index=index, alone=self._alone(entry))
 
     @property
     def device(self) -> torch.device:
