@@ -68,9 +68,6 @@ class HeadStack(Stack):
         self.register_buffer("weight", weight, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            return h
-        i = self.rows(h)
+    def mixed(self, i: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         out = torch.baddbmm(self.bias[i], x.reshape(len(i), -1, x.shape[-1]), self.weight[i])
         return out.view(*h.shape[:-1], out.shape[-1])

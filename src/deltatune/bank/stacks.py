@@ -32,7 +32,11 @@ from ..routing import Route
 
 
 class Stack(nn.Module):
-    """The row form of one delta type at one module; :meth:`select` sets which entry each row of a batch reads."""
+    """The row form of one delta type at one module; :meth:`select` sets which entry each row of a batch reads.
+
+    Called with the tensors of its route (``t`` or ``(x, h)``), the last
+    of which holds the batch: it passes them through when no row reads it, hands them to the one delta's own
+    module when every row reads one (``alone``), and otherwise computes :meth:`mixed` with the rows' index."""
 
     route: Route
     rewrites_call = False
@@ -71,6 +75,17 @@ class Stack(nn.Module):
         if weight is None or member.training or (weight.dtype, weight.device) != (like.dtype, like.device):
             return None
         return member
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        target = tensors[-1]
+        if self.index is None:
+            return target
+        i = self.rows(target)
+        return self.alone(*tensors) if self.alone is not None else self.mixed(i, *tensors)
+
+    def mixed(self, i: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        """The route's output when row ``b`` reads entry ``i[b]``."""
+        raise NotImplementedError
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """The row index, checked against the batch ``t`` holds on its first axis."""
@@ -119,12 +134,7 @@ class LoraStack(Stack):
         self.register_buffer("scale", scale, persistent=False)
         self._host = (host,)  # DoRA rescales W x but not the bias: h = s ⊙ (h - bias + update) + bias
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            return h
-        i = self.rows(h)
-        if self.alone is not None:
-            return self.alone(x, h)
+    def mixed(self, i: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.embedding:
             a = self.a[i.view(-1, *[1] * (x.dim() - 1)), x]  # (batch, tokens, R)
         else:
@@ -149,11 +159,8 @@ class ScaleStack(Stack):
             self.register_buffer("scales", _with_identity([layer._full_scale() for layer in layers], 1.0),
                                  persistent=False)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            return t
-        i = self.rows(t)
-        return self.alone(t) if self.alone is not None else t * _broadcast(self.scales[i], t)
+    def mixed(self, i: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return t * _broadcast(self.scales[i], t)
 
 
 class ShiftStack(Stack):
@@ -168,11 +175,8 @@ class ShiftStack(Stack):
             self.register_buffer("shifts", _with_identity([layer._full_bias() for layer in layers], 0.0),
                                  persistent=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.index is None:
-            return h
-        i = self.rows(h)
-        return self.alone(h) if self.alone is not None else h + _broadcast(self.shifts[i], h, self.axis)
+    def mixed(self, i: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + _broadcast(self.shifts[i], h, self.axis)
 
 
 def _dense(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,19 +215,11 @@ class BottleneckStack(Stack):
         for name, tensor in (("down", down), ("down_bias", down_bias), ("up", up), ("up_bias", up_bias)):
             self.register_buffer(name, tensor, persistent=False)
 
-    def _update(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        i = self.rows(h)
-        hidden = self.act(torch.baddbmm(self.down_bias[i], t.reshape(len(i), -1, t.shape[-1]), self.down[i]))
-        return h + torch.baddbmm(self.up_bias[i], hidden, self.up[i]).view(h.shape)
-
-    def forward(self, t: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    def mixed(self, i: torch.Tensor, t: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` feeds the bottleneck; the update adds to ``h`` (parallel) or to ``t`` itself (sequential)."""
         target = t if h is None else h
-        if self.index is None:
-            return target
-        self.rows(target)
-        if self.alone is not None:
-            return self.alone(t) if h is None else self.alone(t, h)
-        return self._update(t, target)
+        hidden = self.act(torch.baddbmm(self.down_bias[i], t.reshape(len(i), -1, t.shape[-1]), self.down[i]))
+        return target + torch.baddbmm(self.up_bias[i], hidden, self.up[i]).view(target.shape)
 
 
 def activation_key(layer: nn.Module) -> tuple[str, str]:
