@@ -12,6 +12,8 @@ after ``[CLS]``); a prefix's block fills the KV cache before any token.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -39,8 +41,6 @@ def right_aligned(pieces: list[torch.Tensor], axis: int) -> torch.Tensor:
 def positions_ignore_padding(host: nn.Module) -> bool:
     """Whether ``host`` numbers its tokens 0, 1, 2, ... whatever the mask (LLaMA, GPT-2, BERT) rather than
     counting the tokens the mask keeps (OPT): asked of the model, with a left-padded pseudo input."""
-    if not compat.takes_position_ids(host):
-        return False
     inputs = keyword_inputs(host)
     ids = inputs.pop("input_ids", None)
     if ids is None or ids.shape[1] < 2:
@@ -76,6 +76,19 @@ def padding_is_invisible(host: nn.Module) -> bool:
     return padded.shape == alone.shape and torch.allclose(padded, alone, rtol=1e-4, atol=1e-5)
 
 
+_PADDING_CHECKS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def rows_may_differ(host: nn.Module) -> bool:
+    """Whether rows of ``host`` may carry blocks of different lengths: its positions ignore the block's padding,
+    or it takes none and masked padding changes nothing.  A property of the architecture, asked of the model once
+    (every rebuild of a bank would otherwise run the check's forward passes again)."""
+    if host not in _PADDING_CHECKS:
+        _PADDING_CHECKS[host] = (positions_ignore_padding(host) if compat.takes_position_ids(host)
+                                 else padding_is_invisible(host))
+    return _PADDING_CHECKS[host]
+
+
 class PromptStack(Stack):
     """What soft prompts and prefixes share: per-row lengths, the block's mask and the rows' positions."""
 
@@ -84,9 +97,7 @@ class PromptStack(Stack):
 
     def _lengths(self, lengths: list[int], device: torch.device, host: nn.Module) -> None:
         self.takes_positions = compat.takes_position_ids(host)
-        # Rows of different lengths need positions that ignore the block's padding, or no positions at all.
-        self.ignores_padding = (positions_ignore_padding(host) if self.takes_positions
-                                else padding_is_invisible(host))
+        self.ignores_padding = rows_may_differ(host)
         self.register_buffer("lengths", torch.tensor([*lengths, 0], device=device), persistent=False)
 
     def select(self, index: torch.Tensor | None, entry: int | None = None) -> None:
