@@ -105,7 +105,8 @@ class _RowStreamer(BaseStreamer):
 
 
 class Engine:
-    """A causal LM, its tokenizer and a registry of deltas, served by one worker thread."""
+    """A causal LM (or a sequence classifier), its tokenizer and a registry of deltas, served by one worker
+    thread."""
 
     def __init__(self, model: nn.Module, tokenizer, registry: DeltaRegistry, *, max_batch: int = 16,
                  window: float = 0.01, max_queue: int = 256) -> None:
@@ -177,18 +178,24 @@ class Engine:
             for request, (value, reason) in zip(batch, results):
                 request.on_done(value, reason, None)
 
+    def _padded(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of token rows padded to the longest, on the model's device."""
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, row in enumerate(rows):
+            place = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[b, place], mask[b, place] = torch.tensor(row), 1
+        device = next(self.model.parameters()).device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
     def classify(self, batch: list[Classification]) -> list[tuple[list[float], str]]:
         """One mixed batch of classifications; returns (probabilities of the row's labels, "stop") per row."""
         self.registry.acquire([r.delta for r in batch])
-        width = max(len(r.tokens) for r in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, request in enumerate(batch):  # right padding: classification heads read the first or last token
-            ids[b, :len(request.tokens)] = torch.tensor(request.tokens)
-            mask[b, :len(request.tokens)] = 1
-        device = next(self.model.parameters()).device
+        # Right padding: a classification head reads the first token, or the last one that is not padding.
+        inputs = self._padded([r.tokens for r in batch], left=False)
         with torch.no_grad(), self.registry.bank.route([r.delta for r in batch]):
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = self.model(**inputs).logits
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
         counts = [len(self.registry.labels(r.delta)) for r in batch]
@@ -197,20 +204,14 @@ class Engine:
     def generate(self, batch: list[Request]) -> list[tuple[list[int], str]]:
         """One mixed batch: each row with its own delta; returns (new tokens, finish reason) per row."""
         self.registry.acquire([r.delta for r in batch])
-        width = max(len(r.prompt) for r in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, request in enumerate(batch):  # left padding: every row's next token comes at the same column
-            ids[b, width - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[b, width - len(request.prompt):] = 1
-        device = next(self.model.parameters()).device
+        inputs = self._padded([r.prompt for r in batch], left=True)  # every row's next token at the same column
         streamer = _RowStreamer(batch, self.eos, self.tokenizer)
         sampling = batch[0].sampling()
         options = {"do_sample": True, "temperature": sampling[1], "top_p": sampling[2]} if sampling[0] else {
             "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         with torch.no_grad(), self.registry.bank.route([r.delta for r in batch]):
             self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(r.max_tokens for r in batch),
+                **inputs, max_new_tokens=max(r.max_tokens for r in batch),
                 stopping_criteria=StoppingCriteriaList([_RowsDone(streamer)]),
                 streamer=streamer, pad_token_id=self.pad, **options)
         self.stats["batches"] += 1
