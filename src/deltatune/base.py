@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TextIO
 import torch
 from torch import nn
 
-from . import auto, checkpoint, live, merge_safety, routing, threads
+from . import auto, checkpoint, live, merge_safety, routing, sharding, threads
 from .auto import DELTA_TYPES
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
@@ -109,26 +109,8 @@ class DeltaBase(nn.Module):
             {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}
         )
         self.default_positions_of: str | None = None  # the family whose common names chose the positions
-        if positions is None:
-            if not self.takes_modules and self.config.modified_modules:
-                raise ValueError(f"{type(self).__name__} acts on the model's call; it takes no modified_modules")
-            if self.takes_modules and self.config.modified_modules is None:
-                self._use_default_positions()
-            positions = self.resolve_positions()
-            if self.default_positions_of:
-                positions = self._called_on_forward(positions, pseudo_input)
-        else:
-            unknown = sorted(set(positions) - {"", *addressable_names(backbone_model)})  # "": the model itself
-            if unknown:
-                raise ValueError(f"{type(backbone_model).__name__} has no module(s) {unknown[:5]}")
-        self.positions = list(positions)
-        modules = dict(backbone_model.named_modules())
-        self.pseudo_input = pseudo_input
-        self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
-        self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
-        self.deltas: dict[str, nn.Module] = self._build({p: modules[p] for p in self.positions}, seen)
-        self.modules_by_position = nn.ModuleDict({module_key(p): delta for p, delta in self.deltas.items()})
-        self._check_budget(allow_larger_than_backbone)
+        with sharding.whole_while_building(backbone_model):
+            self._find_and_build(backbone_model, positions, pseudo_input, allow_larger_than_backbone)
         self.order = next(_creation)
         if name is not None and name in live.names_on(backbone_model):
             raise ValueError(f"a delta named {name!r} already exists on this backbone (attached, detached or merged); "
@@ -149,6 +131,29 @@ class DeltaBase(nn.Module):
         if attach:
             self.attach()
 
+    def _find_and_build(self, backbone_model: nn.Module, positions: list[str] | None, pseudo_input: Any,
+                        allow_larger_than_backbone: bool) -> None:
+        if positions is None:
+            if not self.takes_modules and self.config.modified_modules:
+                raise ValueError(f"{type(self).__name__} acts on the model's call; it takes no modified_modules")
+            if self.takes_modules and self.config.modified_modules is None:
+                self._use_default_positions()
+            positions = self.resolve_positions()
+            if self.default_positions_of:
+                positions = self._called_on_forward(positions, pseudo_input)
+        else:
+            unknown = sorted(set(positions) - {"", *addressable_names(backbone_model)})  # "": the model itself
+            if unknown:
+                raise ValueError(f"{type(backbone_model).__name__} has no module(s) {unknown[:5]}")
+        self.positions = list(positions)
+        modules = dict(backbone_model.named_modules())
+        self.pseudo_input = pseudo_input
+        self.seen = seen = probe(backbone_model, self.positions, pseudo_input)
+        self._hosts = {p: modules[p] for p in self.positions}  # looked up once: attach/detach stay cheap
+        self.deltas: dict[str, nn.Module] = self._build({p: modules[p] for p in self.positions}, seen)
+        self.modules_by_position = nn.ModuleDict({module_key(p): delta for p, delta in self.deltas.items()})
+        self._check_budget(allow_larger_than_backbone)
+
     # ----------------------------------------------------------------------------------------- for subclasses
     def resolve_positions(self) -> list[str]:
         """Full names of the modules to modify, from the config's specs."""
@@ -162,7 +167,11 @@ class DeltaBase(nn.Module):
         """The delta module of every position (``modules`` in position order).  By default each is built alone
         (:meth:`build`); a method whose modules share parts (one prefix table for all layers, shared PHM rules,
         an adapter read at one module and added at another) makes those parts here first, then the modules."""
-        return {position: self.build(position, module, seen[position]) for position, module in modules.items()}
+        deltas = {}
+        for position, module in modules.items():
+            with sharding.gathered(module.parameters()):  # ZeRO-3: the module's weights are whole while it is read
+                deltas[position] = self.build(position, module, seen[position])
+        return deltas
 
     def _build(self, modules: dict[str, nn.Module], seen: dict[str, Seen]) -> dict[str, nn.Module]:
         try:
@@ -173,7 +182,8 @@ class DeltaBase(nn.Module):
         return {p: delta.train(modules[p].training) for p, delta in deltas.items()}  # each matches its host
 
     def _check_budget(self, allowed: bool) -> None:
-        backbone = sum(p.numel() for k, p in self.backbone_model.named_parameters() if DELTA_SLOT not in k.split("."))
+        backbone = sum(sharding.full_numel(p) for k, p in self.backbone_model.named_parameters()
+                       if DELTA_SLOT not in k.split("."))
         size = self.num_delta_parameters()
         if size > backbone and not allowed:
             raise ValueError(f"{type(self).__name__} would add {size:,} parameters to a backbone of {backbone:,}; "
@@ -274,7 +284,7 @@ class DeltaBase(nn.Module):
         return list(self.parameters())
 
     def num_delta_parameters(self) -> int:
-        return sum(p.numel() for p in self.delta_parameters())
+        return sum(sharding.full_numel(p) for p in self.delta_parameters())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that require grad: this delta's and any backbone parameter left trainable."""
@@ -283,7 +293,7 @@ class DeltaBase(nn.Module):
         return list(params.values())
 
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+        return sum(sharding.full_numel(p) for p in self.trainable_parameters())
 
     def freeze_module(self, exclude: list[str] | None = None, set_state_dict: bool = True) -> DeltaBase:
         """Freeze the backbone except this delta (``"deltas"``) and the modules named in ``exclude``.
@@ -364,6 +374,9 @@ class DeltaBase(nn.Module):
             raise RuntimeError(f"delta {self.name!r} is already merged")
         if not self.attached:
             raise RuntimeError(f"delta {self.name!r} is detached; attach it before merging")
+        if sharding.any_sharded(self.backbone_model):
+            raise RuntimeError(f"delta {self.name!r} is on a sharded backbone (FSDP2 or ZeRO-3), whose weights no "
+                               "process holds whole: merge offline instead (deltatune merge, docs/distributed.md)")
         hosts = self._hosts
         updates = {p: self.deltas[p].weight_update(host) for p, host in hosts.items()}  # may refuse: nothing done yet
         merge_safety.check(self, exact, updates)
@@ -415,7 +428,8 @@ class DeltaBase(nn.Module):
         ]
 
     def summary(self) -> str:
-        total = sum(p.numel() for k, p in self.backbone_model.named_parameters() if DELTA_SLOT not in k.split("."))
+        total = sum(sharding.full_numel(p) for k, p in self.backbone_model.named_parameters()
+                    if DELTA_SLOT not in k.split("."))
         delta = self.num_delta_parameters()
         trainable = self.num_trainable_parameters()
         shown = self.positions if len(self.positions) <= 8 else [*self.positions[:3], "...", *self.positions[-3:]]
@@ -441,9 +455,14 @@ class DeltaBase(nn.Module):
 
     # ---------------------------------------------------------------------------------------- save and load
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors: ``deltas.<position>.<name>`` and ``backbone.<key>`` for unfrozen parameters."""
+        """Checkpoint tensors: ``deltas.<position>.<name>`` and ``backbone.<key>`` for unfrozen parameters, detached
+        and whole (shards of FSDP2 or ZeRO-3 are gathered: under torch.distributed every rank must call it)."""
+        return {key: sharding.full_tensor(t) for key, t in self._live_tensors().items()}
+
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of :meth:`delta_state_dict` themselves (parameters, maybe shards), to load into."""
         tensors = {".".join(filter(None, ("deltas", p, k))): t
-                   for p, delta in self.deltas.items() for k, t in delta.state_dict().items()}
+                   for p, delta in self.deltas.items() for k, t in delta.state_dict(keep_vars=True).items()}
         backbone = dict(self.backbone_model.named_parameters(remove_duplicate=False))
         tensors.update({f"backbone.{k}": backbone[k] for k in self.unfrozen_backbone})
         tensors.update({f"backbone.{k}": t for k, t in self.backbone_apart.items()})
@@ -452,15 +471,18 @@ class DeltaBase(nn.Module):
     def load_delta_state_dict(self, tensors: dict[str, torch.Tensor], source: str | os.PathLike = "tensors") -> None:
         """Copy ``tensors`` (keys as in :meth:`delta_state_dict`) into this delta; every key, shape and dtype is
         checked first, so a mismatch changes nothing.  ``source`` names them in the error."""
-        own = self.delta_state_dict()
+        own = self._live_tensors()
         checkpoint.check_tensors(tensors, own, Path(source))
         checkpoint.refuse_non_finite(tensors, Path(source))
         with torch.no_grad():
             for key, value in own.items():
-                value.copy_(tensors[key])
+                sharding.copy_full(value, tensors[key])
 
     def save_finetuned(self, save_directory: str | os.PathLike) -> Path:
-        """Write this delta (and explicitly unfrozen backbone parameters) as a checkpoint folder."""
+        """Write this delta (and explicitly unfrozen backbone parameters) as a checkpoint folder.
+
+        Under torch.distributed every rank calls it: sharded tensors (FSDP2, ZeRO-3) are gathered whole, and only
+        rank 0 writes."""
         config = {
             "format_version": checkpoint.FORMAT_VERSION,
             "deltatune_version": checkpoint.library_version(),
@@ -471,7 +493,10 @@ class DeltaBase(nn.Module):
             "unfrozen_backbone": [*self.unfrozen_backbone, *self.backbone_apart],
             "backbone": checkpoint.fingerprint(self.backbone_model, [*self.unfrozen_backbone, *self.backbone_apart]),
         }
-        return checkpoint.write(save_directory, config, self.delta_state_dict())
+        tensors = self.delta_state_dict()
+        if not sharding.main_process():
+            return Path(save_directory)
+        return checkpoint.write(save_directory, config, tensors)
 
     @classmethod
     def from_finetuned(

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import sharding
 from .addressing import DELTA_SLOT
 
 FORMAT_VERSION = 1
@@ -49,11 +50,13 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
     enough to tell another checkpoint of the same architecture apart without reading all bytes.  Parameters saved
     with the delta (``saved_with_delta``) are left out of the sample: loading overwrites them."""
     tensors = backbone_tensors(model)
-    lines = {k: f"{k}:{list(t.shape)}:{t.dtype}" for k, t in tensors.items()}
+    lines = {k: f"{k}:{list(sharding.full_shape(t))}:{t.dtype}" for k, t in tensors.items()}
     sample = hashlib.sha256()
     for key in sorted(set(tensors) - set(saved_with_delta)):
-        sample.update(tensors[key].detach().reshape(-1)[:8].float().cpu().numpy().tobytes())
-    return {"class": type(model).__name__, "tensors": len(lines), "sha256": _structure(lines.values()),
+        first = sharding.full_tensor(tensors[key]).reshape(-1)[:8]  # a shard is gathered (collective)
+        # a copy: numpy() would pin the parameter's storage, which FSDP2 frees and re-allocates
+        sample.update(first.to("cpu", torch.float32, copy=True).numpy().tobytes())
+    return {"class": sharding.unwrapped_class(model).__name__, "tensors": len(lines), "sha256": _structure(lines.values()),
             # the structure without what was saved with the delta: a head served apart may have another size
             "body_sha256": _structure(line for k, line in lines.items() if k not in set(saved_with_delta)),
             "weights_sample": sample.hexdigest()}
@@ -239,9 +242,10 @@ def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     problems = [f"missing {k}" for k in expected if k not in loaded]
     problems += [f"unexpected {k}" for k in loaded if k not in expected]
     problems += [
-        f"{k}: checkpoint {list(loaded[k].shape)} {loaded[k].dtype}, delta expects {list(t.shape)} {t.dtype}"
+        f"{k}: checkpoint {list(loaded[k].shape)} {loaded[k].dtype}, delta expects {list(sharding.full_shape(t))} "
+        f"{t.dtype}"
         for k, t in expected.items()
-        if k in loaded and (loaded[k].shape != t.shape or loaded[k].dtype != t.dtype)
+        if k in loaded and (loaded[k].shape != sharding.full_shape(t) or loaded[k].dtype != t.dtype)
     ]
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")

@@ -40,14 +40,15 @@ class Seen:
 def from_weights(module: nn.Module) -> Seen | None:
     """The record of a linear layer or an embedding (``(features,)`` shapes: only the feature axis is known)."""
     from .compat import Conv1D
+    from .sharding import full_shape
 
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 2:
+    if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or len(full_shape(weight)) != 2:
         return None
     if isinstance(module, (Conv1D, nn.Embedding)):
-        features_in, features_out = weight.shape
+        features_in, features_out = full_shape(weight)
     elif isinstance(module, nn.Linear):
-        features_out, features_in = weight.shape
+        features_out, features_in = full_shape(weight)
     else:
         return None
     input_shape = None if isinstance(module, nn.Embedding) else (features_in,)

@@ -2,7 +2,7 @@
 
 The defaults run offline on a CPU in a few minutes: LoRA on MiniLM-L6 for Rotten Tomatoes.  The run folder
 (--out) receives training.json, delta/ (the best epoch's delta), metrics.json and metrics.png; an interrupted run
-continues with --resume.
+continues with --resume.  Under torchrun or accelerate launch, --strategy picks the engine (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .. import sharding
 from ..auto import DELTA_TYPES
 from ..checkpoint import read_tensors
+from ..distributed import STRATEGIES, World, make_strategy
 from ..training import loop, report
 from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
@@ -43,8 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-steps", type=int, default=defaults.save_steps, help="resume state interval")
     parser.add_argument("--max-train-examples", type=int, help="use only this many training examples")
     parser.add_argument("--max-eval-examples", type=int, help="and this many validation and test examples")
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum,
+                        help="micro-batches per step and process (the step still takes --batch-size examples)")
     parser.add_argument("--out", type=Path, default=Path("out/train"), help="the run folder")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default=None,
+                        help="the engine under torchrun / accelerate launch (default: single for one process, "
+                             "ddp for several)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: mixed precision (autocast; FSDP2's and DeepSpeed's own bf16 modes)")
+    parser.add_argument("--deepspeed-config", type=Path, help="a DeepSpeed JSON config to add settings from")
 
 
 def delta_options(items: list[str]) -> dict:
@@ -58,7 +68,19 @@ def delta_options(items: list[str]) -> dict:
 def run(args: argparse.Namespace) -> dict:
     arguments = TrainingArguments(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                   warmup_ratio=args.warmup_ratio, patience=args.patience, seed=args.seed,
-                                  save_steps=args.save_steps)
+                                  save_steps=args.save_steps, grad_accum=args.grad_accum)
+    world = World.from_environment()
+    strategy = make_strategy(args.strategy or ("ddp" if world.distributed else "single"), world, args.precision,
+                             args.deepspeed_config)
+    world.join()
+    try:
+        return _train(args, arguments, strategy)
+    finally:
+        world.leave()
+
+
+def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> dict:
+    world = strategy.world
     if args.delta not in DELTA_TYPES:
         raise ValueError(f"unknown delta type {args.delta!r}; known: {', '.join(sorted(DELTA_TYPES))}")
     check_counts(max_length=args.max_length, max_train_examples=args.max_train_examples,
@@ -66,36 +88,44 @@ def run(args: argparse.Namespace) -> dict:
     record = {"backbone": args.backbone, "objective": args.objective, "data": data_source(args),
               "delta": args.delta, "delta_config": delta_options(args.delta_config), "max_length": args.max_length,
               "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
-              "arguments": dataclasses.asdict(arguments)}
+              "arguments": dataclasses.asdict(arguments), "strategy": strategy.name, "processes": world.size,
+              "precision": args.precision}
     # Only the method's declared hyper-parameters, checked before anything loads (not attach=, name=, ...).
     DELTA_TYPES[args.delta].config_class.from_dict(record["delta_config"])
     _check_out_folder(args.out, record, args.resume)
+    world.barrier()  # every rank has looked at --out before rank 0 writes into it
     task = subset(load_source(record["data"]), args.max_train_examples, args.max_eval_examples)
     torch.manual_seed(args.seed)  # the new head and the delta start the same way for a seed
-    objective = make_objective(args.objective, args.backbone, task, args.max_length)
+    with strategy.loading():
+        objective = make_objective(args.objective, args.backbone, task, args.max_length)
     delta = DELTA_TYPES[args.delta](objective.model, **record["delta_config"])
     delta.freeze_module(exclude=["deltas", *objective.head])
     record.update(labels=task.labels, backbone_options=objective.backbone_options, head=objective.head)
+    trainable = delta.num_trainable_parameters()
+    loop.prepare(objective, delta, task, arguments, strategy)
     _check_fits(objective, delta, task, args.max_length)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report.write_json(args.out / TRAINING_FILE, record)
-    print(f"{task.name}: {task.sizes()}; {type(delta).__name__} on {len(delta.positions)} modules of "
-          f"{type(objective.model).__name__}; {delta.num_trainable_parameters():,} trainable parameters")
+    if world.main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        report.write_json(args.out / TRAINING_FILE, record)
+        print(f"{task.name}: {task.sizes()}; {type(delta).__name__} on {len(delta.positions)} modules of "
+              f"{sharding.unwrapped_class(objective.model).__name__}; {trainable:,} trainable parameters"
+              + (f"; {strategy.name} on {world.size} processes" if world.distributed else ""))
 
-    before = evaluate(objective, task.test, len(task.labels))
-    history = loop.fit(objective, delta, task, arguments, args.out, resume=args.resume)
+    before = evaluate(objective, task.test, len(task.labels), world=world)
+    history = loop.fit(objective, delta, task, arguments, args.out, resume=args.resume, strategy=strategy)
     delta.load_delta_state_dict(read_tensors(args.out / "delta"), args.out / "delta")  # the best epoch
     metrics = loop.summary(history, {
         "task": task.name, "backbone": args.backbone, "delta": args.delta, "objective": args.objective,
-        "trainable_parameters": delta.num_trainable_parameters(), "delta_parameters": delta.num_delta_parameters(),
-        "test": evaluate(objective, task.test, len(task.labels)), "test_before_training": before,
+        "trainable_parameters": trainable, "delta_parameters": delta.num_delta_parameters(),
+        "test": evaluate(objective, task.test, len(task.labels), world=world), "test_before_training": before,
         "test_majority_accuracy": max(sum(y == i for _, y in task.test) for i in range(len(task.labels)))
         / len(task.test),
         "checkpoint_bytes": sum(f.stat().st_size for f in (args.out / "delta").iterdir())})
-    report.write_json(args.out / "metrics.json", metrics)
-    picture = report.plot(metrics, args.out / "metrics.png")
-    (args.out / loop.STATE_FILE).unlink(missing_ok=True)  # complete: nothing to resume
-    _print_results(metrics, task, args.out, picture)
+    if world.main:
+        report.write_json(args.out / "metrics.json", metrics)
+        picture = report.plot(metrics, args.out / "metrics.png")
+        loop.finished(args.out)  # complete: nothing to resume
+        _print_results(metrics, task, args.out, picture)
     return metrics
 
 

@@ -30,13 +30,18 @@ class Classify:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.head = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})  # newly initialised: trained
         self.max_length = max_length
+        self.trained = self.model  # what a training forward calls: the model, or an engine's wrapper of it
 
     def _encode(self, rows: Rows):
         return self.tokenizer([text for text, _ in rows], padding=True, truncation=True,
                               max_length=self.max_length, return_tensors="pt")
 
     def loss(self, rows: Rows) -> torch.Tensor:
-        return self.model(**self._encode(rows), labels=torch.tensor([label for _, label in rows])).loss
+        return self.trained(**self._encode(rows), labels=torch.tensor([label for _, label in rows])).loss
+
+    def weight(self, rows: Rows) -> int:
+        """How many terms the loss of ``rows`` averages: one per row."""
+        return len(rows)
 
     @torch.no_grad()
     def predict(self, rows: Rows) -> torch.Tensor:
@@ -53,6 +58,7 @@ class LabelWords:
         _check_causal(self.model, backbone)
         self.head: list[str] = []
         self.max_length = max_length
+        self.trained = self.model
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.suffix = encode(PROMPT_SUFFIX)
         self.words = [encode(" " + word) for word in task.words]
@@ -81,7 +87,11 @@ class LabelWords:
 
     def loss(self, rows: Rows) -> torch.Tensor:
         ids, mask, labels, _ = self._batch(rows, [self.words[label] for _, label in rows])
-        return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return self.trained(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    def weight(self, rows: Rows) -> int:
+        """How many terms the loss of ``rows`` averages: one per label-word token."""
+        return sum(len(self.words[label]) for _, label in rows)
 
     @torch.no_grad()
     def predict(self, rows: Rows) -> torch.Tensor:

@@ -16,11 +16,12 @@ def output_console() -> Console:
 
 
 class StepProgress:
-    def __init__(self, total: int, done: int = 0) -> None:
-        self.console = output_console()
+    def __init__(self, total: int, done: int = 0, shown: bool = True) -> None:
+        self.console, self.shown = output_console(), shown  # shown: by one process of several
         self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} examples/s"),
-                            TimeRemainingColumn(), console=self.console, disable=not self.console.is_terminal)
+                            TimeRemainingColumn(), console=self.console,
+                            disable=not (shown and self.console.is_terminal))
         self.task = self.bar.add_task("train", total=total, completed=done, loss=float("nan"), rate=0.0)
         self.examples, self.started = 0, time.time()
 
@@ -37,5 +38,7 @@ class StepProgress:
         self.bar.update(self.task, advance=1, loss=loss, rate=rate)
 
     def log(self, line: str) -> None:
+        if not self.shown:
+            return
         rate = self.examples / max(time.time() - self.started, 1e-9)
         self.console.print(f"{line}  [{rate:.1f} examples/s]", markup=False)
