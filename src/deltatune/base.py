@@ -461,6 +461,7 @@ class DeltaBase(nn.Module):
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors of :meth:`delta_state_dict` themselves (parameters, maybe shards), to load into."""
+        sharding.settle(self.backbone_model)
         tensors = {".".join(filter(None, ("deltas", p, k))): t
                    for p, delta in self.deltas.items() for k, t in delta.state_dict(keep_vars=True).items()}
         backbone = dict(self.backbone_model.named_parameters(remove_duplicate=False))
@@ -478,6 +479,19 @@ class DeltaBase(nn.Module):
             for key, value in own.items():
                 sharding.copy_full(value, tensors[key])
 
+    def backbone_fingerprint(self, keep: bool = False) -> dict[str, Any]:
+        """What a checkpoint records of the backbone (:func:`checkpoint.fingerprint`).  ``keep=True`` takes it now
+        and reuses it while the same parameters are saved with the delta: the backbone is frozen, so it holds
+        while an engine shards it or casts it to bf16 for training."""
+        with_delta = [*self.unfrozen_backbone, *self.backbone_apart]
+        kept = self.__dict__.get("_kept_fingerprint")
+        if kept is not None and not keep and kept[0] == with_delta:
+            return kept[1]
+        taken = checkpoint.fingerprint(self.backbone_model, with_delta)
+        if keep:
+            self.__dict__["_kept_fingerprint"] = (with_delta, taken)
+        return taken
+
     def save_finetuned(self, save_directory: str | os.PathLike) -> Path:
         """Write this delta (and explicitly unfrozen backbone parameters) as a checkpoint folder.
 
@@ -491,7 +505,7 @@ class DeltaBase(nn.Module):
             "config": self.config.to_dict(),
             "positions": self.positions,
             "unfrozen_backbone": [*self.unfrozen_backbone, *self.backbone_apart],
-            "backbone": checkpoint.fingerprint(self.backbone_model, [*self.unfrozen_backbone, *self.backbone_apart]),
+            "backbone": self.backbone_fingerprint(),
         }
         tensors = self.delta_state_dict()
         if not sharding.main_process():

@@ -49,6 +49,7 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
     """Structure: class and every name/shape/dtype.  Weights: a hash of the first 8 values of every parameter,
     enough to tell another checkpoint of the same architecture apart without reading all bytes.  Parameters saved
     with the delta (``saved_with_delta``) are left out of the sample: loading overwrites them."""
+    sharding.settle(model)
     tensors = backbone_tensors(model)
     lines = {k: f"{k}:{list(sharding.full_shape(t))}:{t.dtype}" for k, t in tensors.items()}
     sample = hashlib.sha256()
@@ -243,9 +244,9 @@ def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Ten
     problems += [f"unexpected {k}" for k in loaded if k not in expected]
     problems += [
         f"{k}: checkpoint {list(loaded[k].shape)} {loaded[k].dtype}, delta expects {list(sharding.full_shape(t))} "
-        f"{t.dtype}"
+        f"{sharding.full_dtype(t)}"
         for k, t in expected.items()
-        if k in loaded and (loaded[k].shape != sharding.full_shape(t) or loaded[k].dtype != t.dtype)
+        if k in loaded and (loaded[k].shape != sharding.full_shape(t) or loaded[k].dtype != sharding.full_dtype(t))
     ]
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")

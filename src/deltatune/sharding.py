@@ -83,8 +83,32 @@ def whole_while_building(model: nn.Module) -> Iterator[None]:
             open_gathers.pop().close()
 
 
+def _has_master(tensor: torch.Tensor) -> bool:
+    """A low-precision parameter trained by a DeepSpeed optimizer, which holds its fp32 master copy."""
+    return (tensor.dtype != torch.float32 and getattr(tensor, "requires_grad", False)
+            and (hasattr(tensor, "_hp_mapping") or hasattr(tensor, "_z3_optimizer")))
+
+
+def full_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a checkpoint holds ``tensor`` in: the master copy's, for a DeepSpeed bf16 parameter."""
+    return torch.float32 if _has_master(tensor) else tensor.dtype
+
+
+def settle(model: nn.Module) -> None:
+    """FSDP2 leaves the root's parameters unsharded, in the compute dtype, after a forward without a backward (an
+    evaluation): reshard them, so what is read or loaded is the sharded parameter itself."""
+    for module in model.modules():
+        if type(module).__name__.startswith("FSDP") and hasattr(module, "reshard"):
+            module.reshard()
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of ``tensor``, detached (collective for a shard)."""
+    """The whole value of ``tensor``, detached (collective for a shard); a DeepSpeed bf16 parameter's fp32
+    master copy, which is what the optimizer trains."""
+    if _has_master(tensor):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(tensor).detach().cpu()
     if is_dtensor(tensor):
         return tensor.detach().full_tensor()
     if is_partitioned(tensor):
@@ -94,7 +118,13 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def copy_full(target: torch.Tensor, value: torch.Tensor) -> None:
-    """``target <- value``, where ``value`` is the whole tensor and ``target`` may be a shard of it."""
+    """``target <- value``, where ``value`` is the whole tensor and ``target`` may be a shard of it (or a DeepSpeed
+    bf16 parameter: its master copy is set too)."""
+    if _has_master(target):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(target, value.to(torch.float32))
+        value = value.to(target.dtype)
     if is_dtensor(target):
         from torch.distributed.tensor import distribute_tensor
 

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         return _train(args, arguments, strategy)
     finally:
+        strategy.close()  # the engine's objects go before the process group they use
         world.leave()
 
 

@@ -19,6 +19,7 @@ takes the steps a single process takes on the same global batches.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -60,6 +61,11 @@ class Strategy:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def close(self) -> None:
+        """Drop the engine's objects (a DDP reducer freed after its process group can hang the process)."""
+        self.__dict__ = {"world": self.world, "precision": self.precision}
+        gc.collect()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
@@ -114,10 +120,8 @@ class FSDP(Strategy):
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.precision == "bf16" else MixedPrecisionPolicy()
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mp_policy=policy)
+        for block in _repeated_blocks(model):
+            fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         self._fsdp = model
         return model
@@ -147,6 +151,27 @@ class FSDP(Strategy):
                 if sharding.is_dtensor(param) and value.dim():
                     moments[k] = distribute_tensor(value, param.device_mesh, param.placements)
         super().load_training_state(out, state)
+
+
+def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards apart: the blocks the model names in ``_no_split_modules`` that repeat (its layers).
+    A block met once (BERT's embeddings) stays with the root, where a delta may read it outside its forward (a
+    soft prompt embeds the input itself).  A delta parameter shared by several blocks (Compacter's shared rules)
+    cannot be sharded with one of them: refused."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found: dict[str, list[nn.Module]] = {}
+    for module in model.modules():
+        if type(module).__name__ in names:
+            found.setdefault(type(module).__name__, []).append(module)
+    blocks = [m for group in found.values() if len(group) > 1 for m in group]
+    owner: dict[int, int] = {}
+    for i, block in enumerate(blocks):
+        for name, parameter in block.named_parameters():
+            if owner.setdefault(id(parameter), i) != i:
+                raise ValueError(f"{name} is shared by several {type(block).__name__} blocks, which FSDP2 shards "
+                                 "apart; this delta (shared parameters across layers) trains with --strategy ddp, "
+                                 "deepspeed-zero2 or deepspeed-zero3")
+    return blocks
 
 
 class DeepSpeed(Strategy):

@@ -130,6 +130,7 @@ def peak_memory_mb() -> float:
 def prepare(objective, delta: DeltaBase, task: Task, args: TrainingArguments, strategy: Strategy) -> None:
     """Hand the model and the delta's parameters to the strategy's engine (before any training forward)."""
     total = args.epochs * math.ceil(len(task.train) / args.batch_size)
+    delta.backbone_fingerprint(keep=True)  # as loaded: before the engine shards or casts the backbone
     strategy.prepare(objective.model, delta.trainable_parameters, args.lr, args.weight_decay,
                      lambda optimizer: linear_schedule(optimizer, total, args.warmup_ratio), args.max_grad_norm,
                      args.grad_accum)
