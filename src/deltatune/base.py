@@ -378,12 +378,13 @@ class DeltaBase(nn.Module):
             raise RuntimeError(f"delta {self.name!r} is on a sharded backbone (FSDP2 or ZeRO-3), whose weights no "
                                "process holds whole: merge offline instead (deltatune merge, docs/distributed.md)")
         hosts = self._hosts
-        updates = {p: self.deltas[p].weight_update(host) for p, host in hosts.items()}  # may refuse: nothing done yet
-        merge_safety.check(self, exact, updates)
         with torch.no_grad():
+            # Each update is made twice, once to check (it may refuse: nothing is changed yet) and once to apply,
+            # so no more than one module's update is held at a time: a merge never needs a second copy of the model.
+            merge_safety.check(self, exact, {p: list(self.deltas[p].weight_update(host)) for p, host in hosts.items()})
             for position, host in hosts.items():
                 state = self._merge_state[position] = {}
-                for attr, update in updates[position].items():
+                for attr, update in self.deltas[position].weight_update(host).items():
                     current = getattr(host, attr)
                     if current is None:  # e.g. BitFit on a Linear without bias: the merged bias is new
                         setattr(host, attr, nn.Parameter(update.clone(), requires_grad=False))

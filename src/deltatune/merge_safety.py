@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from .base import DeltaBase
 
 
-def check(delta: DeltaBase, exact: bool, updates: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Raise ``RuntimeError`` (before anything changes) if merging ``delta`` with ``updates`` would be wrong."""
+def check(delta: DeltaBase, exact: bool, updates: dict[str, list[str]]) -> None:
+    """Raise ``RuntimeError`` (before anything changes) if merging ``delta``, which updates the attributes
+    ``updates[position]`` of each host, would be wrong."""
     tied: dict[int, list[str]] = {}
     for key, parameter in delta.backbone_model.named_parameters(remove_duplicate=False):
         tied.setdefault(id(parameter), []).append(key)

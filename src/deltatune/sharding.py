@@ -152,6 +152,15 @@ def any_sharded(model: nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this process holds (its shards, for sharded ones)."""
+    total = 0
+    for p in model.parameters():
+        held = p.to_local() if is_dtensor(p) else p.ds_tensor if is_partitioned(p) else p
+        total += held.numel() * held.element_size()
+    return total
+
+
 def main_process() -> bool:
     """Rank 0 of a process group, or the only process: the one that writes files."""
     import torch.distributed as dist

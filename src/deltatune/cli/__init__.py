@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: ``train``, ``eval``, ``show``, ``select`` and ``serve`` (see docs/cli.md)."""
+"""The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``show``, ``select`` and ``serve`` (see docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import sys
 import transformers
 
 from ..assets import AssetError
-from . import evaluate, select, serve, show, train
+from . import evaluate, merge, select, serve, show, train
 
-COMMANDS = {"train": train, "eval": evaluate, "show": show, "select": select, "serve": serve}
+COMMANDS = {"train": train, "eval": evaluate, "merge": merge, "show": show, "select": select, "serve": serve}
 
 
 class _ShowDefaults(argparse.HelpFormatter):

@@ -122,6 +122,9 @@ def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> 
         "test_majority_accuracy": max(sum(y == i for _, y in task.test) for i in range(len(task.labels)))
         / len(task.test),
         "checkpoint_bytes": sum(f.stat().st_size for f in (args.out / "delta").iterdir())})
+    metrics["peak_memory_mb_per_rank"] = world.gather(metrics["peak_memory_mb"])
+    sharding.settle(objective.model)
+    metrics["parameter_mb_per_rank"] = world.gather(round(sharding.local_bytes(objective.model) / 2**20, 1))
     if world.main:
         report.write_json(args.out / "metrics.json", metrics)
         picture = report.plot(metrics, args.out / "metrics.png")
