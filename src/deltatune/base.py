@@ -104,6 +104,10 @@ class DeltaBase(nn.Module):
 
             port = 0 if interactive_modify is True else int(interactive_modify)
             modified_modules = select_modules(backbone_model, self.delta_type, port=port, **hyperparameters)
+        if any(sharding.is_dtensor(p) for p in backbone_model.parameters()):
+            raise ValueError(f"{type(backbone_model).__name__} is already sharded by FSDP2 (fully_shard), which would "
+                             "leave a new delta's parameters out of its units (unsynchronised across ranks): build the "
+                             "delta first, then call fully_shard")
         object.__setattr__(self, "backbone_model", backbone_model)  # not a submodule: the delta does not own it
         self.config = self.config_class.from_dict(
             {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}

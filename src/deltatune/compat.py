@@ -276,3 +276,11 @@ def auto_class_names(task: str) -> dict[str, str]:
     return dict(getattr(modeling_auto, {
         "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
         "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}[task]))
+
+
+def zero3_loading(deepspeed_config: dict[str, Any]) -> object:
+    """The object whose life makes ``from_pretrained`` partition weights as it creates them (ZeRO-3): transformers
+    keeps a weak reference to it, so the caller keeps it alive while loading."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(deepspeed_config)

@@ -8,6 +8,7 @@ import pytest
 
 from deltatune.cli import main
 from deltatune.distributed import World, make_strategy
+from deltatune.distributed.accelerate_config import requested
 from deltatune.training.loop import split
 
 
@@ -58,3 +59,18 @@ def test_accumulated_micro_batches_take_the_steps_of_whole_batches(tiny_backbone
 def test_grad_accum_must_be_positive(minilm_path, tmp_path, capsys):
     assert main(["train", "--backbone", str(minilm_path), "--grad-accum", "0", "--out", str(tmp_path)]) == 2
     assert "grad_accum must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_an_accelerate_config_chooses_the_engine_and_what_it_cannot_run_is_named():
+    assert requested({}) == {}
+    assert requested({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}) == \
+        {"strategy": "fsdp", "precision": "bf16"}
+    assert requested({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                      "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}) == \
+        {"strategy": "deepspeed-zero3", "deepspeed_config": "ds.json"}
+    with pytest.raises(ValueError, match="FSDP version 1; deltatune trains with FSDP2"):
+        requested({"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ValueError, match="ZeRO stage 1; deltatune runs stages 2 and 3"):
+        requested({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+    with pytest.raises(ValueError, match="fp16 mixed precision; deltatune trains in fp32 or bf16"):
+        requested({"ACCELERATE_MIXED_PRECISION": "fp16"})

@@ -74,7 +74,9 @@ def reference(tiny_backbone, tmp_path_factory):
     return single(tiny_backbone, tmp_path_factory.mktemp("single") / "run")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"])
+# ZeRO-3 partitions the backbone while transformers loads it (HfDeepSpeedConfig): checked across its range too.
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed-zero2",
+                                      pytest.param("deepspeed-zero3", marks=pytest.mark.compat)])
 def test_two_processes_train_what_one_trains(strategy, tiny_backbone, reference, tmp_path):
     extra = ["--grad-accum", "2"]  # two micro-batches per rank and step: the same global batch
     if strategy == "deepspeed-zero3":
@@ -228,3 +230,34 @@ def test_ddp_on_minilm_trains_what_one_process_trains(minilm_path, tmp_path):
     a, b = (load_file(tmp_path / n / "delta" / "delta_model.safetensors") for n in ("single", "ddp"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_accelerate_launch_with_an_fsdp_config_trains_with_fsdp2(tiny_backbone, reference, tmp_path):
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n"
+                      "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "deltatune",
+               "train", "--backbone", str(tiny_backbone), *RUN, "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "fsdp on 2 processes" in done.stdout
+    assert json.loads((tmp_path / "run" / "training.json").read_text())["strategy"] == "fsdp"
+    assert_same_run(reference, tmp_path / "run")
+
+
+def test_a_delta_built_on_an_already_sharded_backbone_is_refused(tiny_backbone, tmp_path):
+    """FSDP2 takes the parameters it shards when fully_shard runs: a delta built later would train unsynchronised."""
+    script = tmp_path / "after.py"
+    script.write_text(
+        "import sys, torch.distributed as dist, transformers, deltatune\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "dist.init_process_group('gloo')\n"
+        f"model = transformers.AutoModelForSequenceClassification.from_pretrained({str(tiny_backbone)!r})\n"
+        "fully_shard(model)\n"
+        "try:\n    deltatune.LoraModel(model)\nexcept ValueError as error:\n    print('refused:', error)\n"
+        "dist.destroy_process_group()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                           str(script)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert "refused: FSDPBertForSequenceClassification is already sharded by FSDP2 (fully_shard)" in done.stdout
+    assert "build the delta first, then call fully_shard" in done.stdout

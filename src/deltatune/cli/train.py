@@ -16,7 +16,7 @@ import torch
 from .. import sharding
 from ..auto import DELTA_TYPES
 from ..checkpoint import read_tensors
-from ..distributed import STRATEGIES, World, make_strategy
+from ..distributed import STRATEGIES, World, accelerate_config, make_strategy
 from ..training import loop, report
 from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
@@ -50,10 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/train"), help="the run folder")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     parser.add_argument("--strategy", choices=list(STRATEGIES), default=None,
-                        help="the engine under torchrun / accelerate launch (default: single for one process, "
-                             "ddp for several)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: mixed precision (autocast; FSDP2's and DeepSpeed's own bf16 modes)")
+                        help="the engine under torchrun / accelerate launch (default: the accelerate launch "
+                             "config's, else single for one process and ddp for several)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="bf16: mixed precision (autocast; FSDP2's and DeepSpeed's own bf16 modes); default: "
+                             "the accelerate launch config's, else fp32")
     parser.add_argument("--deepspeed-config", type=Path, help="a DeepSpeed JSON config to add settings from")
 
 
@@ -70,8 +71,10 @@ def run(args: argparse.Namespace) -> dict:
                                   warmup_ratio=args.warmup_ratio, patience=args.patience, seed=args.seed,
                                   save_steps=args.save_steps, grad_accum=args.grad_accum)
     world = World.from_environment()
-    strategy = make_strategy(args.strategy or ("ddp" if world.distributed else "single"), world, args.precision,
-                             args.deepspeed_config)
+    launcher = accelerate_config.requested()  # what an accelerate launch config asks for; the options win
+    strategy = make_strategy(args.strategy or launcher.get("strategy") or ("ddp" if world.distributed else "single"),
+                             world, args.precision or launcher.get("precision", "fp32"),
+                             args.deepspeed_config or launcher.get("deepspeed_config"))
     world.join()
     try:
         return _train(args, arguments, strategy)
@@ -90,7 +93,7 @@ def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> 
               "delta": args.delta, "delta_config": delta_options(args.delta_config), "max_length": args.max_length,
               "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
               "arguments": dataclasses.asdict(arguments), "strategy": strategy.name, "processes": world.size,
-              "precision": args.precision}
+              "precision": strategy.precision}
     # Only the method's declared hyper-parameters, checked before anything loads (not attach=, name=, ...).
     DELTA_TYPES[args.delta].config_class.from_dict(record["delta_config"])
     _check_out_folder(args.out, record, args.resume)

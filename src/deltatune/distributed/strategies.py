@@ -33,6 +33,7 @@ from torch import nn
 from .. import sharding
 from .world import World
 
+EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
 ENGINE_FOLDER = "last.deepspeed"  # DeepSpeed's own checkpoint of a run's optimizer, beside last.pt
 Schedule = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
@@ -126,6 +127,17 @@ class FSDP(Strategy):
         self._fsdp = model
         return model
 
+    @contextlib.contextmanager
+    def loading(self):
+        """Every rank loads the weights: under an accelerate FSDP config transformers would leave them on the meta
+        device outside rank 0 (its "CPU-RAM-efficient loading", which expects accelerate's own wrapping)."""
+        before = os.environ.get(EFFICIENT_LOADING)
+        os.environ[EFFICIENT_LOADING] = "false"
+        try:
+            yield
+        finally:
+            os.environ.pop(EFFICIENT_LOADING) if before is None else os.environ.update({EFFICIENT_LOADING: before})
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # FSDP2 casts the gathered parameters itself (MixedPrecisionPolicy)
 
@@ -207,10 +219,9 @@ class DeepSpeed(Strategy):
     def loading(self) -> contextlib.AbstractContextManager:
         if self.stage != 3:
             return contextlib.nullcontext()
-        from transformers.integrations import HfDeepSpeedConfig
+        from .. import compat
 
-        # transformers partitions the weights at construction while this object is alive (it keeps a weak ref)
-        self._hf_config = HfDeepSpeedConfig(self.config)
+        self._hf_config = compat.zero3_loading(self.config)  # kept alive: the backbone loads partitioned
         return contextlib.nullcontext()
 
     def prepare(self, model: nn.Module, trainable: Callable[[], list[nn.Parameter]], lr: float, weight_decay: float,
