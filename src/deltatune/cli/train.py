@@ -102,6 +102,7 @@ def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> 
     torch.manual_seed(args.seed)  # the new head and the delta start the same way for a seed
     with strategy.loading():
         objective = make_objective(args.objective, args.backbone, task, args.max_length)
+    strategy.place(objective.model)
     delta = DELTA_TYPES[args.delta](objective.model, **record["delta_config"])
     delta.freeze_module(exclude=["deltas", *objective.head])
     record.update(labels=task.labels, backbone_options=objective.backbone_options, head=objective.head)

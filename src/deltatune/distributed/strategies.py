@@ -42,7 +42,6 @@ class Strategy:
     """One process: the plain loop."""
 
     name = "single"
-    shards_parameters = False
 
     def __init__(self, world: World, precision: str = "fp32", deepspeed_config: dict | None = None) -> None:
         self.world, self.precision = world, precision
@@ -51,6 +50,10 @@ class Strategy:
     def loading(self) -> contextlib.AbstractContextManager:
         """The context the backbone is loaded in."""
         return contextlib.nullcontext()
+
+    def place(self, model: nn.Module) -> None:
+        """Move the loaded backbone to this rank's device (before the delta is built on it)."""
+        model.to(self.world.device)
 
     def prepare(self, model: nn.Module, trainable: Callable[[], list[nn.Parameter]], lr: float, weight_decay: float,
                 schedule: Schedule, max_grad_norm: float, accumulation: int) -> None:
@@ -114,7 +117,6 @@ class DDP(Strategy):
 
 class FSDP(Strategy):
     name = "fsdp"
-    shards_parameters = True
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -198,10 +200,6 @@ class DeepSpeed(Strategy):
         self.config = self._config(accumulation=1, max_grad_norm=1.0)
         self._hf_config = None
 
-    @property
-    def shards_parameters(self) -> bool:
-        return self.stage == 3
-
     def _config(self, accumulation: int, max_grad_norm: float) -> dict[str, Any]:
         ours = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": accumulation,
                 "gradient_clipping": max_grad_norm, "bf16": {"enabled": self.precision == "bf16"},
@@ -235,6 +233,9 @@ class DeepSpeed(Strategy):
         optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
         self.model, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.config)
+
+    def place(self, model: nn.Module) -> None:
+        pass  # deepspeed.initialize places the model (and ZeRO-3 partitions it on the device as it loads)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine runs the model in bf16 itself

@@ -37,6 +37,11 @@ class World:
         return self.size > 1
 
     @property
+    def device(self) -> torch.device:
+        """This rank's GPU (by ``LOCAL_RANK``) when there are GPUs, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    @property
     def main(self) -> bool:
         return self.rank == 0
 
@@ -47,7 +52,7 @@ class World:
         seconds = timeout_seconds or float(os.environ.get("DELTATUNE_DIST_TIMEOUT", DEFAULT_TIMEOUT_SECONDS))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(self.local_rank)
+            torch.cuda.set_device(self.device)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
 
     def barrier(self) -> None:

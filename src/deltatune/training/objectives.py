@@ -34,10 +34,11 @@ class Classify:
 
     def _encode(self, rows: Rows):
         return self.tokenizer([text for text, _ in rows], padding=True, truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
+                              max_length=self.max_length, return_tensors="pt").to(_device(self.model))
 
     def loss(self, rows: Rows) -> torch.Tensor:
-        return self.trained(**self._encode(rows), labels=torch.tensor([label for _, label in rows])).loss
+        labels = torch.tensor([label for _, label in rows], device=_device(self.model))
+        return self.trained(**self._encode(rows), labels=labels).loss
 
     def weight(self, rows: Rows) -> int:
         """How many terms the loss of ``rows`` averages: one per row."""
@@ -83,7 +84,8 @@ class LabelWords:
             row = torch.tensor(prompt + word)
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
             labels[i, len(prompt): len(row)] = torch.tensor(word)
-        return ids, mask, labels, torch.tensor(prompt_ends)
+        device = _device(self.model)
+        return ids.to(device), mask.to(device), labels.to(device), torch.tensor(prompt_ends)
 
     def loss(self, rows: Rows) -> torch.Tensor:
         ids, mask, labels, _ = self._batch(rows, [self.words[label] for _, label in rows])
@@ -122,6 +124,11 @@ def _check_causal(model: nn.Module, backbone: str) -> None:
 
 
 OBJECTIVES = {"classify": Classify, "label-words": LabelWords}
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its first parameter's device (each rank's GPU, or the CPU)."""
+    return next(model.parameters()).device
 
 
 def _tokenizer(backbone: str):
