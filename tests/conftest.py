@@ -168,3 +168,16 @@ def tiny_backbone(tmp_path_factory, minilm_path):
     tf.BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory, smollm2_path):
+    """A 2-layer LLaMA (grouped-query attention, tied embeddings) with SmolLM2's tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_path)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -113,7 +113,7 @@ class DeltaBase(nn.Module):
             {"modified_modules": modified_modules, "exclude_modules": list(exclude_modules or []), **hyperparameters}
         )
         self.default_positions_of: str | None = None  # the family whose common names chose the positions
-        with sharding.whole_while_building(backbone_model):
+        with sharding.each_module_whole(backbone_model):
             self._find_and_build(backbone_model, positions, pseudo_input, allow_larger_than_backbone)
         self.order = next(_creation)
         if name is not None and name in live.names_on(backbone_model):

@@ -56,9 +56,10 @@ def gathered(tensors: Iterable[torch.Tensor], modifier_rank: int | None = None) 
 
 
 @contextlib.contextmanager
-def whole_while_building(model: nn.Module) -> Iterator[None]:
-    """While a delta is built on a ZeRO-3 partitioned backbone: each module's own parameters are gathered while it
-    runs (the probe pass) and released after it, so no rank ever holds more than one module's whole weights."""
+def each_module_whole(model: nn.Module) -> Iterator[None]:
+    """For a pass over a ZeRO-3 partitioned model outside its engine (building a delta, checking the model): each
+    module's own parameters are gathered while it runs and released after it, so no rank holds more than one
+    module's whole weights."""
     if not any(is_partitioned(p) for p in model.parameters()):
         yield
         return

@@ -1,7 +1,7 @@
 """`deltatune train` on two processes (torchrun, gloo) with each engine, against one process on the same global
 batches: the loss curve, the saved delta and its merge must agree; a killed run resumes; a killed rank is an error.
 
-Tolerances: step losses within 1e-6 (float32 reductions in another order), saved tensors within 2e-5 (ten AdamW
+Tolerances: step losses within 1e-6, relative to losses above 1 (float32 reductions in another order), saved tensors within 2e-5 (ten AdamW
 steps at lr 1e-2 amplify the rounding differences of sharded reductions; observed up to 8e-6 with ZeRO-3).
 """
 
@@ -60,7 +60,7 @@ def distributed(backbone: Path, out: Path, strategy: str, *extra: str) -> Path:
 def assert_same_run(reference: Path, other: Path, tensors_within: float = 2e-5, steps: int = 10) -> None:
     ours, theirs = (json.loads((f / "metrics.json").read_text()) for f in (reference, other))
     assert len(ours["step_losses"]) == len(theirs["step_losses"]) == steps
-    assert max(abs(a - b) for a, b in zip(ours["step_losses"], theirs["step_losses"])) < 1e-6
+    assert max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(ours["step_losses"], theirs["step_losses"])) < 1e-6
     assert ours["best_epoch"] == theirs["best_epoch"] and ours["test"] == theirs["test"]
     a, b = (load_file(f / "delta" / "delta_model.safetensors") for f in (reference, other))
     assert a.keys() == b.keys()
@@ -261,3 +261,14 @@ def test_a_delta_built_on_an_already_sharded_backbone_is_refused(tiny_backbone, 
                            str(script)], capture_output=True, text=True, timeout=TIMEOUT)
     assert "refused: FSDPBertForSequenceClassification is already sharded by FSDP2 (fully_shard)" in done.stdout
     assert "build the delta first, then call fully_shard" in done.stdout
+
+
+def test_zero3_trains_a_decoder_writing_label_words(tiny_decoder, tmp_path):
+    """A causal LM (GQA, tied embeddings) on a fully partitioned ZeRO-3 backbone: the objective's own check that the
+    model is causal runs a forward pass on the partitioned weights too."""
+    (tmp_path / "ds.json").write_text(json.dumps(FULLY_PARTITIONED))
+    options = ["--objective", "label-words", "--task", "sms_spam", "--max-length", "32"]
+    reference = single(tiny_decoder, tmp_path / "single", *options)
+    out = distributed(tiny_decoder, tmp_path / "zero3", "deepspeed-zero3", *options,
+                      "--deepspeed-config", str(tmp_path / "ds.json"))
+    assert_same_run(reference, out)

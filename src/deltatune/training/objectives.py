@@ -12,6 +12,7 @@ import torch
 import transformers
 from torch import nn
 
+from .. import sharding
 from ..loading import load_backbone, tokenizer_path
 from .data import Rows, Task
 
@@ -116,7 +117,7 @@ def _check_causal(model: nn.Module, backbone: str) -> None:
     """Writing label words only teaches a model whose tokens cannot see later ones: an encoder loaded as a language
     model (BertLMHeadModel) would read the answer it is asked to write.  Checked by behaviour: change the last
     token and see whether the first position's output moves."""
-    with torch.no_grad():  # one row per call: the same kernels, so a causal model gives equal numbers
+    with torch.no_grad(), sharding.each_module_whole(model):  # one row per call: equal kernels, equal numbers
         first, second = (model(input_ids=torch.tensor([[5, 6, 7, last]])).logits[0, 0] for last in (8, 9))
     if not torch.equal(first, second):
         raise ValueError(f"--objective label-words needs a causal language model; {backbone} "
