@@ -127,6 +127,31 @@ def test_generation_of_a_mixed_left_padded_batch_equals_each_row_alone(delta_typ
         assert torch.equal(mixed[b, ids.shape[1]:ids.shape[1] + len(new)], new), (b, name)
 
 
+@pytest.mark.parametrize("delta_type", ["lora", "soft_prompt", "prefix"])
+def test_beam_search_of_a_mixed_batch_equals_each_row_alone(delta_type):
+    """generate(num_beams=k) runs each row as k consecutive rows: route(names, repeat=k) names them."""
+    model = tiny_model("llama")
+    deltas = build_deltas(model, "llama", delta_type)
+    ids = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(5))
+    options = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": 3,
+               "num_return_sequences": 3}
+    rows = ["a", None, "b"]
+    bank = DeltaBank(model, deltas)
+    with pytest.raises(ValueError, match=r"route\(names, repeat=k\)"), bank.route(rows):
+        model.generate(input_ids=ids, **options)
+    with bank.route(rows, repeat=3):
+        mixed = model.generate(input_ids=ids, **options)
+    for b, name in enumerate(rows):
+        if name is not None:
+            deltas[name].attach()
+        single = model.generate(input_ids=ids[b:b + 1], **options)
+        if name is not None:
+            deltas[name].detach()
+        assert torch.equal(mixed[3 * b:3 * b + 3, :single.shape[1]], single), (b, name)
+    with pytest.raises(ValueError, match="repeat must be a positive integer"), bank.route(rows, repeat=0):
+        pass
+
+
 def test_dora_sliced_and_embedding_lora_rows():
     model = tiny_model("gpt2")
     deltas = {n: LoraModel(model, ["c_attn"], qkv_slices=["q", "v"], use_dora=True, attach=False, name=n)

@@ -121,10 +121,15 @@ class DeltaBank:
 
     # ------------------------------------------------------------------------------------------------ route
     @contextmanager
-    def route(self, names: Sequence[str | None]) -> Iterator[None]:
-        """Run row ``b`` of the batches inside this context with delta ``names[b]`` (None: the bare backbone)."""
+    def route(self, names: Sequence[str | None], repeat: int = 1) -> Iterator[None]:
+        """Run row ``b`` of the batches inside this context with delta ``names[b]`` (None: the bare backbone).
+        ``repeat``: rows per name, for ``generate()`` with ``num_beams`` (or ``num_return_sequences``) ``= repeat``,
+        which runs each input row as that many consecutive rows."""
         if isinstance(names, str) or not isinstance(names, Sequence) or not len(names):
             raise TypeError(f"route() takes a non-empty list with one delta name (or None) per row, not {names!r}")
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat must be a positive integer (num_beams), got {repeat!r}")
+        names = [name for name in names for _ in range(repeat)]
         for name in names:
             if name is not None:
                 self._known(name)

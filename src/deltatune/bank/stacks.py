@@ -92,8 +92,8 @@ class Stack(nn.Module):
         if t.shape[0] != len(self.index):
             raise ValueError(f"route() named {len(self.index)} rows, but a module of the model got a batch of "
                              f"{t.shape[0]} (shape {tuple(t.shape)}); mixed batches need the batch on the first "
-                             "axis and one name per row (generate() with num_beams or num_return_sequences > 1 "
-                             "multiplies the rows)")
+                             "axis and one name per row (generate() with num_beams or num_return_sequences k > 1 "
+                             "multiplies the rows: route(names, repeat=k))")
         return self.index
 
 
