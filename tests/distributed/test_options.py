@@ -35,6 +35,11 @@ def test_a_deepspeed_config_may_add_settings_but_not_contradict_the_command_line
     path.write_text(json.dumps({"gradient_clipping": 5.0}))
     with pytest.raises(ValueError, match=r"sets gradient_clipping=5.0, but this run uses 1.0"):
         make_strategy("deepspeed-zero2", World(), deepspeed_config=path)
+    path.write_text(json.dumps({"gradient_accumulation_steps": 4}))  # agrees with the run: accepted
+    assert make_strategy("deepspeed-zero2", World(), deepspeed_config=path, accumulation=4).config[
+        "gradient_accumulation_steps"] == 4
+    with pytest.raises(ValueError, match=r"sets gradient_accumulation_steps=4, but this run uses 2 \(from --grad-acc"):
+        make_strategy("deepspeed-zero2", World(), deepspeed_config=path, accumulation=2)
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="asks for ZeRO stage 3, --strategy for 2"):
         make_strategy("deepspeed-zero2", World(), deepspeed_config=path)

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> dict:
     launcher = accelerate_config.requested()  # what an accelerate launch config asks for; the options win
     strategy = make_strategy(args.strategy or launcher.get("strategy") or ("ddp" if world.distributed else "single"),
                              world, args.precision or launcher.get("precision", "fp32"),
-                             args.deepspeed_config or launcher.get("deepspeed_config"))
+                             args.deepspeed_config or launcher.get("deepspeed_config"), arguments.grad_accum,
+                             arguments.max_grad_norm)
     world.join()
     try:
         return _train(args, arguments, strategy)

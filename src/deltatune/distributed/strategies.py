@@ -43,7 +43,8 @@ class Strategy:
 
     name = "single"
 
-    def __init__(self, world: World, precision: str = "fp32", deepspeed_config: dict | None = None) -> None:
+    def __init__(self, world: World, precision: str = "fp32", deepspeed_config: dict | None = None,
+                 accumulation: int = 1, max_grad_norm: float = 1.0) -> None:
         self.world, self.precision = world, precision
         self.model: nn.Module | None = None  # what the training forward calls (a wrapper, for some engines)
 
@@ -194,10 +195,11 @@ class DeepSpeed(Strategy):
 
     stage = 2
 
-    def __init__(self, world: World, precision: str = "fp32", deepspeed_config: dict | None = None) -> None:
+    def __init__(self, world: World, precision: str = "fp32", deepspeed_config: dict | None = None,
+                 accumulation: int = 1, max_grad_norm: float = 1.0) -> None:
         super().__init__(world, precision)
         self.user_config = dict(deepspeed_config or {})
-        self.config = self._config(accumulation=1, max_grad_norm=1.0)
+        self.config = self._config(accumulation, max_grad_norm)  # checked before anything loads
         self._hf_config = None
 
     def _config(self, accumulation: int, max_grad_norm: float) -> dict[str, Any]:
@@ -208,7 +210,8 @@ class DeepSpeed(Strategy):
         for key, value in ours.items():
             if key in user and user[key] != value:
                 raise ValueError(f"the DeepSpeed config sets {key}={user[key]!r}, but this run uses {value!r} "
-                                 "(from --grad-accum, --max-grad-norm or --precision); leave it out of the file")
+                                 "(from --grad-accum, --precision or the loop's gradient clipping); leave it out "
+                                 "of the file")
         zero = {**user.get("zero_optimization", {})}
         if zero.get("stage", self.stage) != self.stage:
             raise ValueError(f"the DeepSpeed config asks for ZeRO stage {zero['stage']}, --strategy for {self.stage}")
@@ -298,8 +301,10 @@ class DeepSpeedZero3(DeepSpeed):
 STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, DDP, FSDP, DeepSpeedZero2, DeepSpeedZero3)}
 
 
-def make_strategy(name: str, world: World, precision: str = "fp32",
-                  deepspeed_config: str | Path | None = None) -> Strategy:
+def make_strategy(name: str, world: World, precision: str = "fp32", deepspeed_config: str | Path | None = None,
+                  accumulation: int = 1, max_grad_norm: float = 1.0) -> Strategy:
+    """The strategy ``name``; ``accumulation`` and ``max_grad_norm`` as the run will use them (a DeepSpeed config
+    that contradicts them is refused here, before anything loads)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     if name == "single" and world.distributed:
@@ -314,7 +319,7 @@ def make_strategy(name: str, world: World, precision: str = "fp32",
         config = _read_json(Path(deepspeed_config))
     if name.startswith("deepspeed"):
         _check_deepspeed()
-    return STRATEGIES[name](world, precision, config)
+    return STRATEGIES[name](world, precision, config, accumulation, max_grad_norm)
 
 
 def _read_json(path: Path) -> dict:
