@@ -1,4 +1,5 @@
-"""The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``show``, ``select`` and ``serve`` (see docs/cli.md)."""
+"""The ``deltatune`` command: ``train``, ``eval``, ``merge``, ``show``, ``select``, ``serve`` and ``study``
+(see docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import sys
 import transformers
 
 from ..assets import AssetError
-from . import evaluate, merge, select, serve, show, train
+from . import evaluate, merge, select, serve, show, study, train
 
-COMMANDS = {"train": train, "eval": evaluate, "merge": merge, "show": show, "select": select, "serve": serve}
+COMMANDS = {"train": train, "eval": evaluate, "merge": merge, "show": show, "select": select, "serve": serve,
+            "study": study}
 
 
 class _ShowDefaults(argparse.HelpFormatter):

@@ -1,0 +1,99 @@
+"""Compare fine-tuning and delta-tuning methods on tasks, as the Delta Tuning survey does, and write a report.
+
+Every task × method × learning rate × seed cell trains from a freshly loaded backbone; finished cells are kept in
+--out, so a killed study continues with the same command, and adding tasks or methods reuses what is there.  The
+folder receives results.json, report.md, report.html and PNG figures (docs/study.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..auto import DELTA_TYPES
+from ..study.protocol import BUDGETS, parse_method
+from ..study.runner import MEMORY_BATCHES, Study, run_study
+from ..training.objectives import OBJECTIVES
+from ..training.tasks import TASKS
+from .options import check_counts, json_object
+
+DEFAULT_METHODS = "ft,lora,adapter,bitfit,prefix,soft_prompt"
+DEFAULT_TASKS = "rotten_tomatoes,sms_spam,trec"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="minilm-l6", help="asset name, local folder or hub id")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated built-in tasks: {', '.join(TASKS)}")
+    parser.add_argument("--methods", default=DEFAULT_METHODS,
+                        help="comma-separated: ft (full fine-tuning), none (the head alone), delta types, or delta "
+                             "types joined by +")
+    parser.add_argument("--budget", choices=list(BUDGETS), default="quick",
+                        help="quick: 2,000 examples, 3 epochs, default rates, 1 seed; full: all data, rate grid, "
+                             "3 seeds")
+    parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="classify",
+                        help="classify with a new head, or (decoders) write label words")
+    parser.add_argument("--combinations", action="store_true",
+                        help="also every subset of soft_prompt, bitfit and adapter, on every task")
+    parser.add_argument("--memory-batches", default=",".join(map(str, MEMORY_BATCHES)),
+                        help="batch sizes at which to measure the peak memory of a training step; 'none' skips it")
+    parser.add_argument("--delta-config", default="{}", metavar="JSON",
+                        help='options per delta type, e.g. \'{"soft_prompt": {"soft_token_num": 20}}\'')
+    parser.add_argument("--seeds", help="comma-separated seeds (overrides the budget's)")
+    parser.add_argument("--epochs", type=int, help="overrides the budget's")
+    parser.add_argument("--max-train-examples", type=int, help="overrides the budget's")
+    parser.add_argument("--max-eval-examples", type=int, help="validation and test each; overrides the budget's")
+    parser.add_argument("--batch-size", type=int, help="overrides the budget's (32)")
+    parser.add_argument("--max-length", type=int, help="tokens per example; overrides the budget's (64)")
+    parser.add_argument("--out", type=Path, help="the study folder (default: out/study-BACKBONE-BUDGET)")
+
+
+def _names(text: str, option: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"{option} names nothing")
+    return list(dict.fromkeys(names))
+
+
+def _integers(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in _names(text, option))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+def make_study(args: argparse.Namespace) -> Study:
+    check_counts(epochs=args.epochs, max_train_examples=args.max_train_examples,
+                 max_eval_examples=args.max_eval_examples, batch_size=args.batch_size, max_length=args.max_length)
+    tasks = _names(args.tasks, "--tasks")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; built-in tasks: {', '.join(TASKS)}")
+    methods = [parse_method(name) for name in _names(args.methods, "--methods")]
+    seeds = _integers(args.seeds, "--seeds") if args.seeds else None
+    batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches")
+    if any(b < 1 for b in batches):
+        raise ValueError(f"--memory-batches must be at least 1 each, got {args.memory_batches}")
+    budget = BUDGETS[args.budget].with_overrides(
+        seeds=seeds, epochs=args.epochs, train_examples=args.max_train_examples,
+        eval_examples=args.max_eval_examples, batch_size=args.batch_size, max_length=args.max_length)
+    configs = json_object(args.delta_config, "--delta-config")
+    for part, options in configs.items():
+        _check_options(part, options)
+    name = Path(args.backbone).name or args.backbone
+    return Study(args.backbone, tasks, methods, budget, args.out or Path(f"out/study-{name}-{args.budget}"),
+                 args.objective, args.combinations, batches, configs,
+                 shlex.join(["deltatune", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else "")
+
+
+def _check_options(part: str, options) -> None:
+    """Unknown or out-of-range options fail before any cell runs."""
+    if part not in DELTA_TYPES or not isinstance(options, dict):
+        raise ValueError(f"--delta-config maps delta types ({', '.join(sorted(DELTA_TYPES))}) to objects of "
+                         f"options; got {part!r}: {options!r}")
+    DELTA_TYPES[part].config_class.from_dict(options)
+
+
+def run(args: argparse.Namespace) -> dict:
+    return run_study(make_study(args))

@@ -1,0 +1,132 @@
+"""What a study runs: methods (with their learning-rate grids) and budgets (how much data, how long, how many seeds).
+
+A method is full fine-tuning (``ft``), one delta type, or a combination of them joined by ``+``
+(``soft_prompt+bitfit``); ``none`` trains only the new classification head (and with the label-words objective,
+which has no head, evaluates the model as loaded: zero-shot).  Each delta type trains at its
+own learning rate, the head beside it at ``HEAD_LR``; a combination's grid point is a factor on every part's
+default rate.  The grids follow the survey's protocol (a few rates around each
+method's usual one, chosen by validation accuracy); prompts need rates about 30× those of weight deltas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..auto import DELTA_TYPES
+
+FULL_FINE_TUNING = "ft"
+NO_DELTA = "none"  # no delta: the new classification head alone, or (label words) the model as loaded
+HEAD = "head"  # the key of the head's rate in Method.rates
+HEAD_LR = 1e-3  # the new classification head beside any delta (full fine-tuning trains it at its own rate)
+
+# The grid per method; the middle rate is the one a quick study uses.
+LR_GRIDS: dict[str, tuple[float, ...]] = {
+    FULL_FINE_TUNING: (2e-5, 5e-5, 1e-4),
+    NO_DELTA: (3e-4, 1e-3, 3e-3),
+    "lora": (3e-4, 1e-3, 3e-3),
+    "adapter": (3e-4, 1e-3, 3e-3),
+    "low_rank_adapter": (3e-4, 1e-3, 3e-3),
+    "parallel_adapter": (3e-4, 1e-3, 3e-3),
+    "compacter": (1e-3, 3e-3, 1e-2),
+    "bitfit": (1e-3, 3e-3, 1e-2),
+    "ia3": (1e-3, 3e-3, 1e-2),
+    "prefix": (1e-3, 3e-3, 1e-2),
+    "soft_prompt": (1e-2, 3e-2, 1e-1),
+}
+COMBINED = ("soft_prompt", "bitfit", "adapter")  # the survey's combination study (its Tables 5 and 6)
+
+
+@dataclass(frozen=True)
+class Method:
+    """``parts``: the delta types trained together (none for full fine-tuning and for ``none``)."""
+
+    name: str
+    parts: tuple[str, ...]
+
+    @property
+    def full(self) -> bool:
+        return self.name == FULL_FINE_TUNING
+
+    @property
+    def combined(self) -> bool:
+        return len(self.parts) > 1
+
+    @property
+    def grid(self) -> tuple[float, ...]:
+        """Learning rates to try; for a combination, factors on every part's default rate."""
+        return (1 / 3, 1.0, 3.0) if self.combined else LR_GRIDS[self.name]
+
+    @property
+    def default_lr(self) -> float:
+        return self.grid[len(self.grid) // 2]
+
+    def rates(self, lr: float) -> dict[str, float]:
+        """The learning rate of each part and of the head for the grid point ``lr``."""
+        if self.full:
+            return {FULL_FINE_TUNING: lr}
+        if not self.parts:
+            return {HEAD: lr}
+        if not self.combined:
+            return {self.name: lr, HEAD: HEAD_LR}
+        return {**{part: LR_GRIDS[part][1] * lr for part in self.parts}, HEAD: HEAD_LR}
+
+
+def parse_method(name: str) -> Method:
+    if name in (FULL_FINE_TUNING, NO_DELTA):
+        return Method(name, ())
+    parts = tuple(name.split("+"))
+    unknown = [p for p in parts if p not in DELTA_TYPES]
+    if unknown or len(set(parts)) < len(parts):
+        raise ValueError(f"unknown or repeated method {name!r}; methods: {FULL_FINE_TUNING}, {NO_DELTA}, "
+                         f"{', '.join(sorted(DELTA_TYPES))}, or delta types joined by '+'")
+    missing = [p for p in parts if p not in LR_GRIDS]
+    if missing:
+        raise ValueError(f"no learning-rate grid for {', '.join(missing)}; known: {', '.join(sorted(LR_GRIDS))}")
+    return Method(name, parts)
+
+
+def combinations() -> list[Method]:
+    """The 8 subsets of soft prompt, BitFit and adapter, the empty one (``none``) first."""
+    subsets = [tuple(p for i, p in enumerate(COMBINED) if mask >> i & 1) for mask in range(8)]
+    return [parse_method("+".join(s) or NO_DELTA) for s in sorted(subsets, key=len)]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each cell trains.  ``None`` counts mean the whole split."""
+
+    name: str
+    train_examples: int | None
+    eval_examples: int | None  # validation and test each
+    epochs: int
+    evaluations_per_epoch: int  # validation points (the convergence curve; early stopping counts them)
+    patience: int  # evaluations without a better validation accuracy before a cell stops
+    seeds: tuple[int, ...]
+    grid: bool  # every rate of each method's grid, or only its default
+    batch_size: int = 32
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "evaluations_per_epoch", "patience", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"the budget's {name} must be at least 1, got {getattr(self, name)}")
+        for name in ("train_examples", "eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"the budget's {name} must be at least 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("a budget needs at least one seed")
+
+    def rates(self, method: Method) -> tuple[float, ...]:
+        return method.grid if self.grid else (method.default_lr,)
+
+    def with_overrides(self, **values) -> Budget:
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+BUDGETS = {
+    # Minutes: 2,000 training examples for 3 epochs, the default rate, one seed.
+    "quick": Budget("quick", 2000, 500, 3, 2, 3, (0,), False),
+    # The survey's protocol: every training example, the rate grid, three seeds.
+    "full": Budget("full", None, None, 5, 2, 4, (0, 1, 2), True),
+}

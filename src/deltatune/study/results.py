@@ -1,0 +1,80 @@
+"""From cell records to the study's results: model selection over the rate grid, mean ± std over seeds.
+
+For each task, method and seed the rate with the best validation accuracy is chosen (the earliest in the grid on
+a tie) and its test accuracy counts; the table reports the mean and the standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .protocol import COMBINED, FULL_FINE_TUNING, combinations
+
+
+def _chosen(records: list[dict[str, Any]], seeds) -> list[dict[str, Any]]:
+    """The selected record per seed (records in grid order)."""
+    return [max((r for r in records if r["seed"] == seed), key=lambda r: r["validation_accuracy"]) for seed in seeds
+            if any(r["seed"] == seed for r in records)]
+
+
+def _entry(records: list[dict[str, Any]], seeds) -> dict[str, Any]:
+    chosen = _chosen(records, seeds)
+    tests = [r["test_accuracy"] for r in chosen]
+    return {"test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+            "validation_mean": statistics.fmean(r["validation_accuracy"] for r in chosen),
+            "test_f1_mean": statistics.fmean(r["test_f1"] for r in chosen), "seeds": len(chosen),
+            "lrs": [r["lr"] for r in chosen], "rates": chosen[0]["rates"],
+            "trainable_parameters": chosen[0]["trainable_parameters"],
+            "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in chosen),
+            "grid_cpu_seconds": sum(r["cpu_seconds"] for r in records),
+            "steps": statistics.fmean(r["steps"] for r in chosen),
+            "curve": chosen[0]["curve"], "steps_per_epoch": chosen[0]["steps_per_epoch"]}
+
+
+def summarize(study, records: list[dict[str, Any]], memory: list[dict[str, Any]], tasks, seconds: float) -> dict:
+    seeds = study.budget.seeds
+    names = [m.name for m in study.all_methods()]
+    table = {task: {name: _entry([r for r in records if r["task"] == task and r["method"] == name], seeds)
+                    for name in names}
+             for task in study.tasks}
+    singles = [m.name for m in study.methods]
+    results = {
+        "backbone": study.backbone, "objective": study.objective, "budget": study.budget.name,
+        "protocol": study.protocol(), "seeds": list(seeds), "grid": study.budget.grid,
+        "tasks": {name: {"sizes": task.sizes(), "labels": len(task.labels), "majority": _majority(task.test)}
+                  for name, task in tasks.items()},
+        "methods": singles, "table": table,
+        "average": {name: statistics.fmean(table[t][name]["test_mean"] for t in study.tasks) for name in names},
+        "memory": memory,
+        "combinations": [m.name for m in combinations()] if study.combinations else [],
+        "combined_parts": list(COMBINED), "reference": FULL_FINE_TUNING if FULL_FINE_TUNING in singles else None,
+        "cells": len(records), "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
+        "seconds_this_run": round(seconds, 1), "machine": _machine(study.command),
+    }
+    return results
+
+
+def _majority(rows) -> float:
+    labels = [label for _, label in rows]
+    return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
+def _machine(command: str) -> dict[str, Any]:
+    cpu = platform.processor()
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "versions": {p: metadata.version(p) for p in ("torch", "transformers", "deltatune")}}

@@ -1,0 +1,106 @@
+"""Run a study: every task × method × learning rate × seed cell (cached), the memory points, then the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..training.data import Task
+from ..training.progress import output_console
+from ..training.tasks import load_task
+from . import cell as cells
+from . import memory, store
+from .protocol import FULL_FINE_TUNING, Budget, Method, combinations, parse_method
+from .report import write_report
+from .results import summarize
+
+MEMORY_BATCHES = (1, 8, 32)
+
+
+@dataclass
+class Study:
+    backbone: str
+    tasks: list[str]
+    methods: list[Method]
+    budget: Budget
+    out: Path
+    objective: str = "classify"
+    combinations: bool = False  # also the 8 subsets of soft prompt, BitFit and adapter, on every task
+    memory_batches: tuple[int, ...] = MEMORY_BATCHES  # peak memory against these batch sizes; () skips it
+    delta_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    command: str = ""  # how the study was run, for the report
+
+    def protocol(self) -> dict[str, Any]:
+        """What every cell shares (the seeds and the grid only choose which cells run)."""
+        budget = {k: v for k, v in dataclasses.asdict(self.budget).items() if k not in ("name", "seeds", "grid")}
+        return {"backbone": self.backbone, "objective": self.objective, "budget": budget,
+                "delta_configs": self.delta_configs}
+
+    def all_methods(self) -> list[Method]:
+        extra = combinations() if self.combinations else []
+        return list({m.name: m for m in [*self.methods, *extra]}.values())
+
+    def cells(self) -> list[cells.Cell]:
+        return [cells.Cell(task, method, lr, seed) for task in self.tasks for method in self.all_methods()
+                for lr in self.budget.rates(method) for seed in self.budget.seeds]
+
+
+def load_tasks(names: list[str], budget: Budget) -> dict[str, Task]:
+    def cut(rows, n):
+        return rows[:n] if n else rows
+
+    return {name: dataclasses.replace(task, train=cut(task.train, budget.train_examples),
+                                      validation=cut(task.validation, budget.eval_examples),
+                                      test=cut(task.test, budget.eval_examples))
+            for name, task in ((n, load_task(n)) for n in names)}
+
+
+def run_study(study: Study) -> dict[str, Any]:
+    """Run (or continue) ``study`` in ``study.out``; returns the results written to ``results.json``."""
+    for method in study.methods:
+        parse_method(method.name)  # a Method made by hand is checked like a parsed one
+    tasks = load_tasks(study.tasks, study.budget)
+    store.check_protocol(study.out, study.protocol())
+    console = output_console()
+    todo = study.cells()
+    records, started = [], time.time()
+    for i, cell in enumerate(todo, 1):
+        record = store.load(study.out, "cells", cell.key)
+        if record is None:
+            record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
+                               study.delta_configs)
+            store.save(study.out, "cells", cell.key, record)
+            how = f"{record['cpu_seconds']:.0f} s of CPU"
+        else:
+            how = "cached"
+        records.append(record)
+        console.print(f"[{i}/{len(todo)}] {cell.key}: validation {record['validation_accuracy']:.1%} (step "
+                      f"{record['best_step']}), test {record['test_accuracy']:.1%}; {how}", markup=False)
+    points = _memory_points(study, console) if study.memory_batches else []
+    results = summarize(study, records, points, tasks, time.time() - started)
+    write_report(study.out, results)
+    console.print(f"report: {study.out / 'report.md'}, {study.out / 'report.html'}", markup=False)
+    return results
+
+
+def _memory_points(study: Study, console) -> list[dict[str, Any]]:
+    if not memory.supported():
+        console.print("memory: skipped (needs Linux's /proc/self/clear_refs)", markup=False)
+        return []
+    names = list(dict.fromkeys([FULL_FINE_TUNING, *(m.name for m in study.methods)]))  # ft: the reference
+    points = []
+    for name in names:
+        for batch in study.memory_batches:
+            key = f"{name}/batch={batch}"
+            point = store.load(study.out, "memory", key)
+            if point is None:
+                point = {"method": name, "batch": batch,
+                         **memory.measure(study.backbone, study.objective, study.tasks[0], name, batch, study.budget,
+                                          study.delta_configs)}
+                store.save(study.out, "memory", key, point)
+            points.append(point)
+            console.print(f"memory {key}: peak {point['peak_mb']:,.0f} MB", markup=False)
+    return points

@@ -1,0 +1,152 @@
+"""`deltatune study`: a smoke study on a tiny BERT (two steps per cell) checks the report's contents, the cache and
+the refusals; model selection is checked on made-up records.  Accuracy is not asserted here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from deltatune.cli import main
+from deltatune.study.protocol import BUDGETS, combinations, parse_method
+from deltatune.study.results import summarize
+from deltatune.study.runner import Study
+
+SMOKE = ["--max-train-examples", "8", "--max-eval-examples", "8", "--epochs", "1", "--batch-size", "4"]
+
+
+def _study(backbone, out, *extra: str) -> int:
+    return main(["study", "--backbone", str(backbone), "--out", str(out), *SMOKE, *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_backbone):
+    out = tmp_path_factory.mktemp("study")
+    assert _study(tiny_backbone, out, "--tasks", "rotten_tomatoes,trec", "--methods", "ft,lora,soft_prompt",
+                  "--combinations", "--memory-batches", "1,2",
+                  "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}') == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_cell_is_in_the_results(smoke, tiny_backbone):
+    out, results = smoke
+    subsets = ["none", "soft_prompt", "bitfit", "adapter", "soft_prompt+bitfit", "soft_prompt+adapter",
+               "bitfit+adapter", "soft_prompt+bitfit+adapter"]
+    assert results["combinations"] == subsets
+    assert results["cells"] == 2 * 10  # ft, lora and the 8 subsets (soft_prompt among them) on two tasks
+    assert sorted(results["table"]) == ["rotten_tomatoes", "trec"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_backbone, num_labels=6)
+    head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier."))
+    for task, row in results["table"].items():
+        assert sorted(row) == sorted(["ft", "lora", *subsets])
+        for entry in row.values():
+            assert entry["steps"] == 2 and entry["seeds"] == 1
+            assert [step for step, _ in entry["curve"]] == [0, 1, 2]
+            assert 0 <= entry["test_mean"] <= 1 and entry["test_std"] == 0
+    trec = results["table"]["trec"]
+    assert trec["ft"]["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert trec["none"]["trainable_parameters"] == head
+    assert trec["soft_prompt"]["trainable_parameters"] == head + 4 * 32
+    assert trec["soft_prompt+bitfit"]["trainable_parameters"] == (
+        trec["soft_prompt"]["trainable_parameters"] + trec["bitfit"]["trainable_parameters"] - head)
+    assert trec["lora"]["rates"] == {"lora": 1e-3, "head": 1e-3}
+    assert trec["soft_prompt+bitfit"]["rates"] == {"soft_prompt": 3e-2, "bitfit": 3e-3, "head": 1e-3}
+
+
+def test_the_report_shows_every_section(smoke):
+    out, results = smoke
+    report = (out / "report.md").read_text()
+    for title in ("Overall comparison (the survey's Table 3)", "Peak memory against batch size",
+                  "Convergence (the survey's Fig. 6)", "Combinations (the survey's Tables 5–6)"):
+        assert f"## {title}" in report
+    ft = results["table"]["trec"]["ft"]
+    assert f"| trec (8 train / 8 validation / 8 test) | {100 * results['tasks']['trec']['majority']:.1f} | " \
+           f"{100 * ft['test_mean']:.1f} |" in report
+    assert "| soft_prompt |  | ✓ |  |  | ✓ | ✓ |  | ✓ |" in report
+    assert "| survey: RoBERTa-large, GLUE average" in report and "77.7" in report
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>")
+    assert page.count("<table>") == sum(1 for line in report.splitlines() if line.startswith("|---|"))
+    for figure in ("memory.png", "convergence-trec.png", "convergence-rotten_tomatoes.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({figure})" in report and f'src="{figure}"' in page
+
+
+def test_memory_is_measured_per_method_and_batch(smoke):
+    _, results = smoke
+    points = {(p["method"], p["batch"]): p for p in results["memory"]}
+    assert sorted(points) == [(m, b) for m in ("ft", "lora", "soft_prompt") for b in (1, 2)]
+    for point in points.values():
+        assert 0 < point["before_mb"] <= point["peak_mb"]
+
+
+def test_a_rerun_takes_every_cell_from_the_cache(smoke, tiny_backbone, capsys):
+    out, results = smoke
+    cells = sorted((out / "cells").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in cells]
+    before = json.loads(cells[0].read_text())
+    cells[0].unlink()  # as if the study had been killed while this cell ran
+    capsys.readouterr()
+    assert _study(tiny_backbone, out, "--tasks", "rotten_tomatoes,trec", "--methods", "ft,lora,soft_prompt",
+                  "--combinations", "--memory-batches", "1,2",
+                  "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}') == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 20 and sum("cached" not in line for line in lines) == 1
+    assert [p.stat().st_mtime_ns for p in cells[1:]] == stamps[1:]
+    redone = json.loads(cells[0].read_text())
+    timing = ("cpu_seconds", "wall_seconds")
+    assert {k: v for k, v in redone.items() if k not in timing} == {k: v for k, v in before.items() if k not in timing}
+
+
+def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_backbone, capsys):
+    out, _ = smoke
+    assert main(["study", "--backbone", str(tiny_backbone), "--out", str(out), *SMOKE[:-2], "--batch-size", "2",
+                 "--tasks", "trec", "--methods", "lora", "--memory-batches", "none"]) == 2
+    assert "holds a study with other settings (budget.batch_size, delta_configs.soft_prompt.soft_token_num " \
+           "differ)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--methods", "lora,dora"], "unknown or repeated method 'dora'; methods: ft, none, adapter, bitfit"),
+    (["--methods", "lora+lora"], "unknown or repeated method 'lora+lora'"),
+    (["--tasks", "sst2"], "unknown task(s) sst2; built-in tasks: rotten_tomatoes"),
+    (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
+    (["--memory-batches", "0"], "--memory-batches must be at least 1 each"),
+    (["--delta-config", '{"lora": {"rank": 4}}'], "rank"),
+    (["--delta-config", '{"loraa": {}}'], "--delta-config maps delta types (adapter, bitfit"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_bad_options_are_refused_before_anything_runs(tmp_path, options, message, capsys):
+    out = tmp_path / "study"
+    assert main(["study", "--out", str(out), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def _record(task, method, lr, seed, validation, test):
+    return {"task": task, "method": method, "lr": lr, "seed": seed, "validation_accuracy": validation,
+            "test_accuracy": test, "test_f1": test, "rates": {}, "trainable_parameters": 10, "cpu_seconds": 1.0,
+            "steps": 4, "curve": [[0, 0.5]], "steps_per_epoch": 2}
+
+
+def test_selection_takes_the_best_validation_rate_per_seed(tmp_path):
+    budget = BUDGETS["full"].with_overrides(seeds=(0, 1))
+    study = Study("b", ["t"], [parse_method("lora")], budget, tmp_path)
+    records = [_record("t", "lora", 3e-4, 0, 0.80, 0.70), _record("t", "lora", 1e-3, 0, 0.90, 0.81),
+               _record("t", "lora", 3e-3, 0, 0.90, 0.60),  # a tie: the earlier rate is kept
+               _record("t", "lora", 3e-4, 1, 0.95, 0.85), _record("t", "lora", 1e-3, 1, 0.50, 0.99),
+               _record("t", "lora", 3e-3, 1, 0.70, 0.10)]
+    entry = summarize(study, records, [], {}, 0.0)["table"]["t"]["lora"]
+    assert entry["lrs"] == [1e-3, 3e-4]
+    assert entry["test_mean"] == pytest.approx(0.83)
+    assert entry["test_std"] == pytest.approx(torch.tensor([0.81, 0.85]).std().item())
+    assert entry["grid_cpu_seconds"] == 6.0
+
+
+def test_combinations_and_grids():
+    assert [m.name for m in combinations()][:4] == ["none", "soft_prompt", "bitfit", "adapter"]
+    assert parse_method("soft_prompt+adapter").rates(3.0) == {"soft_prompt": 0.09, "adapter": 3e-3, "head": 1e-3}
+    assert BUDGETS["quick"].rates(parse_method("ft")) == (5e-5,)
+    assert BUDGETS["full"].rates(parse_method("bitfit")) == (1e-3, 3e-3, 1e-2)
