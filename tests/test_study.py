@@ -93,7 +93,9 @@ def test_a_rerun_takes_every_cell_from_the_cache(smoke, tiny_backbone, capsys):
                   "--combinations", "--memory-batches", "1,2",
                   "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}') == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert len(lines) == 20 and sum("cached" not in line for line in lines) == 1
+    done = [line for line in lines if ", test " in line]
+    assert len(done) == 20 and sum("cached" not in line for line in done) == 1
+    assert sum(line.endswith(": training") for line in lines) == 1
     assert [p.stat().st_mtime_ns for p in cells[1:]] == stamps[1:]
     redone = json.loads(cells[0].read_text())
     timing = ("cpu_seconds", "wall_seconds")

@@ -55,6 +55,8 @@ def _describe(hint: Any) -> str:
 
 
 def _range_problem(value: Any, bounds: dict[str, Any]) -> str | None:
+    if value is None:  # an optional field left unset (its type allows None, or the type check refused it)
+        return None
     if "choices" in bounds and value not in bounds["choices"]:
         return f"one of {', '.join(bounds['choices'])}"
     checks = {"low": (lambda b: value >= b, ">= {}"), "above": (lambda b: value > b, "> {}"),

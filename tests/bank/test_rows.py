@@ -326,3 +326,26 @@ def test_a_batch_of_one_delta_runs_through_that_deltas_own_modules(delta_type):
     with torch.no_grad(), bank.route(["b"] * 3):
         assert all(stack.alone is None for stack in stacks)
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_reparameterised_prompts_route_as_the_prompts_they_compute(family):
+    model = tiny_model(family)
+    deltas = build_deltas(model, family, "soft_prompt", reparameterize=True, reparameterize_hidden=4)
+    inputs = {k: v for k, v in tiny_batch(family, batch=len(ROWS)).items() if k != "labels"}
+    with torch.no_grad(), DeltaBank(model, deltas).route(ROWS):
+        mixed = model(**inputs).logits
+    width = mixed.shape[1] - inputs["input_ids"].shape[1] if family == "llama" else 0
+    for b, name in enumerate(ROWS):
+        one = alone(model, deltas, name, {k: v[b:b + 1] for k, v in inputs.items()})
+        got = own_outputs(mixed[b:b + 1], deltas.get(name), width) if width else mixed[b:b + 1]
+        torch.testing.assert_close(got, one, rtol=0, atol=TOLERANCE)
+
+
+def test_prompts_inserted_at_different_places_are_refused_in_one_bank():
+    model = tiny_model("bert")
+    deltas = {**build_deltas(model, "bert", "soft_prompt", "a"),
+              **build_deltas(model, "bert", "soft_prompt", "b", insert_at=0)}
+    with pytest.raises(ValueError, match=r"inserted at different places \(insert_at \[0, 1\]\) cannot share"):
+        with DeltaBank(model, deltas).route(["a", "b"]):
+            pass

@@ -152,3 +152,58 @@ def test_a_soft_prompt_after_a_prefix_is_still_read():
         without = model(input_ids=ids).logits
     assert with_prompt.shape[1] == 6 + 3 and without.shape[1] == 6
     assert not torch.allclose(with_prompt[:, 3:], without)
+
+
+def _embeds_seen(model, family, **inputs):
+    """What the base model receives as inputs_embeds (the prompt inserted)."""
+    seen = {}
+    base = model.bert if family == "bert" else model.model
+    handle = base.register_forward_pre_hook(lambda m, a, k: seen.update(e=k["inputs_embeds"]), with_kwargs=True)
+    model(**inputs)
+    handle.remove()
+    return seen["e"]
+
+
+def test_insert_at_places_the_prompt_in_an_encoder_and_is_refused_in_a_decoder():
+    model = tiny_model("bert")
+    ids = tiny_batch("bert")["input_ids"]
+    delta = SoftPromptModel(model, soft_token_num=3, insert_at=0)
+    embeds = _embeds_seen(model, "bert", input_ids=ids)
+    assert torch.equal(embeds[0, :3], delta.delta_parameters()[0])
+    assert torch.equal(embeds[:, 3], model.get_input_embeddings()(ids)[:, 0])  # [CLS] after the prompt
+    delta.detach()
+    SoftPromptModel(model, soft_token_num=3, insert_at=2)
+    assert torch.equal(_embeds_seen(model, "bert", input_ids=ids)[:, :2], model.get_input_embeddings()(ids)[:, :2])
+    with pytest.raises(ValueError, match="goes after token 2 \\(insert_at\\), and the input has only 1"):
+        model(input_ids=ids[:, :1])
+    with pytest.raises(ValueError, match="insert_at=1: LlamaForCausalLM generates after its input, so the prompt "
+                                         "goes first"):
+        SoftPromptModel(tiny_model("llama"), soft_token_num=3, insert_at=1)
+
+
+def test_the_reparameterised_prompt_starts_as_the_plain_one_and_trains_through_its_mlp(tmp_path):
+    ids = tiny_batch("bert")["input_ids"]
+    torch.manual_seed(0)
+    plain_model = tiny_model("bert")
+    torch.manual_seed(1)
+    SoftPromptModel(plain_model, soft_token_num=4)
+    torch.manual_seed(0)
+    model = tiny_model("bert")
+    torch.manual_seed(1)
+    delta = SoftPromptModel(model, soft_token_num=4, reparameterize=True, reparameterize_hidden=8)
+    plain_model.eval(), model.eval()
+    assert torch.equal(model(input_ids=ids).logits, plain_model(input_ids=ids).logits)  # up is zero at init
+    d = model.get_input_embeddings().embedding_dim
+    assert delta.num_delta_parameters() == 4 * d + 2 * 8 * d + 8 + d
+    delta.freeze_module()
+    model(input_ids=ids).logits.square().sum().backward()
+    layer = next(m for m in model.modules() if hasattr(m, "reparameterization") and m.reparameterization)
+    assert layer.reparameterization.up.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for p in delta.delta_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    expected = model(input_ids=ids).logits
+    delta.save_finetuned(tmp_path / "prompt")
+    fresh = tiny_model("bert")
+    DeltaBase.from_finetuned(tmp_path / "prompt", fresh).backbone_model.eval()
+    assert torch.equal(fresh(input_ids=ids).logits, expected)

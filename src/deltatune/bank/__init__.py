@@ -36,7 +36,7 @@ from torch import nn
 from .. import live, routing, threads
 from ..base import DeltaBase, _creation
 from .heads import HeadStack, check_heads, heads_of
-from .prompts import prompt_kind
+from .prompts import SoftPromptStack, prompt_kind
 from .stacks import Stack, stack_kind
 
 _banks = itertools.count()
@@ -44,6 +44,20 @@ _banks = itertools.count()
 
 def _kind(layer: nn.Module) -> tuple[type[Stack], tuple] | None:
     return stack_kind(layer) or prompt_kind(layer)
+
+
+def _check_one_prompt_place(groups: dict[tuple, list]) -> None:
+    """Soft prompts inserted at different places cannot share a batch: each row's prompt would shift the others'
+    tokens by its own length at another place."""
+    places: dict[str, set] = {}
+    for position, kind, *agreed in groups:
+        if kind is SoftPromptStack:
+            (insert_at,) = agreed[0]
+            places.setdefault(position, set()).add(insert_at)
+    for position, found in places.items():
+        if len(found) > 1:
+            raise ValueError(f"soft prompts inserted at different places (insert_at {sorted(found)}) cannot share a "
+                             "mixed batch; put them in separate banks")
 
 
 class DeltaBank:
@@ -206,6 +220,7 @@ class DeltaBank:
             for position, layer in delta.deltas.items():
                 hosts[position] = delta._hosts[position]
                 groups.setdefault((position, *_kind(layer)), []).append((name, layer))
+        _check_one_prompt_place(groups)
         stacks = []
         for (position, kind, *_), members in groups.items():
             stack = kind([member for _, member in members], hosts[position])

@@ -148,9 +148,9 @@ class SoftPromptStack(PromptStack):
         self._embedding, self.insert_at, self.causal_lm, self.limit = (first._embedding, first.insert_at,
                                                                       first.causal_lm, first.limit)
         with torch.no_grad():
-            self.register_buffer("block", right_aligned([layer.soft_embeds for layer in layers], 0),
+            self.register_buffer("block", right_aligned([layer.prompt() for layer in layers], 0),
                                  persistent=False)
-        self._lengths([layer.soft_embeds.shape[0] for layer in layers], self.block.device, host)
+        self._lengths([len(layer.soft_embeds) for layer in layers], self.block.device, host)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self.index is None or self.width == 0:

@@ -13,8 +13,15 @@ cross-attention reads is extended on the model's call.  During ``generate()`` th
 the first step; later steps only get their mask and positions shifted.  Outputs are ``soft_token_num`` positions
 longer than the inputs, and with a learned position table prompt + input (+ generated tokens) must fit it.  With
 ``token_init`` the prompt starts as embeddings of random vocabulary tokens (their norm matches the model's, which
-matters: random vectors of the wrong scale stall training), else uniform in ``±init_range``.  Parameters:
-``soft_token_num · d``.
+matters: random vectors of the wrong scale stall training), else uniform in ``±init_range``.  ``insert_at`` sets
+``i`` by hand (encoders only).  Parameters: ``soft_token_num · d``.
+
+With ``reparameterize`` (residual reparameterisation, Razdaibiedina et al. 2023) the prompt the model reads is
+
+    P' = P + W_up ReLU(W_down P + b_down) + b_up,    W_down: m × d,  W_up: d × m (zero at init, so P' = P),
+
+one small MLP shared by the prompt's tokens (``m = reparameterize_hidden``), which couples their updates and
+steadies training on small backbones; ``2·m·d + m + d`` more parameters, and P' costs one MLP pass per call.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ class SoftPromptConfig(DeltaConfig):
     soft_token_num: int = hyper(100, low=1, high=MAX_SIZE)
     init_range: float = hyper(0.5, above=0, high=1e3)
     token_init: bool = True
+    insert_at: int | None = hyper(None, low=0, high=MAX_SIZE)  # None: first, or after the first token of encoders
+    reparameterize: bool = False
+    reparameterize_hidden: int = hyper(128, low=1, high=MAX_SIZE)
 
 
 def _encoder_name(model: nn.Module) -> list[str]:
@@ -71,8 +81,16 @@ class SoftPrompt(nn.Module):
             initial = torch.empty(n, weight.shape[1], device=weight.device, dtype=weight.dtype)
             initial.uniform_(-config.init_range, config.init_range)
         self.soft_embeds = nn.Parameter(initial)
+        self.reparameterization = _ResidualMLP(weight.shape[1], config.reparameterize_hidden, weight) \
+            if config.reparameterize else None
         self.insert_at = insert_at
         self.causal_lm = causal_lm
+
+    def prompt(self) -> torch.Tensor:
+        """The ``soft_token_num × d`` embeddings the model reads."""
+        if self.reparameterization is None:
+            return self.soft_embeds
+        return self.reparameterization(self.soft_embeds)
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
@@ -97,9 +115,12 @@ class SoftPrompt(nn.Module):
                 raise ValueError("soft prompts need input_ids or inputs_embeds")
             embeds = self._embedding[0](ids)
         batch = embeds.shape[0]
+        if embeds.shape[1] < at:
+            raise ValueError(f"the soft prompt goes after token {at} (insert_at), and the input has only "
+                             f"{embeds.shape[1]}")
         compat.padding_mask(kwargs)  # checks its shape
         check_room(self.limit, embeds.shape[1] + n, f"the soft prompt ({n}) and an input of {embeds.shape[1]} tokens")
-        kwargs["inputs_embeds"] = _insert(embeds, at, self.soft_embeds.expand(batch, -1, -1))
+        kwargs["inputs_embeds"] = _insert(embeds, at, self.prompt().expand(batch, -1, -1))
         for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
             # A mask already longer than the input was extended by the enclosing encoder-decoder call.
             if kwargs.get(key) is not None and kwargs[key].shape[1] == embeds.shape[1]:
@@ -115,6 +136,21 @@ class SoftPrompt(nn.Module):
             kwargs["position_ids"] = torch.cat([positions[:, :at], prompt, positions[:, at:] + n], dim=1)
         compat.shift_cache_position(kwargs, n, extend=True)
         return args, kwargs
+
+
+class _ResidualMLP(nn.Module):
+    """``p + up(relu(down(p)))``, ``up`` zero at init."""
+
+    def __init__(self, dim: int, hidden: int, like: torch.Tensor) -> None:
+        super().__init__()
+        factory = {"device": like.device, "dtype": like.dtype}
+        self.down = nn.Linear(dim, hidden, **factory)
+        self.up = nn.Linear(hidden, dim, **factory)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, prompt: torch.Tensor) -> torch.Tensor:
+        return prompt + self.up(torch.relu(self.down(prompt)))
 
 
 class EncoderMaskExtension(nn.Module):
@@ -196,7 +232,8 @@ class SoftPromptModel(DeltaBase):
             if position == "":
                 return EncoderMaskExtension(self.config.soft_token_num)
             embedding = _input_embeddings(module, self.pseudo_input)
-            return SoftPrompt(embedding, self.config, insert_at=0, causal_lm=False, host=module)
+            return SoftPrompt(embedding, self.config, insert_at=self._insert_at(True, module), causal_lm=False,
+                              host=module)
         causal_lm = module.can_generate() if hasattr(module, "can_generate") else False
         stateful = causal_lm and compat.keeps_state(module, keyword_inputs(module, self.pseudo_input))
         if stateful and not compat.cache_argument(module):
@@ -206,5 +243,15 @@ class SoftPromptModel(DeltaBase):
                 f"SoftPromptModel cannot find the KV cache argument of {type(module).__name__}.forward (looked for "
                 f"{', '.join(compat.CACHE_ARGUMENTS)})")
         decoder = causal_lm or getattr(config, "is_decoder", False)
-        return SoftPrompt(_input_embeddings(module, self.pseudo_input), self.config, insert_at=0 if decoder else 1,
+        return SoftPrompt(_input_embeddings(module, self.pseudo_input), self.config,
+                          insert_at=self._insert_at(decoder or getattr(config, "is_encoder_decoder", False), module),
                           causal_lm=causal_lm, host=module)
+
+    def _insert_at(self, first: bool, module: nn.Module) -> int:
+        """Where the prompt goes: first in decoders and encoder-decoders; after the first token (``[CLS]``, which
+        the pooler reads) in encoders, unless ``insert_at`` says otherwise (encoders only)."""
+        chosen = self.config.insert_at
+        if chosen is not None and chosen and first:
+            raise ValueError(f"insert_at={chosen}: {type(module).__name__} generates after its input, so the prompt "
+                             "goes first (insert_at=0 or unset)")
+        return (0 if first else 1) if chosen is None else chosen

@@ -70,8 +70,10 @@ def run_study(study: Study) -> dict[str, Any]:
     for i, cell in enumerate(todo, 1):
         record = store.load(study.out, "cells", cell.key)
         if record is None:
+            console.print(f"[{i}/{len(todo)}] {cell.key}: training", markup=False)
             record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
-                               study.delta_configs)
+                               study.delta_configs, lambda step, accuracy: console.print(
+                                   f"    step {step}: validation {accuracy:.1%}", markup=False))
             store.save(study.out, "cells", cell.key, record)
             how = f"{record['cpu_seconds']:.0f} s of CPU"
         else:
