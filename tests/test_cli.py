@@ -50,7 +50,7 @@ def test_help_states_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # past the usage lines
-    for option, default in [("--epochs EPOCHS", "1"), ("--lr LR", "0.001"), ("--batch-size BATCH_SIZE", "32"),
+    for option, default in [("--epochs EPOCHS", "1"), ("--lr LR", "the method's, 1e-3; 3e-2 for soft_prompt"), ("--batch-size BATCH_SIZE", "32"),
                             ("--seed SEED", "0"), ("--out OUT", "out/train"), ("--text-column TEXT_COLUMN", "text")]:
         assert re.search(re.escape(option) + r" [^()]*\(default: " + re.escape(default) + r"\)", text), option
 

@@ -151,4 +151,5 @@ def test_combinations_and_grids():
     assert [m.name for m in combinations()][:4] == ["none", "soft_prompt", "bitfit", "adapter"]
     assert parse_method("soft_prompt+adapter").rates(3.0) == {"soft_prompt": 0.09, "adapter": 3e-3, "head": 1e-3}
     assert BUDGETS["quick"].rates(parse_method("ft")) == (5e-5,)
-    assert BUDGETS["full"].rates(parse_method("bitfit")) == (1e-3, 3e-3, 1e-2)
+    assert BUDGETS["full"].rates(parse_method("bitfit")) == (3.33e-4, 1e-3, 3e-3)
+    assert BUDGETS["full"].rates(parse_method("soft_prompt")) == (1e-2, 3e-2, 9e-2)

@@ -73,6 +73,8 @@ class DeltaBase(nn.Module):
     # Where the method goes when no modules are named, in common names (see deltatune.structures): config fields,
     # or a list of alternatives (the first the model has all names for).  None: modified_modules is required.
     default_positions: ClassVar[dict[str, list[str]] | list[dict[str, list[str]]] | None] = None
+    # AdamW's peak learning rate that suits the method (deltatune train's default; the middle of a study's grid).
+    default_lr: ClassVar[float] = 1e-3
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

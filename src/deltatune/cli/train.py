@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="classify",
                         help="classify with a new head, or (decoders) write label words")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="AdamW's peak learning rate")
+    parser.add_argument("--lr", type=float,
+                        help="AdamW's peak learning rate (default: the method's, 1e-3; 3e-2 for soft_prompt)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per step")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example")
     parser.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio,
@@ -67,7 +68,10 @@ def delta_options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    arguments = TrainingArguments(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+    if args.delta not in DELTA_TYPES:
+        raise ValueError(f"unknown delta type {args.delta!r}; known: {', '.join(sorted(DELTA_TYPES))}")
+    lr = DELTA_TYPES[args.delta].default_lr if args.lr is None else args.lr
+    arguments = TrainingArguments(epochs=args.epochs, lr=lr, batch_size=args.batch_size,
                                   warmup_ratio=args.warmup_ratio, patience=args.patience, seed=args.seed,
                                   save_steps=args.save_steps, grad_accum=args.grad_accum)
     world = World.from_environment()
@@ -86,8 +90,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> dict:
     world = strategy.world
-    if args.delta not in DELTA_TYPES:
-        raise ValueError(f"unknown delta type {args.delta!r}; known: {', '.join(sorted(DELTA_TYPES))}")
     check_counts(max_length=args.max_length, max_train_examples=args.max_train_examples,
                  max_eval_examples=args.max_eval_examples)
     record = {"backbone": args.backbone, "objective": args.objective, "data": data_source(args),

@@ -216,6 +216,7 @@ class SoftPromptModel(DeltaBase):
     delta_type = "soft_prompt"
     config_class = SoftPromptConfig
     route = Route.INPUT_INPUT
+    default_lr = 3e-2  # prompts move through one embedding each: about 30× a weight delta's rate (docs/study.md)
 
     takes_modules = False
 

@@ -3,9 +3,9 @@
 A method is full fine-tuning (``ft``), one delta type, or a combination of them joined by ``+``
 (``soft_prompt+bitfit``); ``none`` trains only the new classification head (and with the label-words objective,
 which has no head, evaluates the model as loaded: zero-shot).  Each delta type trains at its
-own learning rate, the head beside it at ``HEAD_LR``; a combination's grid point is a factor on every part's
-default rate.  The grids follow the survey's protocol (a few rates around each
-method's usual one, chosen by validation accuracy); prompts need rates about 30× those of weight deltas.
+own learning rate, the head beside it at ``HEAD_LR``.  The grid, after the survey's protocol, is a method's
+default rate (its class's ``default_lr``) ×⅓, ×1 and ×3, chosen by validation accuracy; a combination's grid
+point is a factor on every part's default rate.
 """
 
 from __future__ import annotations
@@ -19,21 +19,19 @@ FULL_FINE_TUNING = "ft"
 NO_DELTA = "none"  # no delta: the new classification head alone, or (label words) the model as loaded
 HEAD = "head"  # the key of the head's rate in Method.rates
 HEAD_LR = 1e-3  # the new classification head beside any delta (full fine-tuning trains it at its own rate)
+FULL_FINE_TUNING_LR = 5e-5
+GRID_FACTORS = (1 / 3, 1.0, 3.0)
 
-# The grid per method; the middle rate is the one a quick study uses.
-LR_GRIDS: dict[str, tuple[float, ...]] = {
-    FULL_FINE_TUNING: (2e-5, 5e-5, 1e-4),
-    NO_DELTA: (3e-4, 1e-3, 3e-3),
-    "lora": (3e-4, 1e-3, 3e-3),
-    "adapter": (3e-4, 1e-3, 3e-3),
-    "low_rank_adapter": (3e-4, 1e-3, 3e-3),
-    "parallel_adapter": (3e-4, 1e-3, 3e-3),
-    "compacter": (1e-3, 3e-3, 1e-2),
-    "bitfit": (1e-3, 3e-3, 1e-2),
-    "ia3": (1e-3, 3e-3, 1e-2),
-    "prefix": (1e-3, 3e-3, 1e-2),
-    "soft_prompt": (1e-2, 3e-2, 1e-1),
-}
+
+def default_lr(name: str) -> float:
+    """A method's default rate: its class's ``default_lr``; ``FULL_FINE_TUNING_LR``; ``HEAD_LR`` for the head."""
+    if name == FULL_FINE_TUNING:
+        return FULL_FINE_TUNING_LR
+    if name == NO_DELTA:
+        return HEAD_LR
+    return DELTA_TYPES[name].default_lr
+
+
 COMBINED = ("soft_prompt", "bitfit", "adapter")  # the survey's combination study (its Tables 5 and 6)
 
 
@@ -54,12 +52,13 @@ class Method:
 
     @property
     def grid(self) -> tuple[float, ...]:
-        """Learning rates to try; for a combination, factors on every part's default rate."""
-        return (1 / 3, 1.0, 3.0) if self.combined else LR_GRIDS[self.name]
+        """Learning rates to try: the default ×⅓, ×1, ×3 (for a combination, the factors on each part's default)."""
+        middle = 1.0 if self.combined else default_lr(self.name)
+        return tuple(float(f"{middle * f:.3g}") for f in GRID_FACTORS)
 
     @property
     def default_lr(self) -> float:
-        return self.grid[len(self.grid) // 2]
+        return self.grid[1]
 
     def rates(self, lr: float) -> dict[str, float]:
         """The learning rate of each part and of the head for the grid point ``lr``."""
@@ -69,7 +68,7 @@ class Method:
             return {HEAD: lr}
         if not self.combined:
             return {self.name: lr, HEAD: HEAD_LR}
-        return {**{part: LR_GRIDS[part][1] * lr for part in self.parts}, HEAD: HEAD_LR}
+        return {**{part: float(f"{default_lr(part) * lr:.3g}") for part in self.parts}, HEAD: HEAD_LR}
 
 
 def parse_method(name: str) -> Method:
@@ -80,9 +79,6 @@ def parse_method(name: str) -> Method:
     if unknown or len(set(parts)) < len(parts):
         raise ValueError(f"unknown or repeated method {name!r}; methods: {FULL_FINE_TUNING}, {NO_DELTA}, "
                          f"{', '.join(sorted(DELTA_TYPES))}, or delta types joined by '+'")
-    missing = [p for p in parts if p not in LR_GRIDS]
-    if missing:
-        raise ValueError(f"no learning-rate grid for {', '.join(missing)}; known: {', '.join(sorted(LR_GRIDS))}")
     return Method(name, parts)
 
 
