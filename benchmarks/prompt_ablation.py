@@ -27,7 +27,7 @@ DEFAULT = {"soft_token_num": 20}
 # (row, method, delta options, learning rate): the default, then one change each.
 VARIANTS = [
     ("full fine-tuning (reference)", "ft", {}, 5e-5),
-    ("head alone (reference)", "none", {}, 1e-3),
+    ("head alone (reference)", "none", {}, 1e-2),
     ("soft prompt: the default", "soft_prompt", {}, 3e-2),
     ("random init (uniform ±0.5) instead of vocabulary embeddings", "soft_prompt", {"token_init": False}, 3e-2),
     ("prompt before [CLS] (insert_at=0)", "soft_prompt", {"insert_at": 0}, 3e-2),
@@ -64,7 +64,7 @@ def main() -> None:
             cell = cells.Cell(name, parse_method(method), lr, 0)
             key = f"{args.backbone}/{args.train_examples}x{args.epochs}/{i}/{cell.key}"
             record = store.load(args.work, "cells", key)
-            if record is None:
+            if record is None or record["rates"] != cell.method.rates(lr):
                 record = cells.run(cell, args.backbone, "classify", task, budget, configs)
                 store.save(args.work, "cells", key, record)
             results[name] = record

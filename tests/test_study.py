@@ -52,7 +52,9 @@ def test_every_cell_is_in_the_results(smoke, tiny_backbone):
     assert trec["soft_prompt+bitfit"]["trainable_parameters"] == (
         trec["soft_prompt"]["trainable_parameters"] + trec["bitfit"]["trainable_parameters"] - head)
     assert trec["lora"]["rates"] == {"lora": 1e-3, "head": 1e-3}
-    assert trec["soft_prompt+bitfit"]["rates"] == {"soft_prompt": 3e-2, "bitfit": 3e-3, "head": 1e-3}
+    assert trec["soft_prompt"]["rates"] == {"soft_prompt": 3e-2, "head": 3e-2}
+    assert trec["soft_prompt+bitfit"]["rates"] == {"soft_prompt": 3e-2, "bitfit": 1e-3, "head": 3e-2}
+    assert trec["none"]["rates"] == {"head": 1e-2}
 
 
 def test_the_report_shows_every_section(smoke):
@@ -149,7 +151,7 @@ def test_selection_takes_the_best_validation_rate_per_seed(tmp_path):
 
 def test_combinations_and_grids():
     assert [m.name for m in combinations()][:4] == ["none", "soft_prompt", "bitfit", "adapter"]
-    assert parse_method("soft_prompt+adapter").rates(3.0) == {"soft_prompt": 0.09, "adapter": 3e-3, "head": 1e-3}
+    assert parse_method("soft_prompt+adapter").rates(3.0) == {"soft_prompt": 0.09, "adapter": 3e-3, "head": 0.09}
     assert BUDGETS["quick"].rates(parse_method("ft")) == (5e-5,)
     assert BUDGETS["full"].rates(parse_method("bitfit")) == (3.33e-4, 1e-3, 3e-3)
     assert BUDGETS["full"].rates(parse_method("soft_prompt")) == (1e-2, 3e-2, 9e-2)

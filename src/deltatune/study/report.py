@@ -143,8 +143,8 @@ def _combinations(results, tasks, table, seeds) -> list[Block]:
     survey = [COMBINATION_AVERAGES.get(s, "") for s in subsets]
     return [("h2", "Combinations (the survey's Tables 5–6)"),
             ("p", "Every subset of soft prompt, BitFit and adapter trained together (each part at its own rate, the "
-                  "head at 1e-3; none trains the head alone, or with label words evaluates the model as loaded). "
-                  "Test accuracy (%)."),
+                  "head at the highest of them; none trains the head alone, or with label words evaluates the model "
+                  "as loaded). Test accuracy (%)."),
             ("table", ["", *subsets], [*marks, *rows,
                                        [f"survey: {COMBINATION_SOURCE}", *(str(v) for v in survey)]])]
 

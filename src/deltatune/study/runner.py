@@ -69,6 +69,10 @@ def run_study(study: Study) -> dict[str, Any]:
     records, started = [], time.time()
     for i, cell in enumerate(todo, 1):
         record = store.load(study.out, "cells", cell.key)
+        if record is not None and record["rates"] != cell.method.rates(cell.lr):
+            console.print(f"[{i}/{len(todo)}] {cell.key}: its cached rates {record['rates']} are not this "
+                          f"version's {cell.method.rates(cell.lr)}; training it again", markup=False)
+            record = None
         if record is None:
             console.print(f"[{i}/{len(todo)}] {cell.key}: training", markup=False)
             record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
