@@ -12,11 +12,11 @@ from pathlib import Path
 
 from ..base import DeltaBase
 from ..training import report
+from ..training.data import subset
 from ..training.loop import evaluate
 from ..training.objectives import make_objective
 from .data_options import add_data_arguments, data_source, load_source
 from .options import check_counts
-from .train import subset
 from .training_info import read_run
 
 

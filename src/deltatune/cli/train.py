@@ -18,6 +18,7 @@ from ..auto import DELTA_TYPES
 from ..checkpoint import read_tensors
 from ..distributed import STRATEGIES, World, accelerate_config, make_strategy
 from ..training import loop, report
+from ..training.data import subset
 from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
 from .data_options import add_data_arguments, data_source, load_source
@@ -164,12 +165,6 @@ def _check_fits(objective, delta, task, max_length: int) -> None:
     except (ValueError, RuntimeError, IndexError) as error:
         raise ValueError(f"{delta.delta_type} on {type(objective.model).__name__} cannot run inputs of "
                          f"--max-length {max_length} ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-
-
-def subset(task, train: int | None, evaluation: int | None):
-    return dataclasses.replace(task, train=task.train[:train] if train else task.train,
-                               validation=task.validation[:evaluation] if evaluation else task.validation,
-                               test=task.test[:evaluation] if evaluation else task.test)
 
 
 def _check_out_folder(out: Path, record: dict, resume: bool) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..training.data import Task
+from ..training.data import Task, subset
 from ..training.progress import output_console
 from ..training.tasks import load_task
 from . import cell as cells
@@ -49,13 +49,7 @@ class Study:
 
 
 def load_tasks(names: list[str], budget: Budget) -> dict[str, Task]:
-    def cut(rows, n):
-        return rows[:n] if n else rows
-
-    return {name: dataclasses.replace(task, train=cut(task.train, budget.train_examples),
-                                      validation=cut(task.validation, budget.eval_examples),
-                                      test=cut(task.test, budget.eval_examples))
-            for name, task in ((n, load_task(n)) for n in names)}
+    return {name: subset(load_task(name), budget.train_examples, budget.eval_examples) for name in names}
 
 
 def run_study(study: Study) -> dict[str, Any]:

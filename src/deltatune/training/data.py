@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -29,6 +30,14 @@ class Task:
 
     def sizes(self) -> str:
         return f"{len(self.train):,} train / {len(self.validation):,} validation / {len(self.test):,} test"
+
+
+def subset(task: Task, train: int | None, evaluation: int | None) -> Task:
+    """``task`` with only its first ``train`` training rows and ``evaluation`` validation and test rows each
+    (None: all)."""
+    cut = lambda rows, n: rows[:n] if n else rows  # noqa: E731
+    return dataclasses.replace(task, train=cut(task.train, train), validation=cut(task.validation, evaluation),
+                               test=cut(task.test, evaluation))
 
 
 def deduplicate(rows: Rows) -> Rows:
