@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ VARIANTS = [
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="minilm-l6")
     parser.add_argument("--tasks", default="rotten_tomatoes,sms_spam,trec")
@@ -48,13 +47,12 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated row numbers to run (1 = the first row)")
     parser.add_argument("--work", type=Path, default=Path("out/prompt-ablation"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     transformers.utils.logging.set_verbosity_error()
     budget = Budget("ablation", args.train_examples, args.eval_examples, args.epochs, 2, 3, (0,), False)
     tasks = load_tasks(args.tasks.split(","), budget)
     chosen = [int(i) - 1 for i in args.only.split(",")] if args.only else range(len(VARIANTS))
-    started = time.time()
     rows = []
     for i in chosen:
         label, method, options, lr = VARIANTS[i]
@@ -73,26 +71,30 @@ def main() -> None:
                   flush=True)
         rows.append({"variant": label, "method": method, "options": {**DEFAULT, **options} if configs else {},
                      "lr": lr, "results": results})
-    write(args, rows, time.time() - started)
+    write(args, rows)
 
 
-def write(args, rows, seconds: float) -> None:
+def write(args, rows) -> None:
     command = "python -m benchmarks.prompt_ablation " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k not in ("work", "out"))
     info = machine(command, torch.get_num_threads())
     names = list(rows[0]["results"])
     lines = ["# Prompt tuning on a small encoder: an ablation", "",
              f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch "
-             f"{info['versions']['torch']}, transformers {info['versions']['transformers']}; `{command}` "
-             f"took {seconds / 60:.0f} min (cached cells count zero).", "",
+             f"{info['versions']['torch']}, transformers {info['versions']['transformers']}; `{command}`; "
+             f"the cells took {sum(r['cpu_seconds'] for row in rows for r in row['results'].values()) / 60:.0f} "
+             "CPU minutes.", "",
              f"{args.backbone}; {args.train_examples:,} training examples, {args.epochs} epochs, "
              f"{args.eval_examples} validation and test examples per task; batch 32, 64 tokens; test accuracy (%) at "
-             "the best of 2 validation points per epoch; one seed.", "",
-             "| variant | lr | " + " | ".join(names) + " | average |", "|---|---|" + "---|" * (len(names) + 1)]
+             "the best of 2 validation points per epoch (in brackets: validation accuracy, and the best point's step "
+             "of the steps run); one seed.", "",
+             "| variant | lr | " + " | ".join(names) + " | average test |", "|---|---|" + "---|" * (len(names) + 1)]
     for row in rows:
-        accuracies = [row["results"][n]["test_accuracy"] for n in names]
-        lines.append(f"| {row['variant']} | {row['lr']:g} | " + " | ".join(f"{100 * a:.1f}" for a in accuracies)
-                     + f" | {100 * sum(accuracies) / len(accuracies):.1f} |")
+        results = [row["results"][n] for n in names]
+        cells = [f"{100 * r['test_accuracy']:.1f} ({100 * r['validation_accuracy']:.1f}; {r['best_step']}/{r['steps']})"
+                 for r in results]
+        average = sum(r["test_accuracy"] for r in results) / len(results)
+        lines.append(f"| {row['variant']} | {row['lr']:g} | " + " | ".join(cells) + f" | {100 * average:.1f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prompt_ablation.md").write_text("\n".join(lines) + "\n")
     (args.out / "prompt_ablation.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, mixed  # noqa: E402
+from benchmarks import compare, mixed, prompt_ablation  # noqa: E402
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -58,3 +58,15 @@ def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
     assert len(serving) == 6 and swap["ratio"] == 1.0 and all(r["mean_latency_s"] > 0 for r in serving.values())
     table = (tmp_path / "mixed-smoke.md").read_text()
     assert table.count("\n| ") == len(rows) + 1 and saved["machine"]["cpu"] in table
+
+
+def test_prompt_ablation_writes_one_row_per_variant(tmp_path, tiny_backbone):
+    prompt_ablation.main(["--backbone", str(tiny_backbone), "--tasks", "trec,sms_spam", "--train-examples", "8",
+                          "--eval-examples", "8", "--epochs", "1", "--only", "1,3,5", "--work", str(tmp_path / "w"),
+                          "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "prompt_ablation.json").read_text())
+    assert [row["variant"] for row in saved["rows"]] == [prompt_ablation.VARIANTS[i][0] for i in (0, 2, 4)]
+    assert saved["rows"][2]["options"] == {"soft_token_num": 20, "insert_at": 0}
+    table = (tmp_path / "prompt_ablation.md").read_text()
+    assert "| variant | lr | trec | sms_spam | average test |" in table
+    assert table.count("\n| ") == 1 + 3 and saved["machine"]["cpu"] in table
