@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: ft (full fine-tuning), none (the head alone), delta types, or delta "
                              "types joined by +")
     parser.add_argument("--budget", choices=list(BUDGETS), default="quick",
-                        help="quick: 2,000 examples, 3 epochs, default rates, 1 seed; full: all data, rate grid, "
+                        help="quick: 1,000 examples, 3 epochs, default rates, 1 seed; full: all data, rate grid, "
                              "3 seeds")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="classify",
                         help="classify with a new head, or (decoders) write label words")
