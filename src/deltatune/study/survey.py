@@ -18,5 +18,5 @@ COMBINATION_AVERAGES = {
 # The survey's Table 3 (T5-base on 100+ tasks, Rotten Tomatoes among them) could not be retrieved on this
 # offline machine; rather than recalled figures, the report says so.
 T5_BASE_SOURCE = ("the survey's Table 3 (T5-base, arXiv:2203.06904) could not be read offline, so its numbers are "
-                  "not shown")
+                  "not shown.")
 T5_BASE: dict[str, dict[str, float]] = {}
