@@ -97,7 +97,9 @@ def write(args, rows) -> None:
         lines.append(f"| {row['variant']} | {row['lr']:g} | " + " | ".join(cells) + f" | {100 * average:.1f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prompt_ablation.md").write_text("\n".join(lines) + "\n")
-    (args.out / "prompt_ablation.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    kept = [{**row, "results": {n: {k: v for k, v in r.items() if k != "losses"} for n, r in row["results"].items()}}
+            for row in rows]  # the step losses would make the file long; the cells in --work keep them
+    (args.out / "prompt_ablation.json").write_text(json.dumps({"machine": info, "rows": kept}, indent=1) + "\n")
     print("\n".join(lines))
 
 
