@@ -13,12 +13,7 @@ from pathlib import Path
 
 import torch
 
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from deltatune.study.memory import rss_mb
 
 
 def main(argv: list[str]) -> None:
@@ -31,10 +26,10 @@ def main(argv: list[str]) -> None:
     setting = settings("--smoke" in argv)[index]
     step = build_training(setting, variant, setting.inputs(batch))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    before = _rss_mb("VmRSS")
+    before = rss_mb("VmRSS")
     for _ in range(3):
         step()
-    print(json.dumps({"before_mb": round(before, 1), "peak_mb": round(_rss_mb("VmHWM"), 1)}))
+    print(json.dumps({"before_mb": round(before, 1), "peak_mb": round(rss_mb("VmHWM"), 1)}))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from .cell import Cell, build
 from .protocol import Budget, parse_method
 
 
-def _rss_mb(field: str) -> float:
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (the peak) of this process, in MB (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
@@ -58,7 +59,7 @@ def _child(spec: dict) -> dict[str, float]:
     rows = [(" ".join(["a"] * spec["max_length"]), 0)] * spec["batch"]
     objective.model.train()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    before = _rss_mb("VmRSS")
+    before = rss_mb("VmRSS")
     for _ in range(3):
         loss = objective.loss(rows)
         if optimizer is None:
@@ -66,7 +67,7 @@ def _child(spec: dict) -> dict[str, float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"before_mb": round(before, 1), "peak_mb": round(_rss_mb("VmHWM"), 1)}
+    return {"before_mb": round(before, 1), "peak_mb": round(rss_mb("VmHWM"), 1)}
 
 
 if __name__ == "__main__":

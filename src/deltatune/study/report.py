@@ -11,7 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from ..training.report import write_json
+from ..training.report import pyplot, write_json, write_text
 from .survey import COMBINATION_AVERAGES, COMBINATION_SOURCE, T5_BASE, T5_BASE_SOURCE
 
 Block = tuple  # ("h1" | "h2" | "p", text) | ("table", header, rows) | ("img", file, alt)
@@ -20,14 +20,8 @@ Block = tuple  # ("h1" | "h2" | "p", text) | ("table", header, rows) | ("img", f
 def write_report(out: Path, results: dict[str, Any]) -> None:
     write_json(out / "results.json", results)
     blocks = _blocks(out, results)
-    _write(out / "report.md", "\n".join(_markdown(b) for b in blocks))
-    _write(out / "report.html", _html(blocks, f"Delta-tuning study: {results['backbone']}"))
-
-
-def _write(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    staging.replace(path)
+    write_text(out / "report.md", "\n".join(_markdown(b) for b in blocks))
+    write_text(out / "report.html", _html(blocks, f"Delta-tuning study: {results['backbone']}"))
 
 
 def _accuracy(entry: dict[str, Any], seeds: int) -> str:
@@ -153,19 +147,8 @@ def _no_figure() -> Block:
     return ("p", "(no figure: matplotlib is not installed; pip install 'deltatune[plot]')")
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _plot_memory(out: Path, methods, batches, peak) -> str | None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(6.4, 4), constrained_layout=True)
@@ -181,7 +164,7 @@ def _plot_memory(out: Path, methods, batches, peak) -> str | None:
 
 
 def _plot_curves(out: Path, task: str, curves: dict[str, list]) -> str | None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(6.4, 4), constrained_layout=True)

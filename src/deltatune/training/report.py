@@ -12,20 +12,33 @@ from rich.table import Table
 from .progress import output_console
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically: a crash leaves the previous file, never half of one."""
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(json.dumps(data, indent=1) + "\n")
+    staging.write_text(text)
     os.replace(staging, path)
 
 
-def plot(metrics: dict[str, Any], path: Path) -> Path | None:
-    """Training loss per step and validation accuracy / F1 per epoch, side by side."""
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend, or None without matplotlib (the ``plot`` extra)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(metrics: dict[str, Any], path: Path) -> Path | None:
+    """Training loss per step and validation accuracy / F1 per epoch, side by side."""
+    plt = pyplot()
+    if plt is None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     losses = metrics["step_losses"]
