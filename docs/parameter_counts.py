@@ -29,7 +29,7 @@ ROWS = {
     "(IA)³ (keys, values, FFN output input)": (
         lambda m: dt.IA3Model(m, ["key", "value", FFN_OUT + r"\.dense"], feedforward_modules=[FFN_OUT + r"\.dense"]),
         lambda m: dt.IA3Model(m, ["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
-    "Soft prompt, 100 tokens": (dt.SoftPromptModel, dt.SoftPromptModel),
+    "Soft prompt, 20 tokens": (dt.SoftPromptModel, dt.SoftPromptModel),
     "Prefix, 6 tokens, reparameterized 512/512": (dt.PrefixModel, dt.PrefixModel),
 }
 

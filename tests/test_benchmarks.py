@@ -62,11 +62,12 @@ def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
 
 def test_prompt_ablation_writes_one_row_per_variant(tmp_path, tiny_backbone):
     prompt_ablation.main(["--backbone", str(tiny_backbone), "--tasks", "trec,sms_spam", "--train-examples", "8",
-                          "--eval-examples", "8", "--epochs", "1", "--only", "1,3,5", "--work", str(tmp_path / "w"),
+                          "--eval-examples", "8", "--epochs", "1", "--only", "1,3,4", "--work", str(tmp_path / "w"),
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "prompt_ablation.json").read_text())
-    assert [row["variant"] for row in saved["rows"]] == [prompt_ablation.VARIANTS[i][0] for i in (0, 2, 4)]
-    assert saved["rows"][2]["options"] == {"soft_token_num": 20, "insert_at": 0}
+    assert [row["variant"] for row in saved["rows"]] == [prompt_ablation.VARIANTS[i][0] for i in (0, 2, 3)]
+    assert [row["pooling"] for row in saved["rows"]] == ["auto", "auto", "model"]
+    assert saved["rows"][1]["results"]["trec"]["trainable_parameters"] == 20 * 32 + 32 * 6 + 6  # prompt + head
     table = (tmp_path / "prompt_ablation.md").read_text()
-    assert "| variant | lr | trec | sms_spam | average test |" in table
+    assert "| variant | lr | pooling | trec | sms_spam | average test |" in table
     assert table.count("\n| ") == 1 + 3 and saved["machine"]["cpu"] in table

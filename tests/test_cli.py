@@ -57,7 +57,7 @@ def test_help_states_every_default(capsys):
 
 @pytest.mark.parametrize("options,message", [
     ({"num_labels": 2, "trust_remote_code": True}, r"sets backbone options \['trust_remote_code'\]; a run folder may "
-                                                   r"record only \['id2label', 'label2id', 'num_labels'\]"),
+                                                   r"record only \['id2label', 'label2id', 'num_labels', 'pooling'\]"),
     ({"num_labels": "2"}, r"backbone options \['num_labels'\] have the wrong type"),
     ([], "backbone_options must be a mapping"),
 ])

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import sharding
+from . import pooling, sharding
 from .addressing import DELTA_SLOT
 
 FORMAT_VERSION = 1
@@ -60,7 +60,13 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
     return {"class": sharding.unwrapped_class(model).__name__, "tensors": len(lines), "sha256": _structure(lines.values()),
             # the structure without what was saved with the delta: a head served apart may have another size
             "body_sha256": _structure(line for k, line in lines.items() if k not in set(saved_with_delta)),
-            "weights_sample": sample.hexdigest()}
+            "weights_sample": sample.hexdigest(),
+            # the head reads the tokens' mean (deltatune.pooling); absent for the model's own pooling, as before
+            **({"pooling": "mean"} if pooling.of(model) == "mean" else {})}
+
+
+
+POOLING_NAMES = {"model": "the model's own head", "mean": "the tokens' mean"}
 
 
 def _structure(lines) -> str:
@@ -264,6 +270,13 @@ def check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path, hea
         raise ValueError(
             f"{folder} was trained on a {expected.get('class')} backbone, this one is {actual['class']}; "
             "load it onto the model class it was trained with"
+        )
+    saved_pooling, this_pooling = expected.get("pooling", "model"), actual.get("pooling", "model")
+    if saved_pooling != this_pooling:
+        raise ValueError(
+            f"{folder} was trained on a backbone whose classifier pools by {POOLING_NAMES[saved_pooling]}; this "
+            f"one pools by {POOLING_NAMES[this_pooling]}. Load the backbone with pooling={saved_pooling!r} "
+            "(deltatune.loading.load_backbone, or --pooling)"
         )
     if expected.get("sha256") != actual["sha256"]:
         warnings.warn(

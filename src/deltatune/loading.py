@@ -9,6 +9,7 @@ import transformers
 from torch import nn
 
 from . import assets
+from . import pooling as pooling_module
 from .checkpoint import read_config
 
 
@@ -47,15 +48,21 @@ def model_class(path: str, class_name: str | None = None) -> type:
     return getattr(transformers, class_name)
 
 
-def load_backbone(spec: str, class_name: str | None = None, **options: Any) -> nn.Module | tuple[nn.Module, dict]:
+def load_backbone(spec: str, class_name: str | None = None, pooling: str = "model",
+                  **options: Any) -> nn.Module | tuple[nn.Module, dict]:
     """The model ``spec`` names, in eval mode.  ``options`` go to ``from_pretrained`` (e.g. ``num_labels``; with
-    ``output_loading_info=True`` the result is ``(model, info)`` as there)."""
+    ``output_loading_info=True`` the result is ``(model, info)`` as there).  ``pooling`` (a sequence classifier's,
+    :mod:`deltatune.pooling`): ``model``, ``mean``, or ``auto`` (what the checkpoint declares)."""
     path = model_path(spec)
+    chosen = pooling_module.resolve(pooling, path)
     try:
         loaded = model_class(path, class_name).from_pretrained(path, **options)
     except OSError as error:
         raise ValueError(f"cannot load {spec!r}: {error}") from None
-    (loaded[0] if isinstance(loaded, tuple) else loaded).eval()
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    if chosen == "mean":
+        pooling_module.use_mean(model)
+    model.eval()
     return loaded
 
 

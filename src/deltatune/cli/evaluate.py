@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"the delta was trained for labels {record['labels'][:10]}, this data has "
                          f"{task.labels[:10]}")
     task = subset(task, None, args.max_eval_examples)
-    objective = make_objective(record["objective"], record["backbone"], task, record["max_length"])
+    pooling = record.get("backbone_options", {}).get("pooling", "model")  # a run folder from before: the model's
+    objective = make_objective(record["objective"], record["backbone"], task, record["max_length"], pooling)
     delta = DeltaBase.from_finetuned(delta_folder, objective.model)
     rows = task.split(args.split)
     metrics = {"task": task.name, "split": args.split, "examples": len(rows), "delta": delta.delta_type,

@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> Path:
     if args.out.exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out} is not empty; choose another --out")
     folder, options = delta_and_options(args.delta)
+    if options.get("pooling") == "mean":  # save_pretrained would write a model whose head reads [CLS] again
+        raise ValueError(f"{args.delta} was trained with mean pooling, which a transformers checkpoint cannot "
+                         "record; use the delta with deltatune eval / serve instead of merging it")
     model = load_backbone(args.backbone, backbone_of_checkpoint(folder), **options)
     delta = DeltaBase.from_finetuned(folder, model)
     delta.merge()  # refuses what is not a weight update, before anything changes

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
+
+from ..pooling import CHOICES as POOLINGS
+
+
+def add_pooling_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pooling", choices=POOLINGS, default="auto",
+                        help="what a classifier's head reads: auto (the mean for checkpoints trained to pool by "
+                             "mean, such as MiniLM-L6; else the model's own), model (transformers' head: [CLS] "
+                             "through the pooler, or a decoder's last token) or mean (docs/pooling.md)")
 
 
 def check_counts(**counts: int | None) -> None:

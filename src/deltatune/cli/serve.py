@@ -52,6 +52,21 @@ def deltas_of(items: list[str]) -> dict[str, str]:
     return found
 
 
+def _one_pooling(folders: dict[str, tuple[Path, dict]]) -> str:
+    """The pooling the deltas' heads were trained with (deltatune.pooling): one backbone serves them all."""
+    poolings = {name: options.get("pooling") or _saved_pooling(folder) for name, (folder, options) in folders.items()}
+    if len(set(poolings.values())) > 1:
+        raise ValueError(f"these deltas were trained with different poolings ({poolings}); one backbone pools one "
+                         "way: serve them from two servers")
+    return next(iter(poolings.values()))
+
+
+def _saved_pooling(folder: Path) -> str:
+    if not (folder / checkpoint.CONFIG_FILE).is_file():
+        return "model"  # a PEFT adapter
+    return checkpoint.read_config(folder)["backbone"].get("pooling", "model")
+
+
 def labels_of(folder: Path, options: dict) -> list[str] | None:
     """The labels of a delta's own head: recorded by deltatune train, else ``LABEL_i`` for each output of the last
     head weight saved with it; None without a head."""
@@ -94,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError("--task classify serves each delta with the head trained with it; "
                              + (f"{', '.join(headless)} saved no head" if headless else "give at least one --delta"))
         model = load_backbone(args.backbone, "AutoModelForSequenceClassification",
-                              num_labels=max(map(len, labels.values())))
+                              num_labels=max(map(len, labels.values())), pooling=_one_pooling(folders))
         if model.config.pad_token_id is None:  # decoders classify at the last token that is not padding
             model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
                 tokenizer.eos_token_id)

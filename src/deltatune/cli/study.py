@@ -17,7 +17,7 @@ from ..study.protocol import BUDGETS, parse_method
 from ..study.runner import MEMORY_BATCHES, Study, run_study
 from ..training.objectives import OBJECTIVES
 from ..training.tasks import TASKS
-from .options import check_counts, json_object
+from .options import add_pooling_argument, check_counts, json_object
 
 DEFAULT_METHODS = "ft,lora,adapter,bitfit,prefix,soft_prompt"
 DEFAULT_TASKS = "rotten_tomatoes,sms_spam,trec"
@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "3 seeds")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="classify",
                         help="classify with a new head, or (decoders) write label words")
+    add_pooling_argument(parser)
     parser.add_argument("--combinations", action="store_true",
                         help="also every subset of soft_prompt, bitfit and adapter, on every task")
     parser.add_argument("--memory-batches", default=",".join(map(str, MEMORY_BATCHES)),
@@ -83,7 +84,7 @@ def make_study(args: argparse.Namespace) -> Study:
         _check_options(part, options)
     name = Path(args.backbone).name or args.backbone
     return Study(args.backbone, tasks, methods, budget, args.out or Path(f"out/study-{name}-{args.budget}"),
-                 args.objective, args.combinations, batches, configs,
+                 args.objective, args.pooling, args.combinations, batches, configs,
                  shlex.join(["deltatune", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else "")
 
 

@@ -22,7 +22,7 @@ from ..training.data import subset
 from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
 from .data_options import add_data_arguments, data_source, load_source
-from .options import check_counts, json_object, parse_overrides
+from .options import add_pooling_argument, check_counts, json_object, parse_overrides
 from .training_info import TRAINING_FILE
 
 
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="delta options: a JSON object or file, or KEY=VALUE pairs (lora_r=16)")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="classify",
                         help="classify with a new head, or (decoders) write label words")
+    add_pooling_argument(parser)
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
     parser.add_argument("--lr", type=float,
                         help="AdamW's peak learning rate (default: the method's, 1e-3; 3e-2 for soft_prompt)")
@@ -105,7 +106,7 @@ def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> 
     task = subset(load_source(record["data"]), args.max_train_examples, args.max_eval_examples)
     torch.manual_seed(args.seed)  # the new head and the delta start the same way for a seed
     with strategy.loading():
-        objective = make_objective(args.objective, args.backbone, task, args.max_length)
+        objective = make_objective(args.objective, args.backbone, task, args.max_length, args.pooling)
     strategy.place(objective.model)
     delta = DELTA_TYPES[args.delta](objective.model, **record["delta_config"])
     delta.freeze_module(exclude=["deltas", *objective.head])

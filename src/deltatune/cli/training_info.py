@@ -24,7 +24,7 @@ def read_run(folder: str | Path) -> tuple[dict[str, Any], Path]:
 
 # The only from_pretrained options a run folder may record: a head's labels.  A run folder someone sends you is
 # untrusted input, so nothing that loads code (trust_remote_code, a code revision) is ever taken from it.
-RECORDED_OPTIONS = {"num_labels": int, "id2label": dict, "label2id": dict}
+RECORDED_OPTIONS = {"num_labels": int, "id2label": dict, "label2id": dict, "pooling": str}
 
 
 def delta_and_options(folder: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -47,5 +47,7 @@ def delta_and_options(folder: str | Path) -> tuple[Path, dict[str, Any]]:
              (not isinstance(options[k], kind) or isinstance(options[k], bool))]
     if wrong:
         raise ValueError(f"{source}: backbone options {wrong} have the wrong type (num_labels an integer, "
-                         "id2label and label2id mappings)")
+                         "id2label and label2id mappings, pooling a string)")
+    if options.get("pooling", "model") not in ("model", "mean"):
+        raise ValueError(f"{source}: pooling {options['pooling']!r} is neither 'model' nor 'mean'")
     return delta, options

@@ -42,7 +42,7 @@ from .positions import check_room
 
 @dataclass
 class SoftPromptConfig(DeltaConfig):
-    soft_token_num: int = hyper(100, low=1, high=MAX_SIZE)
+    soft_token_num: int = hyper(20, low=1, high=MAX_SIZE)
     init_range: float = hyper(0.5, above=0, high=1e3)
     token_init: bool = True
     insert_at: int | None = hyper(None, low=0, high=MAX_SIZE)  # None: first, or after the first token of encoders

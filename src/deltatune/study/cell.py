@@ -35,10 +35,11 @@ class Cell:
         return f"{self.task}/{self.method.name}/{rate}/seed={self.seed}"
 
 
-def build(cell: Cell, backbone: str, objective_name: str, task: Task, budget: Budget, delta_configs: dict):
+def build(cell: Cell, backbone: str, objective_name: str, task: Task, budget: Budget, delta_configs: dict,
+          pooling: str = "auto"):
     """The objective (its freshly loaded model) and the optimizer's parameter groups for ``cell``."""
     torch.manual_seed(cell.seed)  # the head and the deltas start the same way for a seed
-    objective = make_objective(objective_name, backbone, task, budget.max_length)
+    objective = make_objective(objective_name, backbone, task, budget.max_length, pooling)
     model = objective.model
     rates = cell.method.rates(cell.lr)
     if cell.method.full:
@@ -65,11 +66,11 @@ def _head_parameters(model: nn.Module, head: list[str]) -> list[nn.Parameter]:
 
 
 def run(cell: Cell, backbone: str, objective_name: str, task: Task, budget: Budget, delta_configs: dict,
-        on_point=None) -> dict:
+        on_point=None, pooling: str = "auto") -> dict:
     """Train ``cell``; its record (curve, best point, test scores, parameters, time).  ``on_point(step, accuracy)``
     is called at each validation point."""
     cpu, wall = time.process_time(), time.time()
-    objective, groups = build(cell, backbone, objective_name, task, budget, delta_configs)
+    objective, groups = build(cell, backbone, objective_name, task, budget, delta_configs, pooling)
     model = objective.model
     parameters = [p for group in groups for p in group["params"]]
     steps_per_epoch = math.ceil(len(task.train) / budget.batch_size)

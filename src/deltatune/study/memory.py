@@ -33,10 +33,10 @@ def supported() -> bool:
 
 
 def measure(backbone: str, objective: str, task: str, method: str, batch: int, budget: Budget,
-            delta_configs: dict) -> dict[str, float]:
+            delta_configs: dict, pooling: str = "auto") -> dict[str, float]:
     """Run the child process for one point; its ``{"before_mb", "peak_mb"}``."""
     spec = {"backbone": backbone, "objective": objective, "task": task, "method": method, "batch": batch,
-            "max_length": budget.max_length, "delta_configs": delta_configs}
+            "max_length": budget.max_length, "delta_configs": delta_configs, "pooling": pooling}
     done = subprocess.run([sys.executable, "-m", __name__, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"measuring the memory of {method} at batch {batch} failed:\n{done.stderr[-2000:]}")
@@ -53,7 +53,7 @@ def _child(spec: dict) -> dict[str, float]:
                     max_length=spec["max_length"])
     method = parse_method(spec["method"])
     objective, groups = build(Cell(task.name, method, method.default_lr, 0), spec["backbone"], spec["objective"],
-                              task, budget, spec["delta_configs"])
+                              task, budget, spec["delta_configs"], spec["pooling"])
     parameters = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups) if parameters else None
     rows = [(" ".join(["a"] * spec["max_length"]), 0)] * spec["batch"]

@@ -35,7 +35,9 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
     machine = results["machine"]
     blocks: list[Block] = [
         ("h1", f"Delta-tuning study: {results['backbone']} ({results['budget']} budget)"),
-        ("p", f"Objective {results['objective']}; {seeds} seed(s); "
+        ("p", f"Objective {results['objective']}"
+              + (" (the head reads the tokens' mean)" if results["protocol"].get("pooling") == "mean" else "")
+              + f"; {seeds} seed(s); "
               + ("the learning-rate grid, chosen by validation accuracy" if results["grid"] else
                  "each method's default learning rate")
               + f"; test accuracy at the best validation point. {results['cells']} cells, "

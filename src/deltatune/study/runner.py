@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import pooling
+from ..loading import model_path
 from ..training.data import Task, subset
 from ..training.progress import output_console
 from ..training.tasks import load_task
@@ -28,6 +30,7 @@ class Study:
     budget: Budget
     out: Path
     objective: str = "classify"
+    pooling: str = "auto"  # a classifier's (deltatune.pooling)
     combinations: bool = False  # also the 8 subsets of soft prompt, BitFit and adapter, on every task
     memory_batches: tuple[int, ...] = MEMORY_BATCHES  # peak memory against these batch sizes; () skips it
     delta_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -36,7 +39,7 @@ class Study:
     def protocol(self) -> dict[str, Any]:
         """What every cell shares (the seeds and the grid only choose which cells run)."""
         budget = {k: v for k, v in dataclasses.asdict(self.budget).items() if k not in ("name", "seeds", "grid")}
-        return {"backbone": self.backbone, "objective": self.objective, "budget": budget,
+        return {"backbone": self.backbone, "objective": self.objective, "pooling": self.pooling, "budget": budget,
                 "delta_configs": self.delta_configs}
 
     def all_methods(self) -> list[Method]:
@@ -57,6 +60,7 @@ def run_study(study: Study) -> dict[str, Any]:
     for method in study.methods:
         parse_method(method.name)  # a Method made by hand is checked like a parsed one
     tasks = load_tasks(study.tasks, study.budget)
+    study = dataclasses.replace(study, pooling=pooling.resolve(study.pooling, model_path(study.backbone)))
     store.check_protocol(study.out, study.protocol())
     console = output_console()
     todo = study.cells()
@@ -71,7 +75,7 @@ def run_study(study: Study) -> dict[str, Any]:
             console.print(f"[{i}/{len(todo)}] {cell.key}: training", markup=False)
             record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
                                study.delta_configs, lambda step, accuracy: console.print(
-                                   f"    step {step}: validation {accuracy:.1%}", markup=False))
+                                   f"    step {step}: validation {accuracy:.1%}", markup=False), study.pooling)
             store.save(study.out, "cells", cell.key, record)
             how = f"{record['cpu_seconds']:.0f} s of CPU"
         else:
@@ -99,7 +103,7 @@ def _memory_points(study: Study, console) -> list[dict[str, Any]]:
             if point is None:
                 point = {"method": name, "batch": batch,
                          **memory.measure(study.backbone, study.objective, study.tasks[0], name, batch, study.budget,
-                                          study.delta_configs)}
+                                          study.delta_configs, study.pooling)}
                 store.save(study.out, "memory", key, point)
             points.append(point)
             console.print(f"memory {key}: peak {point['peak_mb']:,.0f} MB", markup=False)

@@ -1,6 +1,7 @@
 """How a backbone classifies text: a classification head, or (decoders) writing a label word after the text.
 
-``classify``: ``AutoModelForSequenceClassification``; the new head is trained with the delta.
+``classify``: ``AutoModelForSequenceClassification``; the new head is trained with the delta.  It reads the pooling
+``pooling`` chooses (:mod:`deltatune.pooling`; by default the mean for checkpoints trained to pool by mean).
 ``label-words``: a causal LM reads ``"<text>\\nAnswer:"`` and is trained to continue with `` <label word>``; it
 predicts the label whose word is most likely (its first token when the label words' first tokens differ, else the
 whole word's log-likelihood).  No new head: only the delta is trained (survey: prompt-based fine-tuning).
@@ -13,7 +14,8 @@ import transformers
 from torch import nn
 
 from .. import sharding
-from ..loading import load_backbone, tokenizer_path
+from ..loading import load_backbone, model_path, tokenizer_path
+from ..pooling import resolve as resolve_pooling
 from .data import Rows, Task
 
 PROMPT_SUFFIX = "\nAnswer:"
@@ -22,10 +24,11 @@ PROMPT_SUFFIX = "\nAnswer:"
 class Classify:
     name = "classify"
 
-    def __init__(self, backbone: str, task: Task, max_length: int) -> None:
+    def __init__(self, backbone: str, task: Task, max_length: int, pooling: str = "auto") -> None:
         self.tokenizer = _tokenizer(backbone)
         self.backbone_options = {"num_labels": len(task.labels), "id2label": dict(enumerate(task.labels)),
-                                 "label2id": {label: i for i, label in enumerate(task.labels)}}
+                                 "label2id": {label: i for i, label in enumerate(task.labels)},
+                                 "pooling": resolve_pooling(pooling, model_path(backbone))}
         self.model, info = _load(backbone, "AutoModelForSequenceClassification", self.backbone_options)
         if self.model.config.pad_token_id is None:  # decoders classify at the last non-pad token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -53,7 +56,9 @@ class Classify:
 class LabelWords:
     name = "label-words"
 
-    def __init__(self, backbone: str, task: Task, max_length: int) -> None:
+    def __init__(self, backbone: str, task: Task, max_length: int, pooling: str = "auto") -> None:
+        if pooling == "mean":
+            raise ValueError("--pooling mean is for --objective classify; label words are read at the last token")
         self.tokenizer = _tokenizer(backbone)
         self.backbone_options = {}
         self.model, _ = _load(backbone, "AutoModelForCausalLM", {})
@@ -143,7 +148,7 @@ def _load(backbone: str, auto_class: str, options: dict) -> tuple[nn.Module, dic
     return load_backbone(backbone, auto_class, output_loading_info=True, **options)
 
 
-def make_objective(name: str, backbone: str, task: Task, max_length: int):
+def make_objective(name: str, backbone: str, task: Task, max_length: int, pooling: str = "auto"):
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose {' or '.join(OBJECTIVES)}")
-    return OBJECTIVES[name](backbone, task, max_length)
+    return OBJECTIVES[name](backbone, task, max_length, pooling)

@@ -1,0 +1,113 @@
+"""Mean pooling for sequence classifiers: what a checkpoint declares, the numbers, the refusals, the round trips."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from deltatune import DeltaBase, LoraModel, SoftPromptModel, pooling
+from deltatune.cli import main
+from deltatune.cli.training_info import delta_and_options
+from deltatune.loading import load_backbone
+
+from conftest import tiny_model
+
+
+def _declare(folder, **modes):
+    (folder / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    config = {"word_embedding_dimension": 32, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+              "pooling_mode_max_tokens": False, **{f"pooling_mode_{k}": v for k, v in modes.items()}}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_what_a_checkpoint_declares(tmp_path, minilm_path):
+    assert pooling.declared(minilm_path) == "mean"  # all-MiniLM-L6-v2 was trained on the tokens' mean
+    assert pooling.declared(_declare(tmp_path / "a", cls_token=True)) == "cls"
+    assert pooling.declared(_declare(tmp_path / "b", max_tokens=True)) == "max"
+    assert pooling.declared(tmp_path) is None  # not a sentence-transformers folder
+    assert pooling.resolve("auto", minilm_path) == "mean" and pooling.resolve("auto", tmp_path / "a") == "model"
+    assert pooling.resolve("model", minilm_path) == "model"
+    with pytest.raises(ValueError, match="unknown pooling 'cls'; choose auto, model, mean"):
+        pooling.resolve("cls", tmp_path)
+
+
+def test_the_head_reads_the_masked_mean_and_padding_does_not_count():
+    torch.manual_seed(0)
+    model = pooling.use_mean(tiny_model("bert").eval())
+    assert pooling.of(model) == "mean" and not any("pooler" in name for name, _ in model.named_parameters())
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        mean = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        alone = model(input_ids=ids[:1, :4]).logits  # the first row without its padding, and no mask at all
+    torch.testing.assert_close(logits, model.classifier(mean), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits[:1], alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["roberta", "gpt2"])
+def test_a_head_that_does_not_read_the_pooler_is_refused(family):
+    model = tiny_model(family)
+    with pytest.raises(ValueError, match="mean pooling"):
+        pooling.use_mean(model)
+    assert pooling.of(model) == "model"
+
+
+def test_a_soft_prompt_is_averaged_with_the_tokens():
+    torch.manual_seed(0)
+    model = pooling.use_mean(tiny_model("bert").eval())
+    SoftPromptModel(model, soft_token_num=3)
+    ids, mask = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, :3]).logits
+    torch.testing.assert_close(padded[:1], alone, rtol=0, atol=1e-5)
+
+
+def test_a_delta_trained_on_the_mean_is_refused_on_a_model_that_pools_cls(tmp_path):
+    torch.manual_seed(0)
+    mean = pooling.use_mean(tiny_model("bert").eval())
+    LoraModel(mean, modified_modules=["query"]).save_finetuned(tmp_path / "d")
+    plain = tiny_model("bert").eval()
+    with pytest.raises(ValueError, match="pools by the tokens' mean; this one pools by the model's own head. "
+                                         "Load the backbone with pooling='mean'"):
+        DeltaBase.from_finetuned(tmp_path / "d", plain)
+    DeltaBase.from_finetuned(tmp_path / "d", pooling.use_mean(tiny_model("bert").eval()))
+
+
+def test_load_backbone_applies_what_the_folder_declares(tmp_path):
+    torch.manual_seed(0)
+    tf.BertForSequenceClassification(tiny_model("bert").config).save_pretrained(tmp_path)
+    _declare(tmp_path, mean_tokens=True)
+    assert pooling.of(load_backbone(str(tmp_path), "AutoModelForSequenceClassification", pooling="auto")) == "mean"
+    assert pooling.of(load_backbone(str(tmp_path), "AutoModelForSequenceClassification")) == "model"
+
+
+def test_a_run_folder_records_its_pooling_and_a_bad_value_is_refused(tmp_path):
+    (tmp_path / "delta").mkdir()
+    record = {"backbone_options": {"num_labels": 2, "pooling": "mean"}}
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    assert delta_and_options(tmp_path)[1]["pooling"] == "mean"
+    record["backbone_options"]["pooling"] = "max"
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="pooling 'max' is neither 'model' nor 'mean'"):
+        delta_and_options(tmp_path)
+
+
+@pytest.mark.real
+def test_train_eval_and_merge_on_minilm_keep_the_mean(tmp_path, capsys):
+    out = tmp_path / "run"
+    short = ["--max-train-examples", "32", "--max-eval-examples", "32", "--epochs", "1", "--batch-size", "16"]
+    assert main(["train", *short, "--out", str(out)]) == 0
+    assert json.loads((out / "training.json").read_text())["backbone_options"]["pooling"] == "mean"
+    assert json.loads((out / "delta" / "delta_config.json").read_text())["backbone"]["pooling"] == "mean"
+    assert main(["merge", "--backbone", "minilm-l6", "--delta", str(out), "--out", str(tmp_path / "m")]) == 2
+    assert "trained with mean pooling" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(["train", *short, "--pooling", "model", "--out", str(tmp_path / "cls")]) == 0
+    assert json.loads((tmp_path / "cls" / "training.json").read_text())["backbone_options"]["pooling"] == "model"
