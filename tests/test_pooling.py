@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 from deltatune import DeltaBase, LoraModel, SoftPromptModel, pooling
-from deltatune.cli import main
+from deltatune.cli import main, serve
 from deltatune.cli.training_info import delta_and_options
 from deltatune.loading import load_backbone
 
@@ -79,6 +79,12 @@ def test_a_delta_trained_on_the_mean_is_refused_on_a_model_that_pools_cls(tmp_pa
                                          "Load the backbone with pooling='mean'"):
         DeltaBase.from_finetuned(tmp_path / "d", plain)
     DeltaBase.from_finetuned(tmp_path / "d", pooling.use_mean(tiny_model("bert").eval()))
+    assert delta_and_options(tmp_path / "d") == (tmp_path / "d", {"pooling": "mean"})  # commands rebuild it so
+
+    LoraModel(tiny_model("bert"), modified_modules=["query"]).save_finetuned(tmp_path / "plain")
+    folders = {name: delta_and_options(tmp_path / name) for name in ("d", "plain")}
+    with pytest.raises(ValueError, match=r"trained with different poolings \({'d': 'mean', 'plain': 'model'}\)"):
+        serve._one_pooling(folders)
 
 
 def test_load_backbone_applies_what_the_folder_declares(tmp_path):
@@ -107,7 +113,9 @@ def test_train_eval_and_merge_on_minilm_keep_the_mean(tmp_path, capsys):
     assert main(["train", *short, "--out", str(out)]) == 0
     assert json.loads((out / "training.json").read_text())["backbone_options"]["pooling"] == "mean"
     assert json.loads((out / "delta" / "delta_config.json").read_text())["backbone"]["pooling"] == "mean"
-    assert main(["merge", "--backbone", "minilm-l6", "--delta", str(out), "--out", str(tmp_path / "m")]) == 2
-    assert "trained with mean pooling" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    for delta in (out, out / "delta"):  # a run folder, and the plain delta folder in it
+        assert main(["merge", "--backbone", "minilm-l6", "--delta", str(delta), "--out", str(tmp_path / "m")]) == 2
+        assert "trained with mean pooling" in capsys.readouterr().err and not (tmp_path / "m").exists()
+        assert main(["show", "minilm-l6", "--delta", str(delta), "--width", "100"]) == 0
     assert main(["train", *short, "--pooling", "model", "--out", str(tmp_path / "cls")]) == 0
     assert json.loads((tmp_path / "cls" / "training.json").read_text())["backbone_options"]["pooling"] == "model"

@@ -54,17 +54,11 @@ def deltas_of(items: list[str]) -> dict[str, str]:
 
 def _one_pooling(folders: dict[str, tuple[Path, dict]]) -> str:
     """The pooling the deltas' heads were trained with (deltatune.pooling): one backbone serves them all."""
-    poolings = {name: options.get("pooling") or _saved_pooling(folder) for name, (folder, options) in folders.items()}
+    poolings = {name: options.get("pooling", "model") for name, (_, options) in folders.items()}
     if len(set(poolings.values())) > 1:
         raise ValueError(f"these deltas were trained with different poolings ({poolings}); one backbone pools one "
                          "way: serve them from two servers")
     return next(iter(poolings.values()))
-
-
-def _saved_pooling(folder: Path) -> str:
-    if not (folder / checkpoint.CONFIG_FILE).is_file():
-        return "model"  # a PEFT adapter
-    return checkpoint.read_config(folder)["backbone"].get("pooling", "model")
 
 
 def labels_of(folder: Path, options: dict) -> list[str] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CONFIG_FILE, read_config
 from .options import json_object
 
 TRAINING_FILE = "training.json"
@@ -29,10 +30,13 @@ RECORDED_OPTIONS = {"num_labels": int, "id2label": dict, "label2id": dict, "pool
 
 def delta_and_options(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     """A delta folder and the ``from_pretrained`` options its backbone needs: a run folder's ``delta/`` and
-    recorded options (e.g. the number of labels of its head), or a plain delta folder and none."""
+    recorded options (e.g. the number of labels of its head), or a plain delta folder and the pooling its
+    fingerprint records, if any."""
     folder = Path(folder)
-    if not (folder / TRAINING_FILE).exists():
-        return folder, {}
+    if not (folder / TRAINING_FILE).exists():  # a plain delta folder: its fingerprint may record a pooling
+        config = folder / CONFIG_FILE
+        saved = read_config(folder)["backbone"].get("pooling") if config.is_file() else None
+        return folder, {"pooling": saved} if saved else {}
     record, delta = read_run(folder)
     options = record.get("backbone_options", {})
     source = folder / TRAINING_FILE
