@@ -65,7 +65,6 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
             **({"pooling": "mean"} if pooling.of(model) == "mean" else {})}
 
 
-
 POOLING_NAMES = {"model": "the model's own head", "mean": "the tokens' mean"}
 
 

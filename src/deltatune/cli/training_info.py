@@ -23,7 +23,7 @@ def read_run(folder: str | Path) -> tuple[dict[str, Any], Path]:
         folder / "delta"
 
 
-# The only from_pretrained options a run folder may record: a head's labels.  A run folder someone sends you is
+# The only loading options a run folder may record: a head's labels and what it reads (deltatune.pooling).  A run folder someone sends you is
 # untrusted input, so nothing that loads code (trust_remote_code, a code revision) is ever taken from it.
 RECORDED_OPTIONS = {"num_labels": int, "id2label": dict, "label2id": dict, "pooling": str}
 
