@@ -65,9 +65,14 @@ def test_a_soft_prompt_is_averaged_with_the_tokens():
     SoftPromptModel(model, soft_token_num=3)
     ids, mask = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     with torch.no_grad():
-        padded = model(input_ids=ids, attention_mask=mask).logits
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         alone = model(input_ids=ids[:1, :3]).logits
-    torch.testing.assert_close(padded[:1], alone, rtol=0, atol=1e-5)
+    hidden = out.hidden_states[-1]  # 4 tokens + 3 prompt tokens after [CLS]
+    extended = torch.cat([mask[:, :1], torch.ones(2, 3, dtype=mask.dtype), mask[:, 1:]], dim=1).unsqueeze(-1)
+    mean = (hidden * extended).sum(1) / extended.sum(1)
+    assert hidden.shape[1] == 7
+    torch.testing.assert_close(out.logits, model.classifier(mean), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.logits[:1], alone, rtol=0, atol=1e-5)
 
 
 def test_a_delta_trained_on_the_mean_is_refused_on_a_model_that_pools_cls(tmp_path):

@@ -17,7 +17,7 @@ from ..training.loop import evaluate
 from ..training.objectives import make_objective
 from .data_options import add_data_arguments, data_source, load_source
 from .options import check_counts
-from .training_info import read_run
+from .training_info import delta_and_options, read_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"the delta was trained for labels {record['labels'][:10]}, this data has "
                          f"{task.labels[:10]}")
     task = subset(task, None, args.max_eval_examples)
-    pooling = record.get("backbone_options", {}).get("pooling", "model")  # a run folder from before: the model's
+    pooling = delta_and_options(args.delta)[1].get("pooling", "model")  # checked; a run folder from before: model
     objective = make_objective(record["objective"], record["backbone"], task, record["max_length"], pooling)
     delta = DeltaBase.from_finetuned(delta_folder, objective.model)
     rows = task.split(args.split)
