@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .machine import machine
+from deltatune.machine import machine
 from .models import Setting, quiet, settings
 from .report import markdown
 from .timing import alternating, interleaved, median_of

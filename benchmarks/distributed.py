@@ -23,7 +23,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from benchmarks.machine import machine
+from deltatune.machine import machine
 from deltatune import assets
 
 STRATEGIES = ["single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"# Distributed training parity and memory (MiniLM-L6, LoRA, 2 CPU processes, gloo)", "",
+    lines = ["# Distributed training parity and memory (MiniLM-L6, LoRA, 2 CPU processes, gloo)", "",
              f"`{m['command']}` on {m['cpu']} ({m['cores']} cores, {m['threads']} thread per process), "
              f"{m['date']}; torch {m['versions']['torch']}, transformers {m['versions']['transformers']}.", "",
              "Differences are from the single-process run on the same global batches (dropout off).", "",

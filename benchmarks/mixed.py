@@ -33,7 +33,7 @@ from deltatune import LoraModel, assets
 from deltatune.bank import DeltaBank
 from deltatune.bank.registry import DeltaRegistry
 
-from .machine import machine
+from deltatune.machine import machine
 from .timing import interleaved
 
 THREADS = 2

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from benchmarks.machine import machine
+from deltatune.machine import machine
 from deltatune.study import cell as cells
 from deltatune.study import store
 from deltatune.study.protocol import Budget, parse_method
@@ -36,6 +36,7 @@ VARIANTS = [
     ("learning rate 1e-1", "soft_prompt", {}, 1e-1, "auto"),
     ("reparameterised (residual MLP, 128 hidden)", "soft_prompt", {"reparameterize": True}, 3e-2, "auto"),
     ("100 prompt tokens", "soft_prompt", {"soft_token_num": 100}, 3e-2, "auto"),
+    ("learning rate 1e-2", "soft_prompt", {}, 1e-2, "auto"),  # later rows go last: a row's number keys its cache
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as tf
 
-from deltatune import DeltaBase, LoraModel, SoftPromptModel, pooling
+from deltatune import DeltaBase, LoraModel, PrefixModel, SoftPromptModel, pooling
 from deltatune.cli import main, serve
 from deltatune.cli.training_info import delta_and_options
 from deltatune.loading import load_backbone
@@ -71,6 +71,21 @@ def test_a_soft_prompt_is_averaged_with_the_tokens():
     extended = torch.cat([mask[:, :1], torch.ones(2, 3, dtype=mask.dtype), mask[:, 1:]], dim=1).unsqueeze(-1)
     mean = (hidden * extended).sum(1) / extended.sum(1)
     assert hidden.shape[1] == 7
+    torch.testing.assert_close(out.logits, model.classifier(mean), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.logits[:1], alone, rtol=0, atol=1e-5)
+
+
+def test_a_prefix_leaves_its_cached_positions_out_of_the_mean():
+    torch.manual_seed(0)
+    model = pooling.use_mean(tiny_model("bert").eval())
+    PrefixModel(model, prefix_token_num=5, reparameterize=False)
+    ids, mask = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]]), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        alone = model(input_ids=ids[:1, :3]).logits
+    hidden = out.hidden_states[-1]
+    mean = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    assert hidden.shape[1] == 4  # the prefix's 5 positions are keys and values only
     torch.testing.assert_close(out.logits, model.classifier(mean), rtol=0, atol=1e-6)
     torch.testing.assert_close(out.logits[:1], alone, rtol=0, atol=1e-5)
 

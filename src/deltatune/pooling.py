@@ -29,7 +29,8 @@ CHOICES = ("auto", "model", "mean")  # auto: the mean when the checkpoint declar
 
 class MeanPooler(nn.Module):
     """Stands in for a BERT-style ``pooler``: the masked mean of the hidden states.  The mask is the one the base
-    model was called with (so a soft prompt's extended mask counts its tokens), kept by :func:`_keep_mask`."""
+    model was called with (so a soft prompt's extended mask counts its tokens, and a prefix's cached positions,
+    which are no hidden states, do not count), kept by :func:`_keep_mask`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,6 +40,11 @@ class MeanPooler(nn.Module):
         mask = self.mask
         if mask is None:
             return hidden_states.mean(1)
+        tokens = hidden_states.shape[1]
+        if mask.dim() == 2 and mask.shape[1] > tokens:
+            # A mask that also covers a KV cache (a prefix's virtual tokens) ends with the tokens' columns; the
+            # cached positions are no hidden states, so they are not averaged.
+            mask = mask[:, -tokens:]
         if mask.shape != hidden_states.shape[:2]:
             raise ValueError(f"mean pooling got an attention mask of shape {tuple(mask.shape)} for hidden states of "
                              f"{tuple(hidden_states.shape[:2])} (batch, tokens)")

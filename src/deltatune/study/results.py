@@ -6,16 +6,12 @@ a tie) and its test accuracy counts; the table reports the mean and the standard
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
 import statistics
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..machine import machine
 from .protocol import COMBINED, FULL_FINE_TUNING, combinations
 
 
@@ -57,7 +53,7 @@ def summarize(study, records: list[dict[str, Any]], memory: list[dict[str, Any]]
         "combinations": [m.name for m in combinations()] if study.combinations else [],
         "combined_parts": list(COMBINED), "reference": FULL_FINE_TUNING if FULL_FINE_TUNING in singles else None,
         "cells": len(records), "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
-        "seconds_this_run": round(seconds, 1), "machine": _machine(study.command),
+        "seconds_this_run": round(seconds, 1), "machine": machine(study.command, torch.get_num_threads()),
     }
     return results
 
@@ -65,16 +61,3 @@ def summarize(study, records: list[dict[str, Any]], memory: list[dict[str, Any]]
 def _majority(rows) -> float:
     labels = [label for _, label in rows]
     return max(labels.count(label) for label in set(labels)) / len(labels)
-
-
-def _machine(command: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command,
-            "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "versions": {p: metadata.version(p) for p in ("torch", "transformers", "deltatune")}}
