@@ -6,7 +6,8 @@
    32 or 128 LoRAs with 16 rows over up to 16 distinct ones, vs PEFT's mixed batches (``adapter_names=``, a loop
    over the adapters in the batch), and the bare backbone.
 2. Decoder generation at batch 1 (SmolLM2-135M, greedy, 32 new tokens), LoRA r=8 on all 7 projections, unmerged:
-   ours (attached, and routed from a bank) and PEFT's per token, against the bare model.
+   ours (attached, and routed from a bank) and PEFT's per token, against the bare model; and the bare model with a
+   forward hook that changes nothing on each of those projections (the floor of any hook-based method).
 3. Switching tasks on that decoder (all-linear LoRA): detaching one delta and attaching another, entering a
    bank's ``route()`` for another delta, and PEFT's ``set_adapter``.
 4. Serving 32 greedy requests (8 new tokens) over 8 LoRAs(q, v, r=8): mixed batches of 16, or one of 32
@@ -148,6 +149,16 @@ def generation_rows(setup: Models, repeats: int) -> list[dict]:
         with torch.no_grad():
             m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
+    def hooked():
+        # The floor of any method that runs in forward hooks: a hook that changes nothing, on the same modules.
+        hosts = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ALL_LINEAR]
+        handles = [m.register_forward_hook(lambda module, args, kwargs, out: out, with_kwargs=True) for m in hosts]
+        try:
+            greedy(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def attached():
         ours.attach()
         try:
@@ -161,7 +172,8 @@ def generation_rows(setup: Models, repeats: int) -> list[dict]:
         with bank.route(["ours"]):
             greedy(model)
 
-    times = interleaved({"bare": lambda: greedy(model), "ours, LoRA unmerged": attached,
+    times = interleaved({"bare": lambda: greedy(model), "a forward hook that changes nothing": hooked,
+                         "ours, LoRA unmerged": attached,
                          "ours, from a bank of 2 (route)": routed, "PEFT, LoRA unmerged": lambda: greedy(wrapped)},
                         repeats, warmup=1)
     bank.close()

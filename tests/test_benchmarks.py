@@ -51,7 +51,8 @@ def test_mixed_smoke_run_reports_every_benchmark_with_its_reference(tmp_path):
     encoder, generation, switching, serving = groups.values()
     assert encoder["one LoRA attached"]["ratio"] == 1.0 and len(encoder) == 9
     assert all(r["ratio"] == r["value"] / encoder["one LoRA attached"]["value"] for r in encoder.values())
-    assert list(generation) == ["bare", "ours, LoRA unmerged", "ours, from a bank of 2 (route)", "PEFT, LoRA unmerged"]
+    assert list(generation) == ["bare", "a forward hook that changes nothing", "ours, LoRA unmerged",
+                                "ours, from a bank of 2 (route)", "PEFT, LoRA unmerged"]
     assert all(r["unit"] == "ms/token" and r["ratio_to"] == "bare model" for r in generation.values())
     assert len(switching) == 3 and all(r["unit"] == "ms" and r["ratio"] is None for r in switching.values())
     swap = serving["swap one attached delta per batch of 4"]
