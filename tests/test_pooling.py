@@ -1,6 +1,8 @@
 """Mean pooling for sequence classifiers: what a checkpoint declares, the numbers, the refusals, the round trips."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 
 import pytest
 import torch
@@ -49,6 +51,28 @@ def test_the_head_reads_the_masked_mean_and_padding_does_not_count():
         alone = model(input_ids=ids[:1, :4]).logits  # the first row without its padding, and no mask at all
     torch.testing.assert_close(logits, model.classifier(mean), rtol=0, atol=1e-6)
     torch.testing.assert_close(logits[:1], alone, rtol=0, atol=1e-5)
+
+
+def test_a_deep_copy_and_concurrent_threads_each_read_their_own_mask():
+    torch.manual_seed(0)
+    model = pooling.use_mean(tiny_model("bert").eval())
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    masks = [torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]), torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6])]
+    with torch.no_grad():
+        expected = [model(input_ids=ids, attention_mask=m).logits for m in masks]
+        copy = deepcopy(model)
+        model(input_ids=ids, attention_mask=masks[0])  # the original's call must not feed the copy's pooler
+        torch.testing.assert_close(copy(input_ids=ids, attention_mask=masks[1]).logits, expected[1], rtol=0, atol=0)
+
+    def run(which: int) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(input_ids=ids, attention_mask=masks[which]).logits for _ in range(30)]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [0, 1]))
+    for which, logits in enumerate(results):
+        for one in logits:
+            torch.testing.assert_close(one, expected[which], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["roberta", "gpt2"])

@@ -19,6 +19,7 @@ trained on the mean is refused on a model that pools ``[CLS]`` (and the other wa
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -30,14 +31,15 @@ CHOICES = ("auto", "model", "mean")  # auto: the mean when the checkpoint declar
 class MeanPooler(nn.Module):
     """Stands in for a BERT-style ``pooler``: the masked mean of the hidden states.  The mask is the one the base
     model was called with (so a soft prompt's extended mask counts its tokens, and a prefix's cached positions,
-    which are no hidden states, do not count), kept by :func:`_keep_mask`."""
+    which are no hidden states, do not count), handed over by :func:`_keep_mask` for each thread's call apart, so
+    concurrent forwards on one model each read their own."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.mask: torch.Tensor | None = None
+        self.masks: dict[int, torch.Tensor | None] = {}  # thread id -> the mask of that thread's call in progress
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
+        mask = self._take_mask()
         if mask is None:
             return hidden_states.mean(1)
         tokens = hidden_states.shape[1]
@@ -51,11 +53,21 @@ class MeanPooler(nn.Module):
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
+    @torch.compiler.disable  # a compiled graph would bake in one thread's id
+    def _take_mask(self) -> torch.Tensor | None:
+        return self.masks.pop(threading.get_ident(), None)
 
-def _keep_mask(pooler: MeanPooler):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    return hook
+    @torch.compiler.disable
+    def keep(self, mask: torch.Tensor | None) -> None:
+        self.masks[threading.get_ident()] = mask
+
+
+def _keep_mask(base: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The base model's pre-hook: hands the call's attention mask to the base model's own pooler (a module-level
+    function reading its module, so a deep copy of the model feeds its copy of the pooler)."""
+    pooler = base.pooler
+    if isinstance(pooler, MeanPooler):
+        pooler.keep(kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
 
 
 def declared(path: str | Path) -> str | None:
@@ -97,7 +109,7 @@ def use_mean(model: nn.Module) -> nn.Module:
                          f"{type(model).__name__} has none. Use pooling 'model'")
     pooler = MeanPooler()
     base.pooler = pooler
-    base.register_forward_pre_hook(_keep_mask(pooler), with_kwargs=True)
+    base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
     if all(p.numel() and p.device.type != "meta" for p in model.parameters()):  # not yet when loaded partitioned
         _check_read(model, pooler)
     return model
