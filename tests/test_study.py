@@ -3,6 +3,7 @@ the refusals; model selection is checked on made-up records.  Accuracy is not as
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import transformers
 
 from deltatune.cli import main
+from deltatune.cli import study as study_cli
 from deltatune.study.protocol import BUDGETS, combinations, parse_method
 from deltatune.study.results import summarize
 from deltatune.study.runner import Study
@@ -121,12 +123,22 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_b
     (["--delta-config", '{"lora": {"rank": 4}}'], "rank"),
     (["--delta-config", '{"loraa": {}}'], "--delta-config maps delta types (adapter, bitfit"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--max-train-examples", "0"], "--max-train-examples must be at least 1, got 0"),
+    (["--max-eval-examples", "half"], "--max-eval-examples takes a number or 'all', got 'half'"),
 ])
 def test_bad_options_are_refused_before_anything_runs(tmp_path, options, message, capsys):
     out = tmp_path / "study"
     assert main(["study", "--out", str(out), *options]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_all_examples_and_counts_override_the_budget():
+    parser = argparse.ArgumentParser()
+    study_cli.add_arguments(parser)
+    quick = study_cli.make_study(parser.parse_args(["--max-train-examples", "all", "--max-eval-examples", "200"]))
+    assert (quick.budget.train_examples, quick.budget.eval_examples, quick.budget.epochs) == (None, 200, 3)
+    assert study_cli.make_study(parser.parse_args([])).budget == BUDGETS["quick"]
 
 
 def _record(task, method, lr, seed, validation, test):

@@ -8,6 +8,7 @@ folder receives results.json, report.md, report.html and PNG figures (docs/study
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -43,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='options per delta type, e.g. \'{"soft_prompt": {"soft_token_num": 20}}\'')
     parser.add_argument("--seeds", help="comma-separated seeds (overrides the budget's)")
     parser.add_argument("--epochs", type=int, help="overrides the budget's")
-    parser.add_argument("--max-train-examples", type=int, help="overrides the budget's")
-    parser.add_argument("--max-eval-examples", type=int, help="validation and test each; overrides the budget's")
+    parser.add_argument("--max-train-examples", metavar="N|all", help="overrides the budget's")
+    parser.add_argument("--max-eval-examples", metavar="N|all",
+                        help="validation and test each; overrides the budget's")
     parser.add_argument("--batch-size", type=int, help="overrides the budget's (32)")
     parser.add_argument("--max-length", type=int, help="tokens per example; overrides the budget's (64)")
     parser.add_argument("--out", type=Path, help="the study folder (default: out/study-BACKBONE-BUDGET)")
@@ -64,9 +66,22 @@ def _integers(text: str, option: str) -> tuple[int, ...]:
         raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
 
 
+def _examples(text: str | None, field: str, option: str) -> dict[str, int | None]:
+    """A budget override of ``field``: none when the option is not given, None (every example) for ``all``."""
+    if text is None:
+        return {}
+    if text == "all":
+        return {field: None}
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"{option} takes a number or 'all', got {text!r}") from None
+    check_counts(**{option[2:].replace("-", "_"): count})
+    return {field: count}
+
+
 def make_study(args: argparse.Namespace) -> Study:
-    check_counts(epochs=args.epochs, max_train_examples=args.max_train_examples,
-                 max_eval_examples=args.max_eval_examples, batch_size=args.batch_size, max_length=args.max_length)
+    check_counts(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length)
     tasks = _names(args.tasks, "--tasks")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -76,9 +91,11 @@ def make_study(args: argparse.Namespace) -> Study:
     batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches")
     if any(b < 1 for b in batches):
         raise ValueError(f"--memory-batches must be at least 1 each, got {args.memory_batches}")
-    budget = BUDGETS[args.budget].with_overrides(
-        seeds=seeds, epochs=args.epochs, train_examples=args.max_train_examples,
-        eval_examples=args.max_eval_examples, batch_size=args.batch_size, max_length=args.max_length)
+    budget = dataclasses.replace(
+        BUDGETS[args.budget].with_overrides(seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
+                                            max_length=args.max_length),
+        **_examples(args.max_train_examples, "train_examples", "--max-train-examples"),
+        **_examples(args.max_eval_examples, "eval_examples", "--max-eval-examples"))
     configs = json_object(args.delta_config, "--delta-config")
     for part, options in configs.items():
         _check_options(part, options)
