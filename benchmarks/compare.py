@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from deltatune.machine import machine
+
 from .models import Setting, quiet, settings
 from .report import markdown
 from .timing import alternating, interleaved, median_of

@@ -33,8 +33,8 @@ import transformers as tf
 from deltatune import LoraModel, assets
 from deltatune.bank import DeltaBank
 from deltatune.bank.registry import DeltaRegistry
-
 from deltatune.machine import machine
+
 from .timing import interleaved
 
 THREADS = 2
