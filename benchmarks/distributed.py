@@ -23,8 +23,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from deltatune.machine import machine
 from deltatune import assets
+from deltatune.machine import machine
 
 STRATEGIES = ["single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}

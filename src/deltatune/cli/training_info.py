@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CONFIG_FILE, read_config
+from ..checkpoint import CONFIG_FILE, POOLING_NAMES, read_config
 from .options import json_object
 
 TRAINING_FILE = "training.json"
@@ -23,8 +23,9 @@ def read_run(folder: str | Path) -> tuple[dict[str, Any], Path]:
         folder / "delta"
 
 
-# The only loading options a run folder may record: a head's labels and what it reads (deltatune.pooling).  A run folder someone sends you is
-# untrusted input, so nothing that loads code (trust_remote_code, a code revision) is ever taken from it.
+# The only loading options a run folder may record: a head's labels and what it reads (deltatune.pooling).  A run
+# folder someone sends you is untrusted input, so nothing that loads code (trust_remote_code, a code revision) is
+# ever taken from it.
 RECORDED_OPTIONS = {"num_labels": int, "id2label": dict, "label2id": dict, "pooling": str}
 
 
@@ -52,6 +53,6 @@ def delta_and_options(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     if wrong:
         raise ValueError(f"{source}: backbone options {wrong} have the wrong type (num_labels an integer, "
                          "id2label and label2id mappings, pooling a string)")
-    if options.get("pooling", "model") not in ("model", "mean"):
+    if options.get("pooling", "model") not in POOLING_NAMES:
         raise ValueError(f"{source}: pooling {options['pooling']!r} is neither 'model' nor 'mean'")
     return delta, options
