@@ -6,20 +6,31 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each variant, warm-up calls excluded."""
+Variant = Callable[[], object] | tuple[Callable[[], AbstractContextManager], Callable[[], object]]
+
+
+def _timed(variant: Variant) -> float:
+    setting, run = variant if isinstance(variant, tuple) else (nullcontext, variant)
+    with setting():  # set-up and tear-down (attaching a delta, say) are not what is timed
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+
+def interleaved(variants: dict[str, Variant], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each variant, warm-up calls excluded.  A variant is a callable, or a pair
+    ``(setting, run)`` of which only ``run()`` is timed, inside the context manager ``setting()``."""
     for _ in range(warmup):
-        for run in variants.values():
-            run()
+        for variant in variants.values():
+            _timed(variant)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for round_ in range(repeats):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            start = time.perf_counter()
-            variants[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(_timed(variants[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

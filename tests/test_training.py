@@ -158,6 +158,24 @@ def test_early_stopping_counts_epochs_since_the_best():
     assert not _stopped_early(History(), patience=1)
 
 
+def test_evaluation_batches_by_length_and_scores_each_row_against_its_own_label():
+    from types import SimpleNamespace
+
+    from deltatune.training.loop import evaluate
+
+    seen = []
+
+    def predict(chunk):
+        seen.append([len(text) for text, _ in chunk])
+        return torch.tensor([len(text) % 3 for text, _ in chunk])
+
+    rows = [("x" * n, n % 3) for n in (9, 1, 7, 3, 8, 2)]
+    objective = SimpleNamespace(model=torch.nn.Identity(), predict=predict)
+    assert evaluate(objective, rows, 3, batch_size=2)["accuracy"] == 1.0
+    assert seen == [[1, 2], [3, 7], [8, 9]]  # shortest first: a batch pads to its longest text
+    wrong = [(text, (label + 1) % 3) if i == 4 else (text, label) for i, (text, label) in enumerate(rows)]
+    assert evaluate(objective, wrong, 3, batch_size=2)["accuracy"] == pytest.approx(5 / 6)
+
 @pytest.mark.real
 def test_built_in_tasks_have_fixed_disjoint_splits():
     sizes = {name: (len(t.train), len(t.validation), len(t.test), len(t.labels))

@@ -80,7 +80,12 @@ def evaluate(objective, rows: Rows, num_labels: int, batch_size: int = 64, world
     share = -(-len(rows) // world.size)
     mine = rows[world.rank::world.size]
     padded = mine + rows[:1] * (share - len(mine))  # every rank runs as many batches (sharded engines need it)
-    predicted = torch.cat([objective.predict(chunk) for chunk in batches(padded, batch_size)])[:len(mine)]
+    # Batches of texts of similar lengths pad less; the predictions are put back in the rows' order.
+    by_length = sorted(range(len(padded)), key=lambda i: len(padded[i][0]))
+    predicted = torch.empty(len(padded), dtype=torch.long)
+    predicted[by_length] = torch.cat([objective.predict(chunk).cpu()
+                                      for chunk in batches([padded[i] for i in by_length], batch_size)])
+    predicted = predicted[:len(mine)]
     parts = world.gather(predicted.tolist())
     order = [parts[i % world.size][i // world.size] for i in range(len(rows))]  # row i came from rank i mod N
     return scores(torch.tensor(order), torch.tensor([label for _, label in rows]), num_labels)
