@@ -1,6 +1,7 @@
 """Mean pooling for sequence classifiers: what a checkpoint declares, the numbers, the refusals, the round trips."""
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 
@@ -64,15 +65,23 @@ def test_a_deep_copy_and_concurrent_threads_each_read_their_own_mask():
         model(input_ids=ids, attention_mask=masks[0])  # the original's call must not feed the copy's pooler
         torch.testing.assert_close(copy(input_ids=ids, attention_mask=masks[1]).logits, expected[1], rtol=0, atol=0)
 
-    def run(which: int) -> list[torch.Tensor]:
+    # Both threads' masks are stored before either is read: each thread's forward waits at the last layer until the
+    # other's has arrived there too, so a mask kept in one place for the model would be read by the wrong thread.
+    meet = threading.Barrier(2, timeout=30)
+
+    def wait_for_the_other(*_):
+        meet.wait()
+
+    model.bert.encoder.layer[-1].register_forward_hook(wait_for_the_other)
+
+    def run(which: int) -> torch.Tensor:
         with torch.no_grad():
-            return [model(input_ids=ids, attention_mask=masks[which]).logits for _ in range(30)]
+            return model(input_ids=ids, attention_mask=masks[which]).logits
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, [0, 1]))
     for which, logits in enumerate(results):
-        for one in logits:
-            torch.testing.assert_close(one, expected[which], rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits, expected[which], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["roberta", "gpt2"])
@@ -81,6 +90,20 @@ def test_a_head_that_does_not_read_the_pooler_is_refused(family):
     with pytest.raises(ValueError, match="mean pooling"):
         pooling.use_mean(model)
     assert pooling.of(model) == "model"
+
+
+def test_a_head_that_ignores_the_pooler_is_refused_by_its_logits_and_the_model_is_left_as_it_was():
+    class FirstToken(tf.BertForSequenceClassification):  # has a pooler, but classifies the first token's state
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            hidden = self.bert(input_ids, attention_mask=attention_mask).last_hidden_state
+            return tf.modeling_outputs.SequenceClassifierOutput(logits=self.classifier(hidden[:, 0]))
+
+    torch.manual_seed(0)
+    model = FirstToken(tiny_model("bert").config).eval()
+    pooler = model.bert.pooler
+    with pytest.raises(ValueError, match="does not read its base model's pooler. Use pooling 'model'"):
+        pooling.use_mean(model)
+    assert model.bert.pooler is pooler and not model.bert._forward_pre_hooks and pooling.of(model) == "model"
 
 
 def test_a_soft_prompt_is_averaged_with_the_tokens():

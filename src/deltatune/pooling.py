@@ -107,11 +107,16 @@ def use_mean(model: nn.Module) -> nn.Module:
     if base is None or base is model or not isinstance(getattr(base, "pooler", None), nn.Module):
         raise ValueError(f"mean pooling replaces the pooler of a sequence classifier's base model; "
                          f"{type(model).__name__} has none. Use pooling 'model'")
-    pooler = MeanPooler()
+    original, pooler = base.pooler, MeanPooler()
     base.pooler = pooler
-    base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
+    hook = base.register_forward_pre_hook(_keep_mask, with_kwargs=True)
     if all(p.numel() and p.device.type != "meta" for p in model.parameters()):  # not yet when loaded partitioned
-        _check_read(model, pooler)
+        try:
+            _check_read(model, pooler)
+        except ValueError:
+            base.pooler = original  # refused: the model is left as it was
+            hook.remove()
+            raise
     return model
 
 
