@@ -65,6 +65,10 @@ def run_study(study: Study) -> dict[str, Any]:
     console = output_console()
     todo = study.cells()
     records, started = [], time.time()
+
+    def show(step: int, accuracy: float) -> None:
+        console.print(f"    step {step}: validation {accuracy:.1%}", markup=False)
+
     for i, cell in enumerate(todo, 1):
         record = store.load(study.out, "cells", cell.key)
         if record is not None and record["rates"] != cell.method.rates(cell.lr):
@@ -74,8 +78,7 @@ def run_study(study: Study) -> dict[str, Any]:
         if record is None:
             console.print(f"[{i}/{len(todo)}] {cell.key}: training", markup=False)
             record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
-                               study.delta_configs, lambda step, accuracy: console.print(
-                                   f"    step {step}: validation {accuracy:.1%}", markup=False), study.pooling)
+                               study.delta_configs, on_point=show, pooling=study.pooling)
             store.save(study.out, "cells", cell.key, record)
             how = f"{record['cpu_seconds']:.0f} s of CPU"
         else:
