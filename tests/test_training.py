@@ -176,6 +176,7 @@ def test_evaluation_batches_by_length_and_scores_each_row_against_its_own_label(
     wrong = [(text, (label + 1) % 3) if i == 4 else (text, label) for i, (text, label) in enumerate(rows)]
     assert evaluate(objective, wrong, 3, batch_size=2)["accuracy"] == pytest.approx(5 / 6)
 
+
 @pytest.mark.real
 def test_built_in_tasks_have_fixed_disjoint_splits():
     sizes = {name: (len(t.train), len(t.validation), len(t.test), len(t.labels))
