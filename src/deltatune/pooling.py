@@ -113,8 +113,8 @@ def use_mean(model: nn.Module) -> nn.Module:
     if all(p.numel() and p.device.type != "meta" for p in model.parameters()):  # not yet when loaded partitioned
         try:
             _check_read(model, pooler)
-        except ValueError:
-            base.pooler = original  # refused: the model is left as it was
+        except Exception:
+            base.pooler = original  # refused or failed: the model is left as it was
             hook.remove()
             raise
     return model
