@@ -1,8 +1,11 @@
 """`deltatune train` on two processes (torchrun, gloo) with each engine, against one process on the same global
 batches: the loss curve, the saved delta and its merge must agree; a killed run resumes; a killed rank is an error.
 
-Tolerances: step losses within 1e-6, relative to losses above 1 (float32 reductions in another order), saved tensors within 2e-5 (ten AdamW
-steps at lr 1e-2 amplify the rounding differences of sharded reductions; observed up to 8e-6 with ZeRO-3).
+Tolerances: step losses within 1e-6, relative to losses above 1 (float32 reductions in another order), saved tensors
+within 1e-4. Ten AdamW steps at lr 1e-2 amplify the rounding differences of sharded reductions: up to 8e-6 in general,
+and 2.4e-5 on one element of 262,144 (a prefix MLP under fully partitioned ZeRO-3, on an AVX-512 machine), where a
+near-zero gradient makes Adam's normalised step sensitive to the last bit.  A wrong gather or a lost gradient moves
+elements by about lr = 1e-2 per step, a hundred times the tolerance.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def distributed(backbone: Path, out: Path, strategy: str, *extra: str) -> Path:
     return out
 
 
-def assert_same_run(reference: Path, other: Path, tensors_within: float = 2e-5, steps: int = 10) -> None:
+def assert_same_run(reference: Path, other: Path, tensors_within: float = 1e-4, steps: int = 10) -> None:
     ours, theirs = (json.loads((f / "metrics.json").read_text()) for f in (reference, other))
     assert len(ours["step_losses"]) == len(theirs["step_losses"]) == steps
     assert max(abs(a - b) / max(1.0, abs(a)) for a, b in zip(ours["step_losses"], theirs["step_losses"])) < 1e-6
