@@ -4,8 +4,8 @@ batches: the loss curve, the saved delta and its merge must agree; a killed run 
 Tolerances: step losses within 1e-6, relative to losses above 1 (float32 reductions in another order), saved tensors
 within 1e-4. Ten AdamW steps at lr 1e-2 amplify the rounding differences of sharded reductions: up to 8e-6 in general,
 and 2.4e-5 on one element of 262,144 (a prefix MLP under fully partitioned ZeRO-3, on an AVX-512 machine), where a
-near-zero gradient makes Adam's normalised step sensitive to the last bit.  A wrong gather or a lost gradient moves
-elements by about lr = 1e-2 per step, a hundred times the tolerance.
+near-zero gradient makes Adam's normalised step sensitive to the last bit.  A lost gradient is far outside it: AdamW's
+first step moves every element whose gradient is non-zero by lr = 1e-2 (m̂/√v̂ = ±1), a hundred times the tolerance.
 """
 
 from __future__ import annotations
