@@ -61,9 +61,12 @@ def _leave(module: nn.Module, args: tuple, output) -> None:
 def changing(model: nn.Module, what: str) -> Iterator[None]:
     """Hold ``model`` for one change: refused while another thread runs its forward pass or changes it.
 
-    When the outermost change ends, compiled graphs are dropped: torch.compile does not guard on module hooks, so
-    a compiled graph would keep running the old deltas (about 50 µs when there are none, once per change rather
-    than once per modified module; a compiled model recompiles on its next call)."""
+    When the outermost change ends, compiled graphs are dropped, and Dynamo is told to guard on module hooks from
+    then on. By default torch.compile does not guard on them, so a compiled graph would keep running the old deltas,
+    and a graph traced on one model would run for another model of the same architecture whatever its deltas (a
+    bare model and a copy with a LoRA, compiled side by side, gave the copy the bare model's outputs). Dropping the
+    graphs costs about 10 µs when there are none, once per change rather than once per modified module; a compiled
+    model recompiles on its next call."""
     guard = _GUARDS.setdefault(model, _Guard())
     me = threading.get_ident()
     with guard.condition:
@@ -75,10 +78,17 @@ def changing(model: nn.Module, what: str) -> Iterator[None]:
         yield
     finally:
         if outer is None:
-            torch.compiler.reset()
+            _guard_compiled_graphs_on_hooks()
         with guard.condition:
             guard.changer = outer
             guard.condition.notify_all()
+
+
+def _guard_compiled_graphs_on_hooks() -> None:
+    import torch._dynamo  # loaded by torch.compiler.reset() anyway; not at import, to keep the import light
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False  # process-wide, and only ever stricter
+    torch.compiler.reset()
 
 
 def watch(model: nn.Module, on: bool) -> None:
