@@ -278,9 +278,9 @@ def serving_rows(setup: Models, repeats: int, tmp: Path) -> list[dict]:
                  mean_latency_s=sum(done[name]) / len(done[name])) for name, t in times.items()]
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, title: str = "Many deltas on one backbone") -> str:
     m = result["machine"]
-    lines = ["# Many deltas on one backbone", "",
+    lines = [f"# {title}", "",
              f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['threads']} threads), Python {m['python']}, "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; `{m['command']}` took {result['seconds']} s.",
              "",

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, mixed, prompt_ablation  # noqa: E402
+from benchmarks import compare, compiled_generation, mixed, prompt_ablation  # noqa: E402
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -72,3 +72,16 @@ def test_prompt_ablation_writes_one_row_per_variant(tmp_path, tiny_backbone):
     table = (tmp_path / "prompt_ablation.md").read_text()
     assert "| variant | lr | pooling | trec | sms_spam | average test |" in table
     assert table.count("\n| ") == 1 + 3 and saved["machine"]["cpu"] in table
+
+
+def test_compiled_generation_smoke_run_checks_tokens_and_times_every_variant(tmp_path):
+    results = compiled_generation.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "compiled_generation-smoke.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert [r["variant"] for r in saved["rows"]] == ["bare", "LoRA", "bare, layers compiled", "LoRA, layers compiled"]
+    assert saved["rows"][0]["ratio"] == 1.0 and all(r["value"] > 0 for r in saved["rows"])
+    # The tuned model compiled beside the bare one runs its own deltas (see tests/test_compile.py).
+    for check in saved["compiled_vs_uncompiled"].values():
+        assert check["same_tokens"] and check["max_logit_difference"] < 1e-4
+    assert "LoRA, layers compiled against uncompiled: same tokens True" in (
+        tmp_path / "compiled_generation-smoke.md").read_text()
