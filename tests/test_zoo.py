@@ -37,3 +37,14 @@ def test_every_delta_type_works_or_is_refused(entry, tmp_path):
         assert wrong.keys() == expected.keys(), wrong
         pytest.xfail("; ".join(f"{t}: {why}" for t, why in expected.items()))
     assert wrong == {}
+
+
+def test_indices_of_layers_follow_their_layers_into_the_tiny_config():
+    a, b = "sliding_attention", "indexed_attention"
+    values = {"num_hidden_layers": 6, "layer_types": [a, a, b, a, a, b], "index_layers": [2, 5],
+              "mlp_only_layers": [0, 1], "kv_source_layers": [0, 1, 2, 3, 2, 5]}
+    shrunk = zoo._shrunk(values)
+    assert shrunk["layer_types"] == [a, b]
+    assert shrunk["index_layers"] == [1]  # the indexed layers: the tiny model's one indexed layer
+    assert shrunk["mlp_only_layers"] == [0, 1]  # already valid at two layers: unchanged
+    assert shrunk["kv_source_layers"] == [0, 1]  # a per-layer list: cut

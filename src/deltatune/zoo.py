@@ -78,11 +78,27 @@ def _shrunk(values: dict) -> dict:
             changes[key] = (kinds + value[len(kinds):])[:LAYERS] if len(kinds) <= LAYERS else None
         elif isinstance(value, list) and layers and len(value) == layers:  # a per-layer list
             changes[key] = value[:LAYERS]
+        elif key.endswith("_layers") and _layer_indices(value, layers) and max(value) >= LAYERS:  # some layers
+            changes[key] = _kept_indices(value, values.get("layer_types"))
         elif isinstance(value, dict) and "model_type" in value:  # a sub-config
             changes[key] = _shrunk(value)
     if "kv_lora_rank" in values and "num_key_value_heads" in values:  # latent attention: as many kv as q heads
         changes["num_key_value_heads"] = HEADS
     return {**values, **changes}
+
+
+def _layer_indices(value, layers: int | None) -> bool:
+    return (isinstance(value, list) and bool(value) and layers is not None
+            and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in value))
+
+
+def _kept_indices(indices: list[int], layer_types: list | None) -> list[int]:
+    """Indices of layers, for the tiny model: each layer becomes the first kept layer of its kind (the kept layers
+    are one of each kind, in order; see ``layer_types`` above), or is kept if there are no kinds and it is kept."""
+    if not isinstance(layer_types, list):
+        return [i for i in indices if i < LAYERS]
+    first = {kind: i for i, kind in enumerate(dict.fromkeys(layer_types))}
+    return sorted({first[layer_types[i]] for i in indices if i < len(layer_types) and first[layer_types[i]] < LAYERS})
 
 
 def tiny_config(model_type: str):
@@ -182,7 +198,8 @@ def skip_reason(entry: ZooEntry) -> str | None:
     """Why the entry cannot be checked at a tiny size (transformers cannot build or run it so), or None."""
     from .probe import pseudo_inputs
 
-    def first_line(error: Exception) -> str:
+    def first_line(error: BaseException) -> str:
+        error = error.__cause__ or error  # a validator's wrapper says only which validator failed
         return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]}"
 
     try:
