@@ -21,6 +21,7 @@ FUSED = {
     "modernbert": ("ModernBertForSequenceClassification", {}),
     "phi3": ("Phi3ForCausalLM", {}),
     "phi4_multimodal": ("Phi4MultimodalForCausalLM", {}),
+    "ergo": ("ErgoForCausalLM", {}),  # transformers 5.25
     "gpt_bigcode": ("GPTBigCodeForCausalLM", {"multi_query": True}),
     "gpt_bigcode-multihead": ("GPTBigCodeForCausalLM", {"multi_query": False}),
     "falcon-multiquery": ("FalconForCausalLM", {"multi_query": True, "new_decoder_architecture": False}),

@@ -6,7 +6,7 @@ wrong features without any error.  So the layouts are written out per attention 
 own attention in tests/test_fused_qkv.py) and an unknown fused projection is refused, not guessed.  A layout is a
 number of equal groups, each a sequence of ``(role, width)`` segments:
 
-    contiguous   [q | k | v]                         GPT-2, MPT, ModernBERT, Phi-3 (k, v narrower under GQA)
+    contiguous   [q | k | v]                         GPT-2, MPT, ModernBERT, Phi-3, Ergo (k, v narrower under GQA)
     per head     [q₁ k₁ v₁ | q₂ k₂ v₂ | ...]          BLOOM, GPT-NeoX, Persimmon, Falcon-RW, DeBERTa, ...
     per kv group [q q .. k v | q q .. k v | ...]      Falcon with its new decoder architecture
 """
@@ -80,6 +80,7 @@ LAYOUTS: dict[tuple[str, str, str], Callable[[nn.Module, int], Segments]] = {
     ("modeling_modernbert", "ModernBertAttention", "Wqkv"): _thirds,
     ("modeling_phi3", "Phi3Attention", "qkv_proj"): _phi3,
     ("modeling_phi4_multimodal", "Phi4MultimodalAttention", "qkv_proj"): _phi3,
+    ("modeling_ergo", "ErgoAttention", "qkv_proj"): _phi3,
     ("modeling_gpt_bigcode", "GPTBigCodeAttention", "c_attn"): _gpt_bigcode,
     ("modeling_falcon", "FalconAttention", "query_key_value"): _falcon,
     ("modeling_bloom", "BloomAttention", "query_key_value"): _per_head,
