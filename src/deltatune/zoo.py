@@ -93,8 +93,8 @@ def _layer_indices(value, layers: int | None) -> bool:
 
 
 def _kept_indices(indices: list[int], layer_types: list | None) -> list[int]:
-    """Indices of layers, for the tiny model: each layer becomes the first kept layer of its kind (the kept layers
-    are one of each kind, in order; see ``layer_types`` above), or is kept if there are no kinds and it is kept."""
+    """Indices of layers, for the tiny model, which keeps one layer of each kind in order (``layer_types`` above):
+    each index becomes the kept layer of its layer's kind. Without kinds, the indices below the tiny count stay."""
     if not isinstance(layer_types, list):
         return [i for i in indices if i < LAYERS]
     first = {kind: i for i, kind in enumerate(dict.fromkeys(layer_types))}
