@@ -12,19 +12,16 @@ the check only; the test suite runs it).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from deltatune import LoraModel
 from deltatune.machine import machine
 
-from .mixed import ALL_LINEAR, THREADS, _random, _row, markdown, models
+from .mixed import ALL_LINEAR, THREADS, _random, _row, arguments, markdown, models
 from .timing import interleaved
 
 
@@ -36,19 +33,22 @@ def _layers_compiled(model, backend: str) -> tuple[list, list]:
     return layers, [layer._compiled_call_impl for layer in layers]
 
 
+def _detached(delta, run):
+    delta.detach()
+    try:
+        return run()
+    finally:
+        delta.attach()
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA, one repeat: the format only")
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args, argv = arguments(__doc__, 6, argv)
     torch.set_num_threads(THREADS)
     # Each layer index and the cache's per-layer state give a graph of their own: 30 layers need more than 8.
     torch._dynamo.config.recompile_limit = 256
     setup = models(args.smoke)
     bare, tuned = setup.decoder(), setup.decoder()
-    _random(LoraModel(tuned, ALL_LINEAR, lora_r=8))
+    lora = _random(LoraModel(tuned, ALL_LINEAR, lora_r=8))
     ids, n = torch.randint(3, 1000, (1, 16)), setup.new_tokens
     started = time.perf_counter()
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   output_logits=True, return_dict_in_generate=True)
 
     uncompiled = {"bare": greedy(bare), "LoRA": greedy(tuned)}
+    with torch.no_grad():  # what the LoRA changes: a compiled graph that dropped it would differ this much
+        lora_effect = (tuned(ids).logits - _detached(lora, lambda: tuned(ids).logits)).abs().max().item()
     # The smoke run traces with Dynamo only: inductor needs a C++ compiler, which a test machine may lack.
     backend = "eager" if args.smoke else "inductor"
     compiled = {"bare": _layers_compiled(bare, backend), "LoRA": _layers_compiled(tuned, backend)}
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [_row(benchmark, name, t / n * 1000, "ms/token", t / times["bare"], "bare model uncompiled")
             for name, t in times.items()]
     result = {"machine": machine(" ".join(["python -m benchmarks.compiled_generation", *argv]), THREADS),
-              "seconds": round(time.perf_counter() - started), "rows": rows, "compiled_vs_uncompiled": checks}
+              "seconds": round(time.perf_counter() - started), "rows": rows, "compiled_vs_uncompiled": checks,
+              "lora_effect_on_logits": lora_effect}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "compiled_generation-smoke" if args.smoke else "compiled_generation"
     text = markdown(result, "Batch-1 generation with compiled decoder layers") + "".join(

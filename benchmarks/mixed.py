@@ -293,13 +293,18 @@ def markdown(result: dict, title: str = "Many deltas on one backbone") -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str, repeats: int, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """``--smoke``, ``--repeats`` and ``--out``, shared by the benchmarks of this family; and the argv parsed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny random models, one repeat: the format only")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv), argv
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, argv = arguments(__doc__, 10, argv)
     repeats = 1 if args.smoke else args.repeats
     torch.set_num_threads(THREADS)
     setup = models(args.smoke)

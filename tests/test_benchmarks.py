@@ -81,6 +81,7 @@ def test_compiled_generation_smoke_run_checks_tokens_and_times_every_variant(tmp
     assert [r["variant"] for r in saved["rows"]] == ["bare", "LoRA", "bare, layers compiled", "LoRA, layers compiled"]
     assert saved["rows"][0]["ratio"] == 1.0 and all(r["value"] > 0 for r in saved["rows"])
     # The tuned model compiled beside the bare one runs its own deltas (see tests/test_compile.py).
+    assert saved["lora_effect_on_logits"] > 0.01  # so a compiled graph without the LoRA would fail the check below
     for check in saved["compiled_vs_uncompiled"].values():
         assert check["same_tokens"] and check["max_logit_difference"] < 1e-4
     assert "LoRA, layers compiled against uncompiled: same tokens True" in (
