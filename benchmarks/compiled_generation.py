@@ -12,7 +12,6 @@ the check only; the test suite runs it).
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 
@@ -21,7 +20,7 @@ import torch
 from deltatune import LoraModel
 from deltatune.machine import machine
 
-from .mixed import ALL_LINEAR, THREADS, _random, _row, arguments, markdown, models
+from .mixed import ALL_LINEAR, THREADS, _random, _row, arguments, markdown, models, save
 from .timing import interleaved
 
 
@@ -92,15 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(" ".join(["python -m benchmarks.compiled_generation", *argv]), THREADS),
               "seconds": round(time.perf_counter() - started), "rows": rows, "compiled_vs_uncompiled": checks,
               "lora_effect_on_logits": lora_effect}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "compiled_generation-smoke" if args.smoke else "compiled_generation"
     text = markdown(result, "Batch-1 generation with compiled decoder layers") + "".join(
         f"\n{model}, layers compiled against uncompiled: same tokens {check['same_tokens']}, logits within "
         f"{check['max_logit_difference']:.2g} at every step.\n" for model, check in checks.items())
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
-    return result
+    return save(args, "compiled_generation", result, text)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,16 @@ def arguments(doc: str, repeats: int, argv: list[str] | None) -> tuple[argparse.
     return parser.parse_args(argv), argv
 
 
+def save(args: argparse.Namespace, name: str, result: dict, text: str) -> dict:
+    """Write ``OUT/NAME.json`` and ``OUT/NAME.md`` (``NAME-smoke`` for a smoke run), print the text; the result."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{name}-smoke" if args.smoke else name
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, argv = arguments(__doc__, 10, argv)
     repeats = 1 if args.smoke else args.repeats
@@ -316,12 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
                 + switching_rows(setup, repeats) + serving_rows(setup, max(1, repeats // 3), Path(tmp)))
     result = {"machine": machine(" ".join(["python -m benchmarks.mixed", *argv]), THREADS),
               "seconds": round(time.perf_counter() - started), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "mixed-smoke" if args.smoke else "mixed"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
-    return result
+    return save(args, "mixed", result, markdown(result))
 
 
 if __name__ == "__main__":

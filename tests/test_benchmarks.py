@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, compiled_generation, mixed, prompt_ablation  # noqa: E402
+from benchmarks import compare, compiled_generation, decode_step, mixed, prompt_ablation  # noqa: E402
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -86,3 +86,16 @@ def test_compiled_generation_smoke_run_checks_tokens_and_times_every_variant(tmp
         assert check["same_tokens"] and check["max_logit_difference"] < 1e-4
     assert "LoRA, layers compiled against uncompiled: same tokens True" in (
         tmp_path / "compiled_generation-smoke.md").read_text()
+
+
+def test_decode_step_smoke_run_times_every_variant_and_checks_their_tokens(tmp_path):
+    results = decode_step.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "decode_step-smoke.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    variants = [r["variant"] for r in saved["rows"]]
+    assert variants[:4] == ["bare", "a forward hook that changes nothing", "LoRA attached", "LoRA merged"]
+    assert variants[4].startswith("bound, not in the library") and variants[5:] == ["merge(exact=True)", "unmerge()"]
+    assert saved["rows"][0]["ratio"] == 1.0 and all(r["value"] > 0 for r in saved["rows"])
+    assert all(r["samples"] == decode_step.STEPS for r in saved["rows"][:5])
+    assert saved["same_tokens_as_attached"] == dict.fromkeys(variants[3:5], True)
+    assert saved["lora_effect_on_logits"] > 0.01
