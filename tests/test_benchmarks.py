@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, compiled_generation, decode_step, mixed, prompt_ablation  # noqa: E402
+from benchmarks import compare, compiled_generation, continuous, decode_step, mixed, prompt_ablation  # noqa: E402
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -99,3 +99,14 @@ def test_decode_step_smoke_run_times_every_variant_and_checks_their_tokens(tmp_p
     assert all(r["samples"] == decode_step.STEPS for r in saved["rows"][:5])
     assert saved["same_tokens_as_attached"] == dict.fromkeys(variants[3:5], True)
     assert saved["lora_effect_on_logits"] > 0.01
+
+
+def test_continuous_smoke_run_serves_the_stream_both_ways_with_the_same_tokens(tmp_path):
+    results = continuous.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "continuous-smoke.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert [r["variant"] for r in saved["rows"]] == ["dynamic batching (up to 16 rows)",
+                                                     "continuous batching (up to 16 rows)"]
+    assert saved["rows"][0]["ratio"] == 1.0
+    assert all(r["value"] > 0 and r["mean_latency_s"] > 0 and r["p95_latency_s"] > 0 for r in saved["rows"])
+    assert saved["same_tokens"] is True

@@ -251,3 +251,27 @@ def test_streamed_text_holds_back_what_may_start_a_stop_string():
     assert pieces[2:4] == ["", ""]  # "a", "ab": maybe the start of "abc", held back until "_" shows they are not
     text = Text(Characters(), ("abc",))
     assert [text.add(ord(c)) for c in "xab"] + [text.add(None)] == ["x", "", "", "ab"]  # the end releases the rest
+
+
+def test_a_continuous_batching_server_answers_as_each_delta_alone(served):
+    _, folders, model, tokenizer, *_ = served
+    registry = DeltaRegistry(model)
+    for name in ("lora", "prompt"):
+        registry.register(name, folders[name])
+    engine = Engine(model, tokenizer, registry, max_batch=8, window=0.02, continuous=True)
+    app = create_app(engine, base_name="smollm2-135m", max_prompt_tokens=64, max_new_tokens=32)
+    jobs = [(name, prompt, n) for name in ("lora", "smollm2-135m") for prompt, n in zip(PROMPTS, (8, 3, 6, 4))]
+    with serving(app) as port:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(lambda job: client.completions.create(
+                model=job[0], prompt=job[1], max_tokens=job[2], temperature=0), jobs))
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="lora", prompt=PROMPTS[0], max_tokens=5, temperature=0, stream=True))
+        with pytest.raises(openai.BadRequestError, match="'prompt' is a soft_prompt, which adds positions"):
+            client.completions.create(model="prompt", prompt="hi", max_tokens=2)
+    engine.close()
+    for (name, prompt, n), answer in zip(jobs, answers):
+        assert answer.choices[0].text == _alone(model, tokenizer, folders.get(name), prompt, n), (name, prompt)
+    assert streamed == _alone(model, tokenizer, folders["lora"], PROMPTS[0], 5)
+    assert engine.stats["requests"] == len(jobs) + 1 and engine.stats["failed"] == 0

@@ -156,6 +156,17 @@ def fill_cache(cache: Cache, layer: int, keys: torch.Tensor, values: torch.Tenso
     cache.update(keys, values, layer)
 
 
+def cache_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of a DynamicCache of full-attention layers, each ``(batch, heads, positions,
+    head_dim)``; raises for any other kind of cache."""
+    layers = getattr(cache, "layers", None)
+    if type(cache) is not DynamicCache or not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers or []})) or "no layers"
+        raise CompatibilityError(f"expected a DynamicCache of full-attention layers (DynamicLayer), got a "
+                                 f"{type(cache).__name__} ({kinds})")
+    return [(layer.keys, layer.values) for layer in layers]
+
+
 def cross_attention_filled(cache: Cache, layer: int) -> bool:
     """Whether an encoder-decoder cache already holds ``layer``'s cross-attention keys (after the first step)."""
     cross_attention_cache(cache)  # checks the type

@@ -32,6 +32,7 @@ class DeltaRegistry:
         self.bank = DeltaBank(backbone_model)
         self._sources: dict[str, Path] = {}
         self._labels: dict[str, list[str]] = {}
+        self._types: dict[str, str] = {}
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._lock = threading.RLock()
         self.evictions = 0
@@ -56,12 +57,17 @@ class DeltaRegistry:
             raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
                              f"{'taken' if name in self._sources else 'not one'}")
         if (folder / checkpoint.CONFIG_FILE).is_file():
-            checkpoint.check_backbone(checkpoint.read_config(folder), self.backbone_model, folder, heads_apart=True)
-        elif not (folder / "adapter_config.json").is_file():
+            saved = checkpoint.read_config(folder)
+            checkpoint.check_backbone(saved, self.backbone_model, folder, heads_apart=True)
+            delta_type = saved["delta_type"]
+        elif (folder / "adapter_config.json").is_file():
+            delta_type = "lora"  # the PEFT format read here (deltatune.peft_format)
+        else:
             raise FileNotFoundError(f"{folder} is neither a deltatune checkpoint ({checkpoint.CONFIG_FILE}) nor a "
                                     "PEFT adapter (adapter_config.json)")
         with self._lock:
             self._sources[name] = folder
+            self._types[name] = delta_type
             if labels is not None:
                 self._labels[name] = list(labels)
 
@@ -70,12 +76,18 @@ class DeltaRegistry:
         self.require(name)
         return self._labels.get(name)
 
+    def delta_type(self, name: str) -> str:
+        """The delta type saved in ``name``'s folder (``lora`` for a PEFT adapter)."""
+        self.require(name)
+        return self._types[name]
+
     def unregister(self, name: str) -> None:
         with self._lock:
             self.require(name)
             if name in self._loaded:
                 self._evict(name)
             del self._sources[name]
+            del self._types[name]
             self._labels.pop(name, None)
 
     def acquire(self, names: list[str | None]) -> None:

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY, else none)")
     parser.add_argument("--max-batch", type=int, default=16, help="rows per mixed batch")
     parser.add_argument("--batch-window", type=float, default=0.01, help="seconds to wait for more requests")
+    parser.add_argument("--continuous", action="store_true",
+                        help="continuous batching: requests join a running generation at its next step and leave it "
+                             "when done (deltas that add positions, soft prompts and prefixes, are refused)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="largest max_tokens accepted")
@@ -83,6 +86,8 @@ def run(args: argparse.Namespace) -> None:
                  max_new_tokens=args.max_new_tokens, max_delta_bytes=args.max_delta_bytes)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.continuous and args.task == "classify":
+        raise ValueError("--continuous is for generation; a classification is one forward pass")
     deltas = deltas_of(args.delta)
     try:
         import uvicorn
@@ -116,7 +121,9 @@ def run(args: argparse.Namespace) -> None:
     if base in deltas:
         raise ValueError(f"--delta {base}=... takes the backbone's own name; choose another")
     engine = Engine(model, tokenizer, registry, max_batch=args.max_batch, window=args.batch_window,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, continuous=args.continuous)
+    for name in deltas:
+        engine.check_servable(name)
     app = create_app(engine, base_name=base, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                      max_new_tokens=args.max_new_tokens, timeout=args.timeout)
     print(f"deltatune serve: {base} with {', '.join(deltas) or 'no deltas'} on http://{args.host}:{args.port}/v1",

@@ -144,6 +144,8 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
             raise APIError(429, str(error), "rate_limit_error") from None
         except KeyError as error:
             raise APIError(404, str(error.args[0]), "not_found_error", "model") from None
+        except ValueError as error:  # a delta this engine cannot serve
+            raise APIError(400, str(error), param="model") from None
         ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         text = Text(engine.tokenizer, request.stop)

@@ -6,6 +6,10 @@ The worker takes the first waiting request, then every request that arrives with
 token; tokens are handed to each request as they are made (streaming).  The queue is bounded: a full queue refuses
 at once (HTTP 429), so latency stays bounded under overload.
 
+With ``continuous=True`` a batch does not run to its longest row: requests join the running batch at its next
+step (whatever their sampling settings) and leave it when done (:mod:`.continuous`), for deltas that add no
+positions (soft prompts and prefixes are refused).
+
 A sequence-classification backbone is served the same way: :class:`Classification` requests for any deltas run as
 one right-padded forward pass, each row through its delta and its delta's own head (see
 :mod:`deltatune.bank.heads`), and get the probabilities of that head's labels.
@@ -23,8 +27,11 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .. import auto
 from ..bank.registry import DeltaRegistry
 from ..compat import BaseStreamer
+from ..routing import Route
+from .continuous import RunningBatch, check_model
 
 
 class QueueFull(Exception):
@@ -71,34 +78,46 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(self.streamer.finished, device=input_ids.device)
 
 
+class _Row:
+    """One request's generated tokens, and whether and why it is done."""
+
+    def __init__(self, request: Request) -> None:
+        self.request, self.tokens, self.finished, self.reason = request, [], False, "length"
+
+    def take(self, token: int, eos: set[int], tokenizer) -> None:
+        """The row's next token: the end of the sequence, or one more token handed to the request (which may end it
+        by its own ``max_tokens`` or a stop string)."""
+        if self.finished:
+            return
+        if token in eos:
+            self.finished, self.reason = True, "stop"
+            return
+        self.tokens.append(token)
+        self.request.on_token(token)
+        stop = self.request.stop
+        if stop and any(s in tokenizer.decode(self.tokens, skip_special_tokens=True) for s in stop):
+            self.finished, self.reason = True, "stop"
+        elif len(self.tokens) >= self.request.max_tokens:
+            self.finished = True
+
+
 class _RowStreamer(BaseStreamer):
     """Hands each row's new tokens to its request while generate() runs, and knows which rows are done."""
 
     def __init__(self, requests: list[Request], eos: set[int], tokenizer) -> None:
-        self.requests, self.eos, self.tokenizer = requests, eos, tokenizer
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.finished = [False] * len(requests)
-        self.reasons = ["length"] * len(requests)
+        self.rows, self.eos, self.tokenizer = [_Row(r) for r in requests], eos, tokenizer
         self.prompt_seen = False
+
+    @property
+    def finished(self) -> list[bool]:
+        return [row.finished for row in self.rows]
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() passes the prompt first
             self.prompt_seen = True
             return
-        for b, token in enumerate(value.view(len(self.requests), -1)[:, -1].tolist()):
-            request = self.requests[b]
-            if self.finished[b]:
-                continue
-            if token in self.eos:
-                self.finished[b], self.reasons[b] = True, "stop"
-                continue
-            self.tokens[b].append(token)
-            request.on_token(token)
-            if request.stop and any(stop in self.tokenizer.decode(self.tokens[b], skip_special_tokens=True)
-                                    for stop in request.stop):
-                self.finished[b], self.reasons[b] = True, "stop"
-            elif len(self.tokens[b]) >= request.max_tokens:
-                self.finished[b] = True
+        for row, token in zip(self.rows, value.view(len(self.rows), -1)[:, -1].tolist()):
+            row.take(token, self.eos, self.tokenizer)
 
     def end(self) -> None:
         pass
@@ -109,13 +128,17 @@ class Engine:
     thread."""
 
     def __init__(self, model: nn.Module, tokenizer, registry: DeltaRegistry, *, max_batch: int = 16,
-                 window: float = 0.01, max_queue: int = 256) -> None:
+                 window: float = 0.01, max_queue: int = 256, continuous: bool = False) -> None:
         if max_batch < 1 or window < 0 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1 and window at least 0")
         self.model, self.tokenizer, self.registry = model.eval(), tokenizer, registry
-        self.max_batch, self.window = max_batch, window
+        self.max_batch, self.window, self.continuous = max_batch, window, continuous
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.task = "generate" if model.can_generate() else "classify"
+        if continuous:
+            if self.task != "generate":
+                raise ValueError("continuous batching is for generation; a classifier's batch is one forward pass")
+            check_model(self.model)
         eos = model.generation_config.eos_token_id if self.task == "generate" else None
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
@@ -130,13 +153,21 @@ class Engine:
             raise ValueError(f"this engine's backbone ({type(self.model).__name__}) can only "
                              f"{'classify' if self.task == 'classify' else 'generate text'}")
         if request.delta is not None:
-            self.registry.require(request.delta)
+            self.check_servable(request.delta)
         if wanted == "classify" and self.registry.labels(request.delta) is None:
             raise ValueError(f"delta {request.delta!r} was registered without the labels of its head")
         try:
             self._queue.put_nowait(request)
         except queue.Full:
             raise QueueFull(f"{self._queue.maxsize} requests are waiting; try again later") from None
+
+    def check_servable(self, name: str) -> None:
+        """Raise KeyError for an unknown delta, ValueError for one that continuous batching cannot serve."""
+        self.registry.require(name)
+        kind = self.registry.delta_type(name)
+        if self.continuous and auto.method_for(kind).route is Route.INPUT_INPUT:
+            raise ValueError(f"delta {name!r} is a {kind}, which adds positions to its rows: continuous batching "
+                             "serves deltas that act on weights and activations only; serve it without --continuous")
 
     def queued(self) -> int:
         return self._queue.qsize()
@@ -164,6 +195,8 @@ class Engine:
         return batch
 
     def _run(self) -> None:
+        if self.continuous:
+            return self._run_continuous()
         while True:
             batch = self._next_batch()
             if batch is None:
@@ -177,6 +210,63 @@ class Engine:
                 continue
             for request, (value, reason) in zip(batch, results):
                 request.on_done(value, reason, None)
+
+    def _run_continuous(self) -> None:
+        running = RunningBatch(self.model, self.registry.bank, self.pad)
+        stopping = False
+        while running or not stopping:
+            arrivals = [] if stopping else self._arrivals(wait=not running, room=self.max_batch - len(running))
+            if arrivals and arrivals[-1] is None:  # close(): finish what came before, take nothing after
+                stopping, arrivals = True, arrivals[:-1]
+            if arrivals:
+                self._join(running, arrivals)
+            if running:
+                try:
+                    tokens = running.step().tolist()
+                except Exception as error:  # the running requests get the error; the server keeps serving
+                    self.stats["failed"] += len(running)
+                    for row in running.rows:
+                        row.request.on_done(None, "error", error)
+                    running = RunningBatch(self.model, self.registry.bank, self.pad)
+                    continue
+                for row, token in zip(running.rows, tokens):
+                    row.take(token, self.eos, self.tokenizer)
+            running.keep(self._finished)
+
+    def _arrivals(self, wait: bool, room: int) -> list[Request | None]:
+        """Up to ``room`` queued requests (a None, close()'s mark, ends the list); with ``wait``, block for the
+        first, then take what arrives within ``window``."""
+        taken: list[Request | None] = [self._queue.get()] if wait else []
+        deadline = time.monotonic() + (self.window if wait else 0.0)
+        while len(taken) < room and (not taken or taken[-1] is not None):
+            timeout = deadline - time.monotonic()
+            try:
+                taken.append(self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _join(self, running: RunningBatch, requests: list[Request]) -> None:
+        rows = [_Row(r) for r in requests]
+        try:
+            self.registry.acquire(running.deltas + [r.delta for r in requests])  # keeps the running rows' deltas
+            first = running.join(rows, [r.prompt for r in requests], [r.delta for r in requests],
+                                 [r.sampling() for r in requests])
+        except Exception as error:  # these requests get the error; the running ones go on
+            self.stats["failed"] += len(requests)
+            for request in requests:
+                request.on_done(None, "error", error)
+            return
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(requests)
+        for row, token in zip(rows, first.tolist()):
+            row.take(token, self.eos, self.tokenizer)
+
+    def _finished(self, row: _Row) -> bool:
+        if row.finished:
+            self.stats["tokens"] += len(row.tokens)
+            row.request.on_done(row.tokens, row.reason, None)
+        return row.finished
 
     def _padded(self, rows: list[list[int]], left: bool) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` of token rows padded to the longest, on the model's device."""
@@ -216,5 +306,5 @@ class Engine:
                 streamer=streamer, pad_token_id=self.pad, **options)
         self.stats["batches"] += 1
         self.stats["requests"] += len(batch)
-        self.stats["tokens"] += sum(len(t) for t in streamer.tokens)
-        return list(zip(streamer.tokens, streamer.reasons))
+        self.stats["tokens"] += sum(len(row.tokens) for row in streamer.rows)
+        return [(row.tokens, row.reason) for row in streamer.rows]
