@@ -81,6 +81,9 @@ class RunningBatch:
         self.model, self.bank, self.pad = model, bank, pad
         self.argument = compat.cache_argument(model)
         self.top_k = model.generation_config.top_k
+        self._empty()
+
+    def _empty(self) -> None:
         self.rows: list = []  # whatever the caller tracks per row, in batch order
         self.deltas: list[str | None] = []
         self.sampling: list[tuple] = []
@@ -137,7 +140,7 @@ class RunningBatch:
         if len(kept) == len(self):
             return
         if not kept:
-            self.__init__(self.model, self.bank, self.pad)
+            self._empty()
             return
         index = torch.tensor(kept, device=self.mask.device)
         mask = self.mask[index]
