@@ -118,3 +118,8 @@ def test_what_a_prompt_cannot_extend_is_refused_by_name(method):
                        do_sample=False, pad_token_id=0, cache_implementation="static")
     with pytest.raises(TypeError, match=r"extend a 2-D attention_mask \(batch, tokens\); got one of shape \(2, 1, 7, 7\)"):
         model(input_ids=batch["input_ids"], attention_mask=torch.ones(2, 1, 7, 7))
+
+
+def test_an_unset_generation_setting_reads_as_the_default_generate_applies():
+    assert compat.generation_setting(tf.GenerationConfig(), "top_k") == 50
+    assert compat.generation_setting(tf.GenerationConfig(top_k=7), "top_k") == 7

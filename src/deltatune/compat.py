@@ -156,6 +156,16 @@ def fill_cache(cache: Cache, layer: int, keys: torch.Tensor, values: torch.Tenso
     cache.update(keys, values, layer)
 
 
+def generation_setting(config: transformers.GenerationConfig, name: str) -> Any:
+    """A generation setting as generate() applies it: the config's own, else transformers' default (recent releases
+    leave unset settings None and fill in their defaults when generate() runs, e.g. ``top_k`` 50)."""
+    value = getattr(config, name, None)
+    if value is not None:
+        return value
+    defaults = getattr(type(config), "_get_default_generation_params", None)
+    return defaults().get(name) if defaults is not None else getattr(transformers.GenerationConfig(), name, None)
+
+
 def cache_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) of every layer of a DynamicCache of full-attention layers, each ``(batch, heads, positions,
     head_dim)``; raises for any other kind of cache."""

@@ -25,10 +25,12 @@ from .. import compat
 from ..bank import DeltaBank
 
 # generate() settings this loop does not apply: a generation config that sets any of them is refused.
-_UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-                "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
-                "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None, "encoder_repetition_penalty": 1.0,
-                "sequence_bias": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+_UNSUPPORTED = {"num_beams": 1, "penalty_alpha": None, "guidance_scale": None, "repetition_penalty": 1.0,
+                "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+                "exponential_decay_length_penalty": None, "renormalize_logits": False, "min_p": None, "typical_p": 1.0,
+                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 def check_model(model: nn.Module) -> None:
@@ -80,7 +82,7 @@ class RunningBatch:
     def __init__(self, model: nn.Module, bank: DeltaBank, pad: int) -> None:
         self.model, self.bank, self.pad = model, bank, pad
         self.argument = compat.cache_argument(model)
-        self.top_k = model.generation_config.top_k
+        self.top_k = compat.generation_setting(model.generation_config, "top_k")
         self._empty()
 
     def _empty(self) -> None:
