@@ -220,6 +220,7 @@ class Engine:
                 stopping, arrivals = True, arrivals[:-1]
             if arrivals:
                 self._join(running, arrivals)
+                running.keep(self._finished)  # rows done at their first token take no step
             if running:
                 try:
                     tokens = running.step().tolist()
