@@ -135,6 +135,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     assert client.completions.create(model="lora", prompt="hi", max_tokens=2, temperature=0).choices[0].text
     metrics = _http(port, "/metrics")[1].decode()
     assert 'deltatune_http_responses_total{code="404"}' in metrics and "deltatune_batches_total" in metrics
+    assert "deltatune_active_rows 0" in metrics  # nothing running between requests
     assert json.loads(_http(port, "/health")[1])["status"] == "ok"
 
 

@@ -106,6 +106,7 @@ def test_requests_join_a_running_batch_and_each_equals_its_delta_alone(decoder):
         for i, (delta, n) in enumerate(first):
             engine.submit(answers.request(i, tokenizer(PROMPTS[i % 5])["input_ids"], delta, n))
         assert answers.holding.wait(60)  # request 0 is running: the engine waits inside its second token
+        assert 1 <= engine.active <= len(first)  # the first requests, in one prefill or more
         for i, (delta, n) in enumerate(later, start=len(first)):
             engine.submit(answers.request(i, tokenizer(PROMPTS[i % 5])["input_ids"], delta, n))
         submitted.set()
@@ -121,7 +122,7 @@ def test_requests_join_a_running_batch_and_each_equals_its_delta_alone(decoder):
     # The later requests joined request 0's batch and left it before it ended (4 tokens against its 12).
     assert len(expected[0]) == 12 and len(expected[6]) == 4
     assert answers.order.index(6) < answers.order.index(0)
-    assert engine.stats["requests"] == len(jobs) and engine.stats["failed"] == 0
+    assert engine.stats["requests"] == len(jobs) and engine.stats["failed"] == 0 and engine.active == 0
     assert engine.stats["batches"] >= 2  # the later requests joined in a prefill of their own
     assert engine.stats["tokens"] == sum(map(len, expected))
     # The deltas change the answers, so the equalities above are not the bare model's by accident.

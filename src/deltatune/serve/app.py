@@ -296,6 +296,7 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
                  "# TYPE deltatune_batches_total counter", f"deltatune_batches_total {stats['batches']}",
                  "# TYPE deltatune_generated_tokens_total counter", f"deltatune_generated_tokens_total {stats['tokens']}",
                  "# TYPE deltatune_queue_depth gauge", f"deltatune_queue_depth {engine.queued()}",
+                 "# TYPE deltatune_active_rows gauge", f"deltatune_active_rows {engine.active}",
                  "# TYPE deltatune_deltas_loaded gauge", f"deltatune_deltas_loaded {len(registry.loaded)}",
                  "# TYPE deltatune_delta_bytes gauge", f"deltatune_delta_bytes {registry.loaded_bytes()}",
                  "# TYPE deltatune_evictions_total counter", f"deltatune_evictions_total {registry.evictions}"]

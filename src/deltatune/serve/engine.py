@@ -144,6 +144,7 @@ class Engine:
         self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queue)
         self._held: list[Request | None] = []  # taken from the queue for the next batch (None: stop after it)
         self.stats = {"requests": 0, "batches": 0, "tokens": 0, "failed": 0}
+        self.active = 0  # rows being generated or classified now
         self._worker = threading.Thread(target=self._run, name="deltatune-serve", daemon=True)
         self._worker.start()
 
@@ -201,6 +202,7 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
+            self.active = len(batch)
             try:
                 results = self.classify(batch) if self.task == "classify" else self.generate(batch)
             except Exception as error:  # the requests get the error; the server keeps serving
@@ -208,6 +210,8 @@ class Engine:
                 for request in batch:
                     request.on_done(None, "error", error)
                 continue
+            finally:
+                self.active = 0
             for request, (value, reason) in zip(batch, results):
                 request.on_done(value, reason, None)
 
@@ -221,6 +225,7 @@ class Engine:
             if arrivals:
                 self._join(running, arrivals)
                 running.keep(self._finished)  # rows done at their first token take no step
+                self.active = len(running)
             if running:
                 try:
                     tokens = running.step().tolist()
@@ -229,10 +234,12 @@ class Engine:
                     for row in running.rows:
                         row.request.on_done(None, "error", error)
                     running = RunningBatch(self.model, self.registry.bank, self.pad)
+                    self.active = 0
                     continue
                 for row, token in zip(running.rows, tokens):
                     row.take(token, self.eos, self.tokenizer)
             running.keep(self._finished)
+            self.active = len(running)
 
     def _arrivals(self, wait: bool, room: int) -> list[Request | None]:
         """Up to ``room`` queued requests (a None, close()'s mark, ends the list); with ``wait``, block for the
