@@ -190,3 +190,25 @@ def test_the_command_refuses_continuous_batching_of_deltas_that_add_positions(de
     assert main(["serve", "--continuous", "--task", "classify", "--backbone", str(tiny_decoder), "--delta",
                  f"l={folders['lora']}"]) == 2
     assert "--continuous is for generation" in capsys.readouterr().err
+
+
+def test_a_peft_lora_adapter_is_served_and_other_peft_types_are_refused_at_registration(decoder, tmp_path):
+    model, tokenizer, folders = decoder
+    lora = DeltaBase.from_finetuned(folders["lora"], model, attach=False, name="exported")
+    lora.export_peft(tmp_path / "peft-lora")
+    registry = DeltaRegistry(model)
+    registry.register("peft", tmp_path / "peft-lora")
+    assert registry.delta_type("peft") == "lora"
+    engine = Engine(model, tokenizer, registry, continuous=True)
+    answers = _Answers()
+    try:
+        engine.submit(answers.request(0, tokenizer(PROMPTS[0])["input_ids"], "peft", 6))
+        answers.wait_for(1)
+    finally:
+        engine.close()
+    assert answers.done[0][0] == _alone(model, tokenizer, folders["lora"], PROMPTS[0], 6)
+    (tmp_path / "peft-prompt").mkdir()
+    (tmp_path / "peft-prompt" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+    with pytest.raises(ValueError, match="peft_type is 'PROMPT_TUNING', only 'LORA' is read"):
+        registry.register("prompt", tmp_path / "peft-prompt")
+    assert registry.names == ["peft"]

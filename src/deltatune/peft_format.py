@@ -83,14 +83,20 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
         raise ValueError(f"{folder / CONFIG_FILE} uses PEFT features deltatune does not import: {'; '.join(problems)}")
 
 
-def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, attach: bool = True,
-              name: str | None = None) -> LoraModel:
-    """Import a PEFT LoRA adapter onto ``backbone_model`` as a :class:`LoraModel` (attached unless ``attach=False``)."""
-    folder = Path(peft_model_path)
+def read_config(folder: Path) -> dict:
+    """A PEFT adapter folder's config, refused if it uses what deltatune does not import (anything but LoRA...)."""
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter: {CONFIG_FILE} is missing")
     config = json.loads((folder / CONFIG_FILE).read_text())
     _refuse_unsupported(config, folder)
+    return config
+
+
+def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, attach: bool = True,
+              name: str | None = None) -> LoraModel:
+    """Import a PEFT LoRA adapter onto ``backbone_model`` as a :class:`LoraModel` (attached unless ``attach=False``)."""
+    folder = Path(peft_model_path)
+    config = read_config(folder)
     # PEFT also saves whole embedding matrices next to an embedding LoRA (base_layer); the backbone has its own.
     tensors = {k: t for k, t in checkpoint.read_tensors(folder, WEIGHTS_FILE).items() if ".base_layer." not in k}
     suffixes = sorted({*_NAMES.values(), *_EMBEDDING_NAMES.values()}, key=len, reverse=True)

@@ -61,7 +61,10 @@ class DeltaRegistry:
             checkpoint.check_backbone(saved, self.backbone_model, folder, heads_apart=True)
             delta_type = saved["delta_type"]
         elif (folder / "adapter_config.json").is_file():
-            delta_type = "lora"  # the PEFT format read here (deltatune.peft_format)
+            from ..peft_format import read_config
+
+            read_config(folder)  # a PEFT adapter deltatune cannot import is refused now, not at its first request
+            delta_type = "lora"  # the only PEFT type read
         else:
             raise FileNotFoundError(f"{folder} is neither a deltatune checkpoint ({checkpoint.CONFIG_FILE}) nor a "
                                     "PEFT adapter (adapter_config.json)")
