@@ -125,11 +125,23 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_b
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--max-train-examples", "0"], "--max-train-examples must be at least 1, got 0"),
     (["--max-eval-examples", "half"], "--max-eval-examples takes a number or 'all', got 'half'"),
+    (["--backbone", "/no/such/folder"], "'/no/such/folder' is not a model asset (minilm-l6, smollm2-135m), a "
+                                        "local folder, or a hub id of the form owner/name"),
+    (["--objective", "label-words", "--pooling", "mean"], "--pooling mean is for --objective classify"),
 ])
 def test_bad_options_are_refused_before_anything_runs(tmp_path, options, message, capsys):
     out = tmp_path / "study"
     assert main(["study", "--out", str(out), *options]) == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_study_refused_by_its_first_cell_leaves_no_folder(minilm_path, tmp_path, capsys):
+    # MiniLM-L6 declares mean pooling, which label words do not use: the refusal is its being an encoder.
+    out = tmp_path / "study"
+    assert main(["study", "--backbone", str(minilm_path), "--objective", "label-words", "--out", str(out), *SMOKE,
+                 "--tasks", "trec", "--methods", "lora", "--memory-batches", "none"]) == 2
+    assert "--objective label-words needs a causal language model; " in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from . import pooling as pooling_module
 from .checkpoint import read_config
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name; a path such as /x/y is not one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 
@@ -22,7 +24,7 @@ def model_path(spec: str) -> str:
     returned for from_pretrained; anything else is an error at once (not after the hub times out)."""
     if spec in assets.MODELS:
         return str(assets.MODELS[spec]())
-    if not Path(spec).exists() and "/" not in spec:
+    if not Path(spec).exists() and not _HUB_ID.fullmatch(spec):
         raise ValueError(f"{spec!r} is not a model asset ({', '.join(assets.MODELS)}), a local folder, "
                          "or a hub id of the form owner/name")
     return spec

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import pooling
-from ..loading import model_path
 from ..training.data import Task, subset
+from ..training.objectives import chosen_pooling
 from ..training.progress import output_console
 from ..training.tasks import load_task
 from . import cell as cells
@@ -60,7 +59,7 @@ def run_study(study: Study) -> dict[str, Any]:
     for method in study.methods:
         parse_method(method.name)  # a Method made by hand is checked like a parsed one
     tasks = load_tasks(study.tasks, study.budget)
-    study = dataclasses.replace(study, pooling=pooling.resolve(study.pooling, model_path(study.backbone)))
+    study = dataclasses.replace(study, pooling=chosen_pooling(study.objective, study.pooling, study.backbone))
     store.check_protocol(study.out, study.protocol())
     console = output_console()
     todo = study.cells()
@@ -79,7 +78,7 @@ def run_study(study: Study) -> dict[str, Any]:
             console.print(f"[{i}/{len(todo)}] {cell.key}: training", markup=False)
             record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
                                study.delta_configs, on_point=show, pooling=study.pooling)
-            store.save(study.out, "cells", cell.key, record)
+            _keep(study, "cells", cell.key, record)
             how = f"{record['cpu_seconds']:.0f} s of CPU"
         else:
             how = "cached"
@@ -91,6 +90,11 @@ def run_study(study: Study) -> dict[str, Any]:
     write_report(study.out, results)
     console.print(f"report: {study.out / 'report.md'}, {study.out / 'report.html'}", markup=False)
     return results
+
+
+def _keep(study: Study, kind: str, key: str, record: dict[str, Any]) -> None:
+    store.record_protocol(study.out, study.protocol())  # with the first result: a study that fails first leaves none
+    store.save(study.out, kind, key, record)
 
 
 def _memory_points(study: Study, console) -> list[dict[str, Any]]:
@@ -107,7 +111,7 @@ def _memory_points(study: Study, console) -> list[dict[str, Any]]:
                 point = {"method": name, "batch": batch,
                          **memory.measure(study.backbone, study.objective, study.tasks[0], name, batch, study.budget,
                                           study.delta_configs, study.pooling)}
-                store.save(study.out, "memory", key, point)
+                _keep(study, "memory", key, point)
             points.append(point)
             console.print(f"memory {key}: peak {point['peak_mb']:,.0f} MB", markup=False)
     return points

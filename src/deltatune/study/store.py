@@ -17,6 +17,7 @@ PROTOCOL_FILE = "study.json"
 
 
 def check_protocol(out: Path, protocol: dict[str, Any]) -> None:
+    """Refuse a folder that holds another study, or something else; writes nothing (see :func:`record_protocol`)."""
     saved = out / PROTOCOL_FILE
     if saved.exists():
         previous, current = _flat(json.loads(saved.read_text())), _flat(protocol)
@@ -26,8 +27,14 @@ def check_protocol(out: Path, protocol: dict[str, Any]) -> None:
                              "would not compare with these. Choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty and holds no study ({PROTOCOL_FILE}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, protocol)
+
+
+def record_protocol(out: Path, protocol: dict[str, Any]) -> None:
+    """Write ``study.json`` before the study's first result, so a study refused at its start leaves no folder."""
+    saved = out / PROTOCOL_FILE
+    if not saved.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(saved, protocol)
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

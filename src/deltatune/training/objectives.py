@@ -57,8 +57,7 @@ class LabelWords:
     name = "label-words"
 
     def __init__(self, backbone: str, task: Task, max_length: int, pooling: str = "auto") -> None:
-        if pooling == "mean":
-            raise ValueError("--pooling mean is for --objective classify; label words are read at the last token")
+        chosen_pooling(self.name, pooling, backbone)  # refuses mean
         self.tokenizer = _tokenizer(backbone)
         self.backbone_options = {}
         self.model, _ = _load(backbone, "AutoModelForCausalLM", {})
@@ -146,6 +145,16 @@ def _tokenizer(backbone: str):
 
 def _load(backbone: str, auto_class: str, options: dict) -> tuple[nn.Module, dict]:
     return load_backbone(backbone, auto_class, output_loading_info=True, **options)
+
+
+def chosen_pooling(objective: str, pooling: str, backbone: str) -> str:
+    """What ``objective`` reads: a classifier's ``pooling`` resolved (``auto`` becomes what the checkpoint declares);
+    label words are read at the last token, as ``model`` does."""
+    if objective == Classify.name:
+        return resolve_pooling(pooling, model_path(backbone))
+    if pooling == "mean":
+        raise ValueError("--pooling mean is for --objective classify; label words are read at the last token")
+    return "model"
 
 
 def make_objective(name: str, backbone: str, task: Task, max_length: int, pooling: str = "auto"):
