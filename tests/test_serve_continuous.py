@@ -149,6 +149,37 @@ def test_sampled_and_greedy_rows_share_a_batch(decoder):
     assert answers.done[2][0] != _alone(model, tokenizer, None, PROMPTS[0], 6)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_sliding_window_models_equal_each_request_alone_past_the_window(family, decoder, tmp_path):
+    # Mistral slides every layer, Gemma-2 every other one; prompts of 9 to 13 tokens and answers of up to 10 run past
+    # the window of 4, and the window changes every answer (checked below), so the equality is not the full mask's.
+    _, tokenizer, _ = decoder
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, sliding_window=4, eos_token_id=tokenizer.eos_token_id)
+    config = tf.MistralConfig(**sizes) if family == "mistral" else tf.Gemma2Config(**sizes, head_dim=8)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    lora = LoraModel(model, attach=False)
+    with torch.no_grad():
+        for p in lora.delta_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    folders = {"lora": lora.save_finetuned(tmp_path / "lora")}
+    long_prompts = [p + " and the rest of it, slowly" for p in PROMPTS[:3]]
+    jobs = [(long_prompts[i], delta, n) for i in range(3) for delta, n in (("lora", 10), (None, 6))]
+    engine = _engine(model, tokenizer, folders, ["lora"], max_batch=8, window=0.0)
+    answers = _Answers()
+    try:
+        for i, (prompt, delta, n) in enumerate(jobs):
+            engine.submit(answers.request(i, tokenizer(prompt)["input_ids"], delta, n))
+        answers.wait_for(len(jobs))
+    finally:
+        engine.close()
+    expected = [_alone(model, tokenizer, folders.get(delta), prompt, n) for prompt, delta, n in jobs]
+    assert [answers.done[i][0] for i in range(len(jobs))] == expected
+    model.config.sliding_window = 1000
+    assert all(_alone(model, tokenizer, folders.get(d), p, n) != e for (p, d, n), e in zip(jobs, expected))
+
+
 def test_closing_finishes_queued_and_running_requests(decoder):
     model, tokenizer, folders = decoder
     engine = _engine(model, tokenizer, folders, ["lora"], max_batch=2, window=0.0)
