@@ -148,12 +148,21 @@ def _extra_family(name):
         return tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
             vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64)).eval()
+    if name == "t5":  # encoder-decoder classifiers read the decoder at the input's end-of-sequence token
+        return tf.T5ForSequenceClassification(tf.T5Config(
+            vocab_size=96, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8, eos_token_id=1,
+            decoder_start_token_id=0)).eval()
+    if name == "bart":
+        return tf.BartForSequenceClassification(tf.BartConfig(
+            vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            eos_token_id=2)).eval()
     return tf.ViTForImageClassification(tf.ViTConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
         patch_size=8, num_labels=3)).eval()
 
 
-@pytest.mark.parametrize("family", ["distilbert", "deberta-v2", "vit"])
+@pytest.mark.parametrize("family", ["distilbert", "deberta-v2", "vit", "t5", "bart"])
 @pytest.mark.parametrize("delta_type", DEFAULTED)
 def test_defaults_on_more_families(family, delta_type, tmp_path):
     model = _extra_family(family)
@@ -161,6 +170,7 @@ def test_defaults_on_more_families(family, delta_type, tmp_path):
         inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
     else:
         inputs = {"input_ids": torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))}
+        inputs["input_ids"][:, -1] = model.config.eos_token_id or 2  # one per row, last, as tokenizers write it
     labels = torch.tensor([0, 1])
     options = {"reduction_factor": 4} if delta_type in ("low_rank_adapter", "compacter") else {}
     delta = AutoDeltaModel.from_config({"delta_type": delta_type, **options}, backbone_model=model).freeze_module()

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import transformers
 
 from deltatune.cli import main
 from deltatune.training.user_data import read_pairs
@@ -20,6 +21,9 @@ def folder(tmp_path, minilm_path):
     (tmp_path / "notok").mkdir()  # a model folder without its tokenizer
     for name in ("config.json", "model.safetensors"):
         shutil.copy(minilm_path / name, tmp_path / "notok" / name)
+    (tmp_path / "t5").mkdir()  # an encoder-decoder: no causal LM class for label words
+    transformers.T5Config(d_model=8, num_layers=1, num_heads=1, d_kv=8, d_ff=8).save_pretrained(tmp_path / "t5")
+    transformers.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(tmp_path / "t5")
     run = tmp_path / "run"
     (run / "delta").mkdir(parents=True)
     (run / "training.json").write_text("{broken")
@@ -38,6 +42,8 @@ CASES = [
     (["train", "--delta", "soft_prompt", "--delta-config", "soft_token_num=100", "--max-length", "512"],
      "soft_prompt on BertForSequenceClassification cannot run inputs of --max-length 512 (ValueError: the soft "
      "prompt (100) and an input of 512 tokens need 612 positions, but the model embeds only 512"),
+    (["train", "--objective", "label-words", "--backbone", "{folder}/t5"],
+     "t5' as AutoModelForCausalLM: Unrecognized configuration class"),
     (["train", "--warmup-ratio", "2"], "warmup_ratio must be between 0 and 1, got 2.0"),
     (["train", "--data", "{folder}"], "is not a file"),
     (["eval", "--delta", "{folder}/run"], "run/training.json is not valid JSON"),

@@ -61,6 +61,12 @@ def load_backbone(spec: str, class_name: str | None = None, pooling: str = "mode
         loaded = model_class(path, class_name).from_pretrained(path, **options)
     except OSError as error:
         raise ValueError(f"cannot load {spec!r}: {error}") from None
+    except ValueError as error:
+        first_line = str(error).strip().splitlines()[0]
+        if not first_line.startswith("Unrecognized configuration class"):
+            raise
+        # transformers goes on to list every model type the class takes: a page of names
+        raise ValueError(f"cannot load {spec!r} as {class_name}: {first_line}") from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     if chosen == "mean":
         pooling_module.use_mean(model)

@@ -86,6 +86,9 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_DERIVING_DECODER = ("ForSequenceClassification", "ForQuestionAnswering")
+
+
 def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
     """Small inputs that a transformers model accepts, built from its config."""
     config = getattr(model, "config", None)
@@ -94,8 +97,16 @@ def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str
     if config is not None and main == "input_ids":
         vocab = getattr(config, "vocab_size", None) or 2
         ids = (torch.arange(batch * length, device=device).reshape(batch, length) % (vocab - 1)) + 1
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if isinstance(eos, int) and 0 <= eos < vocab and vocab > 2:
+            # One end-of-sequence token per row, last, as tokenizers write it: T5 and BART classifiers read it there.
+            ids[ids == eos] = eos % (vocab - 1) + 1
+            ids[:, -1] = eos
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if getattr(config, "is_encoder_decoder", False):
+        # Encoder-decoder classifiers (T5, BART) derive their decoder inputs from input_ids and read the decoder at
+        # the encoder's end-of-sequence positions; generators need decoder inputs, shorter so the two are told apart.
+        if getattr(config, "is_encoder_decoder", False) and not type(model).__name__.endswith(_DERIVING_DECODER):
             inputs["decoder_input_ids"] = ids[:, : max(2, length // 2)]
         return inputs
     if config is not None and main == "pixel_values":
