@@ -1,5 +1,6 @@
 """The transformers model zoo at a tiny size (``pytest -m zoo``; CI runs it): for every model type transformers maps
-to a causal LM, an encoder sequence classifier or a sequence-to-sequence LM, and every delta type with its defaults:
+to a causal LM, an encoder sequence classifier, a sequence-to-sequence LM, a speech recogniser, an audio, image or
+zero-shot image classifier, and every delta type with its defaults:
 attach with no positions, trainable tensors change the output, a save loaded onto a fresh copy reproduces it,
 detach restores the bare output bit-exactly -- or a refusal that deltatune raises itself, naming what is missing.
 A crash anywhere else or a wrong result fails.  ``python -m deltatune.zoo`` writes the same checks as the table in

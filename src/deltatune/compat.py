@@ -290,13 +290,23 @@ def position_limit(module: nn.Module) -> int | None:
     return None
 
 
+AUTO_CLASS_MAPPINGS = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "speech-seq2seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+    "audio-classification": "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "zero-shot-image-classification": "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+}
+
+
 def auto_class_names(task: str) -> dict[str, str]:
-    """model_type -> class name transformers maps for ``task`` ("causal-lm", "seq2seq-lm", "sequence-classification")."""
+    """model_type -> class name transformers maps for ``task`` (a key of ``AUTO_CLASS_MAPPINGS``; the first class
+    where it maps several)."""
     from transformers.models.auto import modeling_auto
 
-    return dict(getattr(modeling_auto, {
-        "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-        "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"}[task]))
+    names = getattr(modeling_auto, AUTO_CLASS_MAPPINGS[task])
+    return {t: c if isinstance(c, str) else c[0] for t, c in names.items()}
 
 
 def zero3_loading(deepspeed_config: dict[str, Any]) -> object:

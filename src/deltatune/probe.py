@@ -4,8 +4,8 @@ A linear layer (``nn.Linear``, ``Conv1D``) or an embedding states its shapes in 
 record is read from there, without running the model.  Shapes no weight states (an adapter's hidden size after an
 arbitrary module, say) are read off a real forward pass, done eagerly when the delta is built, so every parameter
 exists before the user makes an optimizer.  The pass runs in eval mode under ``torch.no_grad()``, restores each
-module's training flag afterwards, and stops as soon as every position it needs has been seen.  Its input comes
-from the model's config, else from its first embedding's vocabulary, else from ``pseudo_input``.
+module's training flag afterwards, and stops as soon as every position it needs has been seen.  Its input is
+``pseudo_input``, else built from the model's config (:mod:`deltatune.pseudo_input`).
 
 Default positions (common names) are also checked by a pass: modules the model never calls on its pseudo input
 are left out, so a default never builds a delta that cannot act.
@@ -14,13 +14,14 @@ are left out, so a default never builds a delta that cannot act.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .pseudo_input import pseudo_inputs
 
 
 @dataclass(frozen=True)
@@ -80,67 +81,11 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-_DERIVING_DECODER = ("ForSequenceClassification", "ForQuestionAnswering")
-
-
-def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str, torch.Tensor]:
-    """Small inputs that a transformers model accepts, built from its config."""
-    config = getattr(model, "config", None)
-    main = getattr(model, "main_input_name", None)
-    device = _device_of(model)
-    if config is not None and main == "input_ids":
-        vocab = getattr(config, "vocab_size", None) or 2
-        ids = (torch.arange(batch * length, device=device).reshape(batch, length) % (vocab - 1)) + 1
-        eos = getattr(config, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-        if isinstance(eos, int) and 0 <= eos < vocab and vocab > 2:
-            # One end-of-sequence token per row, last, as tokenizers write it: T5 and BART classifiers read it there.
-            ids[ids == eos] = eos % (vocab - 1) + 1
-            ids[:, -1] = eos
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        # Encoder-decoder classifiers (T5, BART) derive their decoder inputs from input_ids and read the decoder at
-        # the encoder's end-of-sequence positions; generators need decoder inputs, shorter so the two are told apart.
-        if getattr(config, "is_encoder_decoder", False) and not type(model).__name__.endswith(_DERIVING_DECODER):
-            inputs["decoder_input_ids"] = ids[:, : max(2, length // 2)]
-        return inputs
-    if config is not None and main == "pixel_values":
-        size = getattr(config, "image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.zeros(batch, channels, size, size, device=device)}
-    dummy = getattr(model, "dummy_inputs", None)
-    if isinstance(dummy, dict) and dummy:
-        return {key: value.to(device) for key, value in dummy.items()}
-    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    if embedding is not None and _takes_one_input(model):  # token ids for a plain PyTorch language model
-        return ((torch.arange(batch * length, device=device).reshape(batch, length) % embedding.num_embeddings),)
-    raise ValueError(
-        f"cannot build a pseudo input for {type(model).__name__} (forward{_signature(model)}); "
-        "pass pseudo_input=... (a tensor, a tuple of positional inputs or a dict of keyword inputs)"
-    )
-
-
 def keyword_inputs(model: nn.Module, pseudo_input: Any = None) -> dict[str, Any]:
     """Keyword inputs for a call that measures something (the user's dict, else the model's pseudo inputs),
     without labels: the prompt methods' checks call the model with their own arguments added."""
     inputs = pseudo_input if isinstance(pseudo_input, dict) else pseudo_inputs(model)
     return {k: v for k, v in inputs.items() if k != "labels"}
-
-
-def _signature(model: nn.Module) -> str:
-    return str(inspect.signature(model.forward))
-
-
-def _takes_one_input(model: nn.Module) -> bool:
-    required = [p for p in inspect.signature(model.forward).parameters.values()
-                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(required) <= 1
 
 
 def _call(model: nn.Module, pseudo_input: Any) -> None:

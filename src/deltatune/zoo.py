@@ -1,5 +1,6 @@
 """The transformers model zoo at a tiny size: every model type transformers maps to a causal LM, a sequence
-classifier (encoders) or a sequence-to-sequence LM, built from its own config with the sizes shrunk.
+classifier (encoders), a sequence-to-sequence LM, a speech recogniser, an audio or image classifier or a zero-shot
+image classifier (CLIP-style), built from its own config with the sizes shrunk.
 
 Used by the zoo test and by ``python -m deltatune.zoo`` (the coverage table in docs/models.md).  A config is shrunk
 by re-running its constructor with small values for the size fields it has, so fields derived from them (per-layer
@@ -50,18 +51,23 @@ _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "deco
 @dataclass(frozen=True)
 class ZooEntry:
     model_type: str
-    task: str  # "causal-lm", "sequence-classification" or "seq2seq-lm"
+    task: str  # a key of compat.AUTO_CLASS_MAPPINGS
     class_name: str
 
 
+_OTHER_MODALITIES = ("speech-seq2seq", "audio-classification", "image-classification", "zero-shot-image-classification")
+
+
 def entries() -> list[ZooEntry]:
-    """Every model type of the three auto classes (encoders only for sequence classification), sorted."""
+    """Every model type of the text, speech and image auto classes (encoders only for text classification),
+    sorted."""
     causal, seq2seq = compat.auto_class_names("causal-lm"), compat.auto_class_names("seq2seq-lm")
     found = [ZooEntry(t, "causal-lm", c) for t, c in causal.items()]
     found += [ZooEntry(t, "seq2seq-lm", c) for t, c in seq2seq.items()]
     found += [ZooEntry(t, "sequence-classification", c)
               for t, c in compat.auto_class_names("sequence-classification").items()
               if t not in causal and t not in seq2seq]
+    found += [ZooEntry(t, task, c) for task in _OTHER_MODALITIES for t, c in compat.auto_class_names(task).items()]
     return sorted(found, key=lambda e: (e.model_type, e.task))
 
 
@@ -80,6 +86,8 @@ def _shrunk(values: dict) -> dict:
             changes[key] = value[:LAYERS]
         elif key.endswith("_layers") and _layer_indices(value, layers) and max(value) >= LAYERS:  # some layers
             changes[key] = _kept_indices(value, values.get("layer_types"))
+        elif key == "conv_dim" and isinstance(value, list):  # a speech model's convolutional feature encoder
+            changes[key] = [HIDDEN] * len(value)
         elif isinstance(value, dict) and "model_type" in value:  # a sub-config
             changes[key] = _shrunk(value)
     if "kv_lora_rank" in values and "num_key_value_heads" in values:  # latent attention: as many kv as q heads
@@ -212,7 +220,7 @@ def skip_reason(entry: ZooEntry) -> str | None:
     try:
         _logits(model, pseudo_inputs(model))
     except Exception as error:
-        return f"transformers cannot run it tiny on token ids ({first_line(error)})"
+        return f"transformers cannot run it tiny on its pseudo input ({first_line(error)})"
     return None
 
 

@@ -4,7 +4,8 @@ Stacks are the ``ModuleList``s of one repeated block class, or of layer/block cl
 state-space and MoE layers), where a block holds an attention module (a submodule whose name or class says
 ``att``); lists inside another stack's blocks (MoE experts) and towers of other modalities (names with vision,
 image, audio, speech, ...) are left out, so the defaults cover the language stacks: the decoder of a
-causal LM, the encoder and decoder of an encoder-decoder.  In every block (they can differ: dense and MoE layers):
+causal LM, the encoder and decoder of an encoder-decoder.  A model with no other stack (an audio or image
+classifier) gets its towers'.  In every block (they can differ: dense and MoE layers):
 
 - attention projections by role, first by name (a wide vocabulary, below), then by wiring: the three linear layers
   that read the hidden size inside the attention module are q, k, v in order (any output size: grouped-query attention
@@ -79,18 +80,20 @@ def _blocks(module: nn.Module) -> bool:
 
 
 def stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The language stacks: lists of blocks, one at least with attention, not inside another stack."""
+    """The language stacks: lists of blocks, one at least with attention, not inside another stack; in a model that
+    has none (a vision or audio model: its tower is all there is), the towers' stacks."""
     found: list[tuple[str, nn.ModuleList]] = []
+    towers: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module) or not _blocks(module):
             continue
         if all(isinstance(block, nn.ModuleList) for block in module):  # a list of stacks (Funnel): each one
             continue
-        if DELTA_SLOT in name.split(".") or TOWER.search(name) or any(name.startswith(f + ".") for f, _ in found):
+        if DELTA_SLOT in name.split(".") or any(name.startswith(f + ".") for f, _ in found + towers):
             continue
         if any(_attention_modules(block) for block in module):
-            found.append((name, module))
-    return found
+            (towers if TOWER.search(name) else found).append((name, module))
+    return found or towers
 
 
 def _hidden_size(block: nn.Module) -> int | None:
@@ -219,8 +222,7 @@ def describe(model: nn.Module) -> str:
     found = stacks(model)
     if not found:
         lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-        return (f"no stack of repeated blocks with an attention module outside vision/audio towers "
-                f"(module lists: {lists[:5] or 'none'})")
+        return f"no stack of repeated blocks with an attention module (module lists: {lists[:5] or 'none'})"
     names = infer_common_names(model) or {}
     return f"stacks {[n for n, _ in found]} with common names {sorted(names)}"
 
