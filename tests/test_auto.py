@@ -246,3 +246,24 @@ def test_a_plain_mlp_asks_for_modified_modules():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="no stack of repeated blocks with an attention module .*pass modified_modules"):
         AutoDeltaModel.from_config({"delta_type": "lora"}, mlp, pseudo_input=torch.ones(1, 4))
+
+
+class TinyImageText(nn.Module):
+    """A vision tower of attention blocks, with or without language blocks that have no attention (state-space)."""
+
+    def __init__(self, language_blocks: bool):
+        super().__init__()
+        self.vision_tower = TinyTransformer()
+        if language_blocks:
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16)) for _ in range(2))
+
+    def forward(self, ids):
+        return self.vision_tower(ids)
+
+
+def test_a_tower_is_the_default_only_where_there_is_nothing_else():
+    ids = torch.randint(0, 50, (2, 5))
+    alone = AutoDeltaModel.from_config({"delta_type": "lora"}, TinyImageText(False), pseudo_input=ids, attach=False)
+    assert alone.positions == [f"vision_tower.blocks.{i}.attn.to_{n}" for i in range(3) for n in ("q", "v")]
+    with pytest.raises(ValueError, match="no stack of repeated blocks with an attention module"):
+        AutoDeltaModel.from_config({"delta_type": "lora"}, TinyImageText(True), pseudo_input=ids)

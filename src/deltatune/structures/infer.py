@@ -80,10 +80,12 @@ def _blocks(module: nn.Module) -> bool:
 
 
 def stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The language stacks: lists of blocks, one at least with attention, not inside another stack; in a model that
-    has none (a vision or audio model: its tower is all there is), the towers' stacks."""
+    """The language stacks: lists of blocks, one at least with attention, not inside another stack; in a model with
+    no list of blocks outside its towers (a vision or audio model: the tower is all there is), the towers' stacks.
+    A multimodal model whose language blocks have no attention (state-space) gets none: not its vision tower."""
     found: list[tuple[str, nn.ModuleList]] = []
     towers: list[tuple[str, nn.ModuleList]] = []
+    language_blocks = False
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or not len(module) or not _blocks(module):
             continue
@@ -91,9 +93,11 @@ def stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
             continue
         if DELTA_SLOT in name.split(".") or any(name.startswith(f + ".") for f, _ in found + towers):
             continue
+        tower = bool(TOWER.search(name))
+        language_blocks |= not tower
         if any(_attention_modules(block) for block in module):
-            (towers if TOWER.search(name) else found).append((name, module))
-    return found or towers
+            (towers if tower else found).append((name, module))
+    return found if found or language_blocks else towers
 
 
 def _hidden_size(block: nn.Module) -> int | None:
