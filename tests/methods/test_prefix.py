@@ -266,6 +266,33 @@ def test_encoder_decoder_generation_matches_a_full_forward_pass_and_reloads(fami
     assert torch.equal(fresh.generate(**inputs, **options), generated.sequences)
 
 
+def test_a_speech_recogniser_generates_with_its_prefix_with_or_without_a_cache():
+    # Whisper's decoder hands its layers no cache under use_cache=False: the prefix call turns it on for itself.
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.WhisperForConditionalGeneration(tf.WhisperConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=None, begin_suppress_tokens=None)).eval()
+    features = torch.randn(2, 8, 32)
+    delta = PrefixModel(model, **SMALL)
+    with torch.no_grad():
+        for parameter in delta.delta_parameters():
+            parameter.add_(torch.randn_like(parameter))
+    options = {"input_features": features, "max_new_tokens": 6, "do_sample": False}
+    generated = model.generate(**options, output_logits=True, return_dict_in_generate=True)
+    assert (generated.sequences[:, 0] == 1).all()  # the decoder start (a plain generate() result leaves it out)
+    with torch.no_grad():
+        logits = model(input_features=features, decoder_input_ids=generated.sequences[:, :-1], use_cache=False).logits
+    torch.testing.assert_close(torch.stack(generated.logits, 1), logits, rtol=0, atol=1e-5)
+    tokens = generated.sequences[:, 1:]
+    assert torch.equal(model.generate(**options, use_cache=False), tokens)
+    delta.detach()
+    assert not torch.equal(model.generate(**options), tokens)  # the prefix mattered
+
+
 def test_a_second_prefix_on_one_model_is_refused():
     model = tiny_model("llama")
     first = PrefixModel(model, **SMALL)

@@ -149,6 +149,8 @@ class Prefix(PrefixTable):
         if cache is None or kwargs.get("use_cache") is False:
             # Even with use_cache=False the model returns the cache made here, and generate() would feed it back.
             cache = compat.new_cache(self.encoder_decoder)
+            if kwargs.get("use_cache") is False:  # Whisper's decoder hands its layers no cache then: no prefix
+                kwargs["use_cache"] = True
         if compat.cache_length(cache) == 0:  # first call: put the prefix in the (self-attention) cache
             target = compat.self_attention_cache(cache)
             for layer, (keys, values) in enumerate(self.key_values(range(self.filled))):
