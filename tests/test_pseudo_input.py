@@ -45,3 +45,12 @@ def test_dual_encoders_get_images_and_image_text_models_do_not():
     assert pseudo_inputs(clip)["pixel_values"].shape == (2, 3, 16, 16)
     llava_config = tf.LlavaConfig(text_config=tf.LlamaConfig(**text), vision_config=tf.CLIPVisionConfig(**vision))
     assert "pixel_values" not in pseudo_inputs(tf.LlavaForConditionalGeneration(llava_config))
+
+
+def test_floating_inputs_take_the_model_precision():
+    vit = tf.ViTForImageClassification(tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32, image_size=16, patch_size=8))
+    vit = vit.to(torch.bfloat16).eval()
+    inputs = pseudo_inputs(vit)
+    assert inputs["pixel_values"].dtype == torch.bfloat16
+    assert LoraModel(vit).positions  # the probe runs on them

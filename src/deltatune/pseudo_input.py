@@ -34,6 +34,7 @@ def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str
     """Small inputs that ``model`` accepts (keyword inputs; for a plain PyTorch LM a tuple of token ids)."""
     config = getattr(model, "config", None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     build = _BUILDERS.get(getattr(model, "main_input_name", None))
     inputs = build(model, config, batch, length) if config is not None and build is not None else None
     if inputs is not None and getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs \
@@ -42,7 +43,9 @@ def pseudo_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> dict[str
     if inputs is None:
         inputs = getattr(model, "dummy_inputs", None)  # transformers' own, for other main inputs
     if isinstance(inputs, dict) and inputs:
-        return {name: tensor.to(device) for name, tensor in inputs.items()}
+        # Features, audio and images in the model's own precision (a bfloat16 Whisper takes no float32 features)
+        return {name: tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+                for name, tensor in inputs.items()}
     embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if embedding is not None and _takes_one_input(model):  # token ids for a plain PyTorch language model
         return ((torch.arange(batch * length, device=device).reshape(batch, length) % embedding.num_embeddings),)
