@@ -4,8 +4,8 @@ Stacks are the ``ModuleList``s of one repeated block class, or of layer/block cl
 state-space and MoE layers), where a block holds an attention module (a submodule whose name or class says
 ``att``); lists inside another stack's blocks (MoE experts) and towers of other modalities (names with vision,
 image, audio, speech, ...) are left out, so the defaults cover the language stacks: the decoder of a
-causal LM, the encoder and decoder of an encoder-decoder.  A model with no other stack (an audio or image
-classifier) gets its towers'.  In every block (they can differ: dense and MoE layers):
+causal LM, the encoder and decoder of an encoder-decoder.  A model with no list of blocks outside its towers (an
+audio or image classifier) gets the towers' stacks.  In every block (they can differ: dense and MoE layers):
 
 - attention projections by role, first by name (a wide vocabulary, below), then by wiring: the three linear layers
   that read the hidden size inside the attention module are q, k, v in order (any output size: grouped-query attention
