@@ -61,8 +61,7 @@ def _ids(config: Any, batch: int, length: int) -> torch.Tensor:
 
 
 def _token_ids(model: nn.Module, config: Any, batch: int, length: int) -> dict[str, torch.Tensor]:
-    vocab = getattr(config, "vocab_size", None) or 2
-    ids = _ids(config, batch, length)
+    ids, vocab = _ids(config, batch, length), getattr(config, "vocab_size", None) or 2
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, list) and eos else eos
     if isinstance(eos, int) and 0 <= eos < vocab and vocab > 2:  # one per row, last
@@ -70,7 +69,8 @@ def _token_ids(model: nn.Module, config: Any, batch: int, length: int) -> dict[s
         ids[:, -1] = eos
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     vision = getattr(config, "vision_config", None)
-    if vision is not None and "pixel_values" in _parameters(model) and not any(hasattr(config, a) for a in _IMAGE_TOKEN):
+    takes_images = "pixel_values" in inspect.signature(model.forward).parameters
+    if vision is not None and takes_images and not any(hasattr(config, a) for a in _IMAGE_TOKEN):
         inputs.update(_images(model, vision, batch, length))
     return inputs
 
@@ -111,10 +111,6 @@ def _signal(*shape: int) -> torch.Tensor:
 
 
 _BUILDERS = {"input_ids": _token_ids, "pixel_values": _images, "input_features": _features, "input_values": _audio}
-
-
-def _parameters(model: nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
 
 
 def _takes_one_input(model: nn.Module) -> bool:
