@@ -177,6 +177,15 @@ def cache_tensors(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in layers]
 
 
+def checkpointing_layer(module: nn.Module) -> str | None:
+    """The class of the innermost module under ``module`` that checkpoints gradients in training, if any.
+    transformers runs such layers without their KV cache (``GradientCheckpointingLayer`` sets it to None), so
+    nothing a cache carries reaches their attention."""
+    found = [type(inner).__name__ for inner in module.modules()
+             if getattr(inner, "gradient_checkpointing", False) is True and inner.training]
+    return found[-1] if found else None
+
+
 def cross_attention_filled(cache: Cache, layer: int) -> bool:
     """Whether an encoder-decoder cache already holds ``layer``'s cross-attention keys (after the first step)."""
     cross_attention_cache(cache)  # checks the type

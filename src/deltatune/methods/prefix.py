@@ -138,8 +138,14 @@ class Prefix(PrefixTable):
         super().__init__(config, shapes, seen)
         self.limit, self.filled, self.encoder_decoder = limit, filled, encoder_decoder
         self.cache_name = compat.cache_argument(host)
+        self._host = (host,)  # a tuple: not a submodule of its own delta
 
     def forward(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.training and (layer := compat.checkpointing_layer(self._host[0])):
+            raise RuntimeError(f"prefix tuning hands its keys and values to the attention through the KV cache, and "
+                               f"transformers drops the cache in layers that checkpoint gradients (here {layer}): "
+                               "turn gradient checkpointing off to train a prefix (model.gradient_checkpointing_disable"
+                               "() or activation_checkpointing_disable()); LoRA, adapters and soft prompts work with it")
         kwargs = dict(kwargs)
         reference = kwargs.get("input_ids")
         if reference is None:
