@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -151,6 +152,25 @@ def test_all_examples_and_counts_override_the_budget():
     quick = study_cli.make_study(parser.parse_args(["--max-train-examples", "all", "--max-eval-examples", "200"]))
     assert (quick.budget.train_examples, quick.budget.eval_examples, quick.budget.epochs) == (None, 200, 3)
     assert study_cli.make_study(parser.parse_args([])).budget == BUDGETS["quick"]
+    assert study_cli.make_study(parser.parse_args(["--rates", "grid"])).budget.rates(parse_method("lora")) == (
+        3.33e-4, 1e-3, 3e-3)
+    full = study_cli.make_study(parser.parse_args(["--budget", "full", "--rates", "default"])).budget
+    assert full.rates(parse_method("lora")) == (1e-3,) and full.seeds == (0, 1, 2)
+
+
+def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "study"
+    shutil.copytree(smoke[0], out)
+    capsys.readouterr()
+    assert _study(tiny_backbone, out, "--tasks", "trec", "--methods", "lora", "--rates", "grid",
+                  "--memory-batches", "none", "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}') == 0
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and ", test " in line]
+    assert [("lr=0.001" in line, "cached" in line) for line in done] == [(False, False), (True, True), (False, False)]
+    results = json.loads((out / "results.json").read_text())
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("trec__lora__*")]
+    assert results["grid"] and results["cells"] == 3 and sorted(c["lr"] for c in cells) == [3.33e-4, 1e-3, 3e-3]
+    best = max(cells, key=lambda c: c["validation_accuracy"])
+    assert results["table"]["trec"]["lora"]["validation_mean"] == best["validation_accuracy"]
 
 
 def _record(task, method, lr, seed, validation, test):

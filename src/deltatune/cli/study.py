@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes at which to measure the peak memory of a training step; 'none' skips it")
     parser.add_argument("--delta-config", default="{}", metavar="JSON",
                         help='options per delta type, e.g. \'{"soft_prompt": {"soft_token_num": 20}}\'')
+    parser.add_argument("--rates", choices=["default", "grid"],
+                        help="each method's default learning rate, or the grid around it (overrides the budget's)")
     parser.add_argument("--seeds", help="comma-separated seeds (overrides the budget's)")
     parser.add_argument("--epochs", type=int, help="overrides the budget's")
     parser.add_argument("--max-train-examples", metavar="N|all", help="overrides the budget's")
@@ -93,7 +95,8 @@ def make_study(args: argparse.Namespace) -> Study:
         raise ValueError(f"--memory-batches must be at least 1 each, got {args.memory_batches}")
     budget = dataclasses.replace(
         BUDGETS[args.budget].with_overrides(seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
-                                            max_length=args.max_length),
+                                            max_length=args.max_length,
+                                            grid=None if args.rates is None else args.rates == "grid"),
         **_examples(args.max_train_examples, "train_examples", "--max-train-examples"),
         **_examples(args.max_eval_examples, "eval_examples", "--max-eval-examples"))
     configs = json_object(args.delta_config, "--delta-config")
