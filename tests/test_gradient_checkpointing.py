@@ -4,7 +4,7 @@ without it; a prefix, whose keys and values travel in the KV cache that checkpoi
 import pytest
 import torch
 
-from deltatune import PrefixModel
+from deltatune import PrefixModel, compat
 
 from conftest import FAMILIES, tiny_batch, tiny_model
 from methods.test_families import build
@@ -28,6 +28,7 @@ def _gradients(family: str, method: str, checkpointing: bool) -> list[torch.Tens
     if checkpointing:
         _checkpointing(model, True)
     model.train()
+    assert bool(compat.checkpointing_layer(model)) == checkpointing  # else the comparison would be of equals
     torch.manual_seed(2)  # the same dropout masks in both runs
     model(**tiny_batch(family)).loss.backward()
     return [p.grad for p in delta.delta_parameters()]
@@ -77,6 +78,7 @@ def test_prefix_rows_get_the_same_gradients_with_checkpointing():
         if checkpointing:
             _checkpointing(model, True)
         model.train()
+        assert bool(compat.checkpointing_layer(model)) == checkpointing
         torch.manual_seed(2)
         model(input_ids=torch.randint(1, 100, (2, 8)), labels=torch.tensor([0, 1])).loss.backward()
         gradients.append([p.grad for p in delta.trainable_parameters()])
