@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import compare, compiled_generation, continuous, decode_step, mixed, prompt_ablation  # noqa: E402
+from benchmarks import (compare, compiled_generation, continuous, decode_step, label_words, mixed,  # noqa: E402
+                        prompt_ablation)
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -110,3 +111,15 @@ def test_continuous_smoke_run_serves_the_stream_both_ways_with_the_same_tokens(t
     assert saved["rows"][0]["ratio"] == 1.0
     assert all(r["value"] > 0 and r["mean_latency_s"] > 0 and r["p95_latency_s"] > 0 for r in saved["rows"])
     assert saved["same_tokens"] is True
+
+
+def test_label_words_smoke_run_times_both_heads_after_checking_they_agree(tmp_path):
+    results = label_words.main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "label_words-smoke.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert [r["variant"] for r in saved["rows"]] == [
+        "head at the label words (deltatune)", "head at every position (transformers' loss)",
+        "head at each prompt's end (deltatune)", "head at every position"]
+    assert [r["ratio"] for r in saved["rows"]][1::2] == [1.0, 1.0] and all(r["value"] > 0 for r in saved["rows"])
+    kept, every = saved["loss_kept_vs_every_position"]
+    assert abs(kept - every) < 1e-5 and saved["same_predictions"] is True

@@ -5,11 +5,13 @@
 ``label-words``: a causal LM reads ``"<text>\\nAnswer:"`` and is trained to continue with `` <label word>``; it
 predicts the label whose word is most likely (its first token when the label words' first tokens differ, else the
 whole word's log-likelihood).  No new head: only the delta is trained (survey: prompt-based fine-tuning).
+The model's head computes logits only at the positions that are scored (:mod:`.kept_logits`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
@@ -17,6 +19,7 @@ from .. import sharding
 from ..loading import load_backbone, model_path, tokenizer_path
 from ..pooling import resolve as resolve_pooling
 from .data import Rows, Task
+from .kept_logits import logits_at
 
 PROMPT_SUFFIX = "\nAnswer:"
 
@@ -71,30 +74,40 @@ class LabelWords:
         firsts = [word[0] for word in self.words]
         self.first_tokens = torch.tensor(firsts) if len(set(firsts)) == len(firsts) else None
 
-    def _batch(self, rows: Rows, words: list[list[int]]):
-        """Right-padded ids of text + suffix + word per row; labels only on the word; each prompt's last index."""
-        pad = self.tokenizer.pad_token_id
-        sequences, prompt_ends = [], []
+    def encode(self, rows: Rows, words: list[list[int]]):
+        """Right-padded ids and mask of ``text + suffix + word`` per row; the positions whose logits predict each
+        row's word, ``(rows, longest word)`` (one position, the prompt's last, for empty words); and the words'
+        tokens there (-100 past a word's end)."""
         texts = self.tokenizer([text for text, _ in rows], add_special_tokens=False)["input_ids"]
-        for text, word in zip(texts, words):
-            budget = max(1, self.max_length - len(self.suffix) - len(word))
-            prompt = text[:budget] + self.suffix
-            sequences.append((prompt, word))
-            prompt_ends.append(len(prompt) - 1)
-        width = max(len(p) + len(w) for p, w in sequences)
-        ids = torch.full((len(rows), width), pad)
-        labels = torch.full((len(rows), width), -100)
+        prompts = [text[:max(1, self.max_length - len(self.suffix) - len(word))] + self.suffix
+                   for text, word in zip(texts, words)]
+        width = max(len(p) + len(w) for p, w in zip(prompts, words))
+        longest = max([1, *map(len, words)])
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (prompt, word) in enumerate(sequences):
-            row = torch.tensor(prompt + word)
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-            labels[i, len(prompt): len(row)] = torch.tensor(word)
+        targets = torch.full((len(rows), longest), -100)
+        for i, (prompt, word) in enumerate(zip(prompts, words)):
+            ids[i, : len(prompt) + len(word)] = torch.tensor(prompt + word)
+            mask[i, : len(prompt) + len(word)] = 1
+            targets[i, : len(word)] = torch.tensor(word, dtype=torch.long)
+        # The logit at the prompt's last position predicts the word's first token, and so on; a shorter word's
+        # extra positions are clamped into the row and carry no target.
+        ends = torch.tensor([len(prompt) - 1 for prompt in prompts])
+        columns = (ends[:, None] + torch.arange(longest)).clamp(max=width - 1)
         device = _device(self.model)
-        return ids.to(device), mask.to(device), labels.to(device), torch.tensor(prompt_ends)
+        return ids.to(device), mask.to(device), columns, targets.to(device)
+
+    def _word_logits(self, model: nn.Module, rows: Rows, words: list[list[int]]):
+        """The logits at :meth:`encode`'s positions, ``(rows, longest word, vocabulary)``, and the targets there;
+        the model's head runs at these positions only (:mod:`.kept_logits`)."""
+        ids, mask, columns, targets = self.encode(rows, words)
+        logits = logits_at(self.model, lambda: model(input_ids=ids, attention_mask=mask).logits, columns,
+                           ids.shape[1])
+        return logits, targets
 
     def loss(self, rows: Rows) -> torch.Tensor:
-        ids, mask, labels, _ = self._batch(rows, [self.words[label] for _, label in rows])
-        return self.trained(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits, targets = self._word_logits(self.trained, rows, [self.words[label] for _, label in rows])
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def weight(self, rows: Rows) -> int:
         """How many terms the loss of ``rows`` averages: one per label-word token."""
@@ -103,17 +116,12 @@ class LabelWords:
     @torch.no_grad()
     def predict(self, rows: Rows) -> torch.Tensor:
         if self.first_tokens is not None:  # one pass: compare the label words' first tokens after the prompt
-            ids, mask, _, ends = self._batch(rows, [[] for _ in rows])
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-            ends = ends + logits.shape[1] - ids.shape[1]  # a soft prompt makes the outputs longer by its length
-            return logits[torch.arange(len(rows)), ends][:, self.first_tokens].argmax(-1)
+            logits, _ = self._word_logits(self.model, rows, [[] for _ in rows])
+            return logits[:, 0, self.first_tokens].argmax(-1)
         scores = []
         for word in self.words:  # the whole word's log-likelihood, one pass per label
-            ids, mask, labels, _ = self._batch(rows, [word] * len(rows))
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:-1]  # as above
-            targets = labels[:, 1:]
-            picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            scores.append((picked * (targets != -100)).sum(-1))
+            logits, targets = self._word_logits(self.model, rows, [word] * len(rows))
+            scores.append(logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1))
         return torch.stack(scores, -1).argmax(-1)
 
 
