@@ -49,3 +49,29 @@ def test_indices_of_layers_follow_their_layers_into_the_tiny_config():
     assert shrunk["index_layers"] == [1]  # the indexed layers: the tiny model's one indexed layer
     assert shrunk["mlp_only_layers"] == [0, 1]  # already valid at two layers: unchanged
     assert shrunk["kv_source_layers"] == [0, 1]  # a per-layer list: cut
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("entry", [e for e in zoo.entries() if e.task == "causal-lm"], ids=lambda e: e.model_type)
+def test_label_words_logits_at_chosen_positions_equal_those_picked_from_every_position(entry):
+    import torch
+
+    from deltatune.training.kept_logits import logits_at
+
+    reason = zoo.skip_reason(entry)
+    if reason:
+        pytest.skip(reason)
+    model = zoo.build(entry)
+    ids = torch.randint(3, zoo.VOCAB, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = mask[2, 4:] = 0  # right-padded rows of three lengths
+    columns = torch.tensor([[5, 6], [4, 5], [2, 3]])
+    forward = lambda: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    with torch.no_grad():
+        every = forward()
+        if entry.model_type == "prophetnet":  # its head reads (rows, streams, positions, features): refused
+            with pytest.raises(RuntimeError, match=r"head read states of shape \(3, 2, 9, 32\)"):
+                logits_at(model, forward, columns, 9)
+            return
+        kept = logits_at(model, forward, columns, 9)
+    torch.testing.assert_close(kept, every[torch.arange(3)[:, None], columns], rtol=1e-5, atol=1e-5)
