@@ -7,7 +7,7 @@ import transformers as tf
 
 from deltatune import LoraModel, PrefixModel, SoftPromptModel
 from deltatune.training.data import Task
-from deltatune.training.kept_logits import logits_at
+from deltatune.kept_logits import logits_at
 from deltatune.training.objectives import LabelWords
 
 pytestmark = [pytest.mark.real, pytest.mark.compat]  # SmolLM2's tokenizer; the head hook meets transformers' models

@@ -56,7 +56,7 @@ def test_indices_of_layers_follow_their_layers_into_the_tiny_config():
 def test_label_words_logits_at_chosen_positions_equal_those_picked_from_every_position(entry):
     import torch
 
-    from deltatune.training.kept_logits import logits_at
+    from deltatune.kept_logits import logits_at
 
     reason = zoo.skip_reason(entry)
     if reason:

@@ -23,6 +23,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 from .. import compat
 from ..bank import DeltaBank
+from ..kept_logits import logits_at
 
 # generate() settings this loop does not apply: a generation config that sets any of them is refused.
 _UNSUPPORTED = {"num_beams": 1, "penalty_alpha": None, "guidance_scale": None, "repetition_penalty": 1.0,
@@ -96,10 +97,11 @@ class RunningBatch:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, deltas: list[str | None]) -> torch.Tensor:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        last = torch.full((len(ids), 1), ids.shape[1] - 1)  # rows are left-padded: each ends in the last column
+        forward = lambda: self.model(input_ids=ids, attention_mask=mask, position_ids=positions,  # noqa: E731
+                                     use_cache=True, **{self.argument: cache}).logits
         with torch.no_grad(), self.bank.route(deltas):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{self.argument: cache})
-        return out.logits[:, -1]
+            return logits_at(self.model, forward, last, ids.shape[1])[:, 0]  # a prefill's head runs on one position
 
     def join(self, rows: list, prompts: list[list[int]], deltas: list[str | None], sampling: list[tuple]
              ) -> torch.Tensor:

@@ -5,7 +5,7 @@
 ``label-words``: a causal LM reads ``"<text>\\nAnswer:"`` and is trained to continue with `` <label word>``; it
 predicts the label whose word is most likely (its first token when the label words' first tokens differ, else the
 whole word's log-likelihood).  No new head: only the delta is trained (survey: prompt-based fine-tuning).
-The model's head computes logits only at the positions that are scored (:mod:`.kept_logits`).
+The model's head computes logits only at the positions that are scored (:mod:`deltatune.kept_logits`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .. import sharding
 from ..loading import load_backbone, model_path, tokenizer_path
 from ..pooling import resolve as resolve_pooling
 from .data import Rows, Task
-from .kept_logits import logits_at
+from ..kept_logits import logits_at
 
 PROMPT_SUFFIX = "\nAnswer:"
 
@@ -99,7 +99,7 @@ class LabelWords:
 
     def _word_logits(self, model: nn.Module, rows: Rows, words: list[list[int]]):
         """The logits at :meth:`encode`'s positions, ``(rows, longest word, vocabulary)``, and the targets there;
-        the model's head runs at these positions only (:mod:`.kept_logits`)."""
+        the model's head runs at these positions only (:mod:`deltatune.kept_logits`)."""
         ids, mask, columns, targets = self.encode(rows, words)
         logits = logits_at(self.model, lambda: model(input_ids=ids, attention_mask=mask).logits, columns,
                            ids.shape[1])

@@ -1,12 +1,12 @@
 """A causal language model's logits at chosen positions only, computed without the others.
 
-A label word is scored at a few positions per row, but the model's head maps every position's hidden state to the
-whole vocabulary: on SmolLM2-135M (49,152 tokens) that product is about a fifth of a forward pass, and the softmax
-of a batch of 32 rows × 64 tokens reads 100 million logits.  A forward pre-hook on the output embeddings keeps
-only the chosen hidden states before the head runs, so the head and everything after it see ``(rows, k)``
-positions.  The model is still called as a whole (through a distributed wrapper, with its deltas), so nothing else
-changes.  transformers' ``logits_to_keep`` keeps the same positions in every row, which right-padded rows of
-different lengths do not share.
+A label word is scored at a few positions per row, and a prefill needs the logits of each row's last position, but
+the model's head maps every position's hidden state to the whole vocabulary: on SmolLM2-135M (49,152 tokens) that
+product is about a fifth of a forward pass, and the softmax of a batch of 32 rows × 64 tokens reads 100 million
+logits.  A forward pre-hook on the output embeddings keeps only the chosen hidden states before the head runs, so
+the head and everything after it see ``(rows, k)`` positions.  The model is still called as a whole (through a
+distributed wrapper, with its deltas), so nothing else changes.  transformers' ``logits_to_keep`` keeps the same
+positions in every row, which right-padded rows of different lengths do not share, and not every model takes it.
 """
 
 from __future__ import annotations
