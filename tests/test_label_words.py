@@ -31,10 +31,13 @@ DELTAS = {
 
 
 @pytest.fixture(scope="module")
-def backbones(tmp_path_factory, smollm2_path):
-    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_path)
+def backbones(tmp_path_factory, smollm2_path, minilm_path):
+    """Tiny decoders with SmolLM2's tokenizer (which adds no BOS token); ``llama-bos`` with one that adds one (MiniLM's
+    puts ``[CLS]`` first)."""
     folders = {}
-    for family, config in CONFIGS.items():
+    for family, config, tokenizer_path in [*((f, c, smollm2_path) for f, c in CONFIGS.items()),
+                                           ("llama-bos", CONFIGS["llama"], minilm_path)]:
+        tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_path)
         folders[family] = tmp_path_factory.mktemp(family)
         torch.manual_seed(0)
         tf.AutoModelForCausalLM.from_config(config(len(tokenizer))).save_pretrained(folders[family])
@@ -56,8 +59,8 @@ def _objective(folder, words: list[str], delta: str, max_length: int = 12) -> La
 def _plain_batch(objective: LabelWords, words: list[list[int]]):
     """The rows as before the head kept positions: right-padded, labels on the word, each prompt's last index."""
     texts = objective.tokenizer([t for t, _ in ROWS], add_special_tokens=False)["input_ids"]
-    prompts = [t[:max(1, objective.max_length - len(objective.suffix) - len(w))] + objective.suffix
-               for t, w in zip(texts, words)]
+    room = objective.max_length - len(objective.lead) - len(objective.suffix)
+    prompts = [objective.lead + t[:max(1, room - len(w))] + objective.suffix for t, w in zip(texts, words)]
     width = max(len(p) + len(w) for p, w in zip(prompts, words))
     ids = torch.full((len(ROWS), width), objective.tokenizer.pad_token_id)
     mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
@@ -67,7 +70,7 @@ def _plain_batch(objective: LabelWords, words: list[list[int]]):
     return ids, mask, labels, torch.tensor([len(p) - 1 for p in prompts])
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", [*sorted(CONFIGS), "llama-bos"])
 @pytest.mark.parametrize("delta", sorted(DELTAS))
 def test_the_loss_and_its_gradients_equal_transformers_loss_on_every_position(backbones, family, delta):
     # Words of one and of several tokens, so rows score different numbers of positions.
@@ -133,3 +136,35 @@ def test_a_head_called_twice_or_on_other_shapes_is_refused(backbones):
     with pytest.raises(RuntimeError, match=r"head read states of shape \(3, 32\); expected \(rows=1, at least 3 "
                                             r"positions, features\)"):
         logits_at(model, lambda: head(torch.zeros(3, 32)), torch.tensor([[2]]), 3)
+
+
+def test_each_text_follows_the_tokens_its_tokenizer_puts_first(backbones, tmp_path):
+    assert _objective(backbones["llama"], ["no", "yes"], "none").lead == []  # SmolLM2's tokenizer adds none
+    objective = _objective(backbones["llama-bos"], ["no", "yes"], "none")
+    assert objective.lead == [objective.tokenizer.cls_token_id]  # its [SEP] comes last, and is not kept
+    ids, mask, columns, targets = objective.encode(ROWS, [objective.words[label] for _, label in ROWS])
+    assert (ids[:, 0] == objective.tokenizer.cls_token_id).all() and ids.shape[1] <= objective.max_length
+    assert objective.tokenizer.sep_token_id not in ids[mask.bool()].tolist()
+
+
+def test_a_run_records_its_lead_tokens_and_eval_puts_them_back(backbones, tmp_path, capsys):
+    import json
+
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--backbone", str(backbones["llama-bos"]), "--task", "sms_spam", "--objective",
+                 "label-words", "--max-train-examples", "16", "--max-eval-examples", "16", "--epochs", "1",
+                 "--batch-size", "8", "--max-length", "24", "--out", str(out)]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["lead_tokens"] == [101]  # MiniLM's [CLS]
+    tested = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
+    assert main(["eval", "--delta", str(out), "--max-eval-examples", "16", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == tested
+    from deltatune.cli.training_info import recorded_lead
+
+    assert recorded_lead({}, 30522) == []  # a run from before lead tokens were recorded put none before its texts
+    for bad in ("[101, 99999999]", '"101"', "[true]"):
+        (out / "training.json").write_text(json.dumps({**record, "lead_tokens": json.loads(bad)}))
+        assert main(["eval", "--delta", str(out), "--max-eval-examples", "4"]) == 2
+        assert "training.json: lead_tokens must be a list of token ids below 30522" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from ..training.loop import evaluate
 from ..training.objectives import make_objective
 from .data_options import add_data_arguments, data_source, load_source
 from .options import check_counts
-from .training_info import delta_and_options, read_run
+from .training_info import delta_and_options, read_run, recorded_lead
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> dict:
     task = subset(task, None, args.max_eval_examples)
     pooling = delta_and_options(args.delta)[1].get("pooling", "model")  # checked; a run folder from before: model
     objective = make_objective(record["objective"], record["backbone"], task, record["max_length"], pooling)
+    if hasattr(objective, "lead"):  # label words: the tokens trained before each text (none before they were recorded)
+        objective.lead = recorded_lead(record, len(objective.tokenizer))
     delta = DeltaBase.from_finetuned(delta_folder, objective.model)
     rows = task.split(args.split)
     metrics = {"task": task.name, "split": args.split, "examples": len(rows), "delta": delta.delta_type,

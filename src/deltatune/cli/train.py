@@ -111,6 +111,8 @@ def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> 
     delta = DELTA_TYPES[args.delta](objective.model, **record["delta_config"])
     delta.freeze_module(exclude=["deltas", *objective.head])
     record.update(labels=task.labels, backbone_options=objective.backbone_options, head=objective.head)
+    if hasattr(objective, "lead"):  # label words: what eval must put before each text, as here
+        record["lead_tokens"] = objective.lead
     trainable = delta.num_trainable_parameters()
     loop.prepare(objective, delta, task, arguments, strategy)
     _check_fits(objective, delta, task, args.max_length)

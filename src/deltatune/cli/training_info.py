@@ -56,3 +56,12 @@ def delta_and_options(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     if options.get("pooling", "model") not in POOLING_NAMES:
         raise ValueError(f"{source}: pooling {options['pooling']!r} is neither 'model' nor 'mean'")
     return delta, options
+
+
+def recorded_lead(record: dict[str, Any], vocabulary: int) -> list[int]:
+    """The token ids a label-word run put before each text (a BOS token); none for a run from before they were
+    recorded, which put none."""
+    lead = record.get("lead_tokens", [])
+    if not isinstance(lead, list) or not all(type(t) is int and 0 <= t < vocabulary for t in lead):
+        raise ValueError(f"{TRAINING_FILE}: lead_tokens must be a list of token ids below {vocabulary}, not {lead!r}")
+    return lead

@@ -2,10 +2,11 @@
 
 ``classify``: ``AutoModelForSequenceClassification``; the new head is trained with the delta.  It reads the pooling
 ``pooling`` chooses (:mod:`deltatune.pooling`; by default the mean for checkpoints trained to pool by mean).
-``label-words``: a causal LM reads ``"<text>\\nAnswer:"`` and is trained to continue with `` <label word>``; it
-predicts the label whose word is most likely (its first token when the label words' first tokens differ, else the
-whole word's log-likelihood).  No new head: only the delta is trained (survey: prompt-based fine-tuning).
-The model's head computes logits only at the positions that are scored (:mod:`deltatune.kept_logits`).
+``label-words``: a causal LM reads ``"<text>\\nAnswer:"`` (after a BOS token, if its tokenizer adds one) and is
+trained to continue with `` <label word>``; it predicts the label whose word is most likely (its first token when the
+label words' first tokens differ, else the whole word's log-likelihood).  No new head: only the delta is trained
+(survey: prompt-based fine-tuning).  The model's head computes logits only at the positions that are scored
+(:mod:`deltatune.kept_logits`).
 """
 
 from __future__ import annotations
@@ -69,18 +70,20 @@ class LabelWords:
         self.max_length = max_length
         self.trained = self.model
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.lead = _leading_special_tokens(self.tokenizer)
         self.suffix = encode(PROMPT_SUFFIX)
         self.words = [encode(" " + word) for word in task.words]
         firsts = [word[0] for word in self.words]
         self.first_tokens = torch.tensor(firsts) if len(set(firsts)) == len(firsts) else None
 
     def encode(self, rows: Rows, words: list[list[int]]):
-        """Right-padded ids and mask of ``text + suffix + word`` per row; the positions whose logits predict each
-        row's word, ``(rows, longest word)`` (one position, the prompt's last, for empty words); and the words'
-        tokens there (-100 past a word's end)."""
+        """Right-padded ids and mask of ``lead + text + suffix + word`` per row (``lead``: what the tokenizer puts
+        before a text, such as a BOS token); the positions whose logits predict each row's word, ``(rows, longest
+        word)`` (one position, the prompt's last, for empty words); and the words' tokens there (-100 past a word's
+        end)."""
         texts = self.tokenizer([text for text, _ in rows], add_special_tokens=False)["input_ids"]
-        prompts = [text[:max(1, self.max_length - len(self.suffix) - len(word))] + self.suffix
-                   for text, word in zip(texts, words)]
+        room = self.max_length - len(self.lead) - len(self.suffix)
+        prompts = [self.lead + text[:max(1, room - len(word))] + self.suffix for text, word in zip(texts, words)]
         width = max(len(p) + len(w) for p, w in zip(prompts, words))
         longest = max([1, *map(len, words)])
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
@@ -123,6 +126,13 @@ class LabelWords:
             logits, targets = self._word_logits(self.model, rows, [word] * len(rows))
             scores.append(logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1))
         return torch.stack(scores, -1).argmax(-1)
+
+
+def _leading_special_tokens(tokenizer) -> list[int]:
+    """The ids ``tokenizer`` puts before a text (a BOS token for LLaMA- and Gemma-family tokenizers, none for
+    GPT-2's): a model trained with them expects them first."""
+    plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
+    return next((full[:k] for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), [])
 
 
 def _check_causal(model: nn.Module, backbone: str) -> None:
