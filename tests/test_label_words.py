@@ -147,10 +147,13 @@ def test_each_text_follows_the_tokens_its_tokenizer_puts_first(backbones, tmp_pa
     assert objective.tokenizer.sep_token_id not in ids[mask.bool()].tolist()
 
 
-def test_a_run_records_its_lead_tokens_and_eval_puts_them_back(backbones, tmp_path, capsys):
+def test_a_run_records_its_lead_tokens_and_eval_puts_them_back(backbones, tmp_path, capsys, monkeypatch):
     import json
 
     from deltatune.cli import main
+    from deltatune.training import loop
+
+    monkeypatch.setattr(loop, "finished", lambda out: None)  # keep last.pt, as a run killed at its end would
 
     out = tmp_path / "run"
     assert main(["train", "--backbone", str(backbones["llama-bos"]), "--task", "sms_spam", "--objective",
@@ -161,6 +164,14 @@ def test_a_run_records_its_lead_tokens_and_eval_puts_them_back(backbones, tmp_pa
     tested = json.loads((out / "metrics.json").read_text())["test"]["accuracy"]
     assert main(["eval", "--delta", str(out), "--max-eval-examples", "16", "--json", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == tested
+    # A run from before lead tokens were recorded put none before its texts; resumed, it goes on without them.
+    options = ["--backbone", str(backbones["llama-bos"]), "--task", "sms_spam", "--objective", "label-words",
+               "--max-train-examples", "16", "--max-eval-examples", "16", "--epochs", "1", "--batch-size", "8",
+               "--max-length", "24", "--out", str(out)]
+    (out / "training.json").write_text(json.dumps({k: v for k, v in record.items() if k != "lead_tokens"}))
+    assert main(["train", *options, "--resume"]) == 0
+    assert json.loads((out / "training.json").read_text())["lead_tokens"] == []
+
     from deltatune.cli.training_info import recorded_lead
 
     assert recorded_lead({}, 30522) == []  # a run from before lead tokens were recorded put none before its texts

@@ -23,7 +23,7 @@ from ..training.loop import TrainingArguments, evaluate
 from ..training.objectives import OBJECTIVES, make_objective
 from .data_options import add_data_arguments, data_source, load_source
 from .options import add_pooling_argument, check_counts, json_object, parse_overrides
-from .training_info import TRAINING_FILE
+from .training_info import TRAINING_FILE, recorded_lead
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +111,10 @@ def _train(args: argparse.Namespace, arguments: TrainingArguments, strategy) -> 
     delta = DELTA_TYPES[args.delta](objective.model, **record["delta_config"])
     delta.freeze_module(exclude=["deltas", *objective.head])
     record.update(labels=task.labels, backbone_options=objective.backbone_options, head=objective.head)
-    if hasattr(objective, "lead"):  # label words: what eval must put before each text, as here
+    if hasattr(objective, "lead"):  # label words: the tokens before each text, which eval and --resume put back
+        if args.resume:
+            saved = json_object((args.out / TRAINING_FILE).read_text(errors="replace"), TRAINING_FILE)
+            objective.lead = recorded_lead(saved, len(objective.tokenizer))
         record["lead_tokens"] = objective.lead
     trainable = delta.num_trainable_parameters()
     loop.prepare(objective, delta, task, arguments, strategy)
