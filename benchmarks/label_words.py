@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():  # the same numbers both ways, before anything is timed
         losses = objective.loss(rows).item(), every_position_loss().item()
         same_predictions = torch.equal(objective.predict(rows), every_position_predict())
+    if abs(losses[0] - losses[1]) > 1e-5 * abs(losses[1]) or not same_predictions:
+        raise RuntimeError(f"the two ways disagree (losses {losses}, same predictions {same_predictions}): not timed")
     variants = {
         "training step, head at the label words (deltatune)": lambda: step(lambda: objective.loss(rows)),
         "training step, head at every position (transformers' loss)": lambda: step(every_position_loss),

@@ -102,6 +102,9 @@ def test_predictions_equal_those_read_from_every_position(backbones, family, del
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask).logits
     at_ends = logits[torch.arange(len(ROWS)), ends + logits.shape[1] - ids.shape[1]]
+    with torch.no_grad():  # the logits themselves, which two-way predictions could match by chance
+        kept, _ = first_tokens._word_logits(model, ROWS, [[]] * len(ROWS))
+    torch.testing.assert_close(kept[:, 0], at_ends, rtol=1e-5, atol=1e-5)
     assert torch.equal(first_tokens.predict(ROWS), at_ends[:, first_tokens.first_tokens].argmax(-1))
 
     scores = []

@@ -101,6 +101,8 @@ class RunningBatch:
         forward = lambda: self.model(input_ids=ids, attention_mask=mask, position_ids=positions,  # noqa: E731
                                      use_cache=True, **{self.argument: cache}).logits
         with torch.no_grad(), self.bank.route(deltas):
+            if ids.shape[1] == 1:  # a decode step: one position already, nothing to keep
+                return forward()[:, -1]
             return logits_at(self.model, forward, last, ids.shape[1])[:, 0]  # a prefill's head runs on one position
 
     def join(self, rows: list, prompts: list[list[int]], deltas: list[str | None], sampling: list[tuple]
