@@ -14,6 +14,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) torch setuptools
 	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
+	$(PY) tools/lock-check.py $(LOCK)
 	touch $(STAMP)
 
 assets: $(STAMP)
