@@ -303,7 +303,7 @@ def test_lora_dropout_acts_in_training_only():
 @pytest.mark.parametrize("damage,message", [
     ("extra", "unexpected deltas.extra"),
     ("missing", "missing deltas.bert.encoder.layer.0.attention.self.query.lora_A"),
-    ("dtype", "checkpoint [4, 32] torch.float16, delta expects [4, 32] torch.float32"),
+    ("dtype", "checkpoint [4, 32] torch.int32, delta expects [4, 32] torch.float32"),
 ])
 def test_damaged_tensor_files_are_named_precisely(saved, damage, message):
     from safetensors.torch import save_file
@@ -316,7 +316,7 @@ def test_damaged_tensor_files_are_named_precisely(saved, damage, message):
     elif damage == "missing":
         del tensors[key]
     else:
-        tensors[key] = tensors[key].half()
+        tensors[key] = tensors[key].to(torch.int32)  # another precision would be cast; another kind is refused
     save_file(tensors, folder / WEIGHTS_FILE)
     model = tiny_model("bert")
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -51,18 +51,51 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
     with the delta (``saved_with_delta``) are left out of the sample: loading overwrites them."""
     sharding.settle(model)
     tensors = backbone_tensors(model)
-    lines = {k: f"{k}:{list(sharding.full_shape(t))}:{t.dtype}" for k, t in tensors.items()}
-    sample = hashlib.sha256()
-    for key in sorted(set(tensors) - set(saved_with_delta)):
-        first = sharding.full_tensor(tensors[key]).reshape(-1)[:8]  # a shard is gathered (collective)
-        # a copy: numpy() would pin the parameter's storage, which FSDP2 frees and re-allocates
-        sample.update(first.to("cpu", torch.float32, copy=True).numpy().tobytes())
+    lines = _lines(tensors)
     return {"class": sharding.unwrapped_class(model).__name__, "tensors": len(lines), "sha256": _structure(lines.values()),
             # the structure without what was saved with the delta: a head served apart may have another size
             "body_sha256": _structure(line for k, line in lines.items() if k not in set(saved_with_delta)),
-            "weights_sample": sample.hexdigest(),
+            "weights_sample": _sample(tensors, set(tensors) - set(saved_with_delta)),
             # the head reads the tokens' mean (deltatune.pooling); absent for the model's own pooling, as before
             **({"pooling": "mean"} if pooling.of(model) == "mean" else {})}
+
+
+def _lines(tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None) -> dict[str, str]:
+    """``name:shape:dtype`` per tensor; ``dtypes`` overrides some tensors' dtypes."""
+    dtypes = dtypes or {}
+    return {k: f"{k}:{list(sharding.full_shape(t))}:{dtypes.get(k, t.dtype)}" for k, t in tensors.items()}
+
+
+def _sample(tensors: dict[str, torch.Tensor], keys, dtypes: dict[str, torch.dtype] | None = None) -> str:
+    """A hash of the first 8 values of each tensor in ``keys``, each first cast to its dtype in ``dtypes``."""
+    sample = hashlib.sha256()
+    for key in sorted(keys):
+        first = sharding.full_tensor(tensors[key]).reshape(-1)[:8]  # a shard is gathered (collective)
+        if dtypes and key in dtypes:
+            first = first.to(dtypes[key])  # rounded as a backbone held in that dtype holds it
+        # a copy: numpy() would pin the parameter's storage, which FSDP2 frees and re-allocates
+        sample.update(first.to("cpu", torch.float32, copy=True).numpy().tobytes())
+    return sample.hexdigest()
+
+
+def _saved_dtypes(model: nn.Module, tensors: dict[str, torch.Tensor], sha256: str) -> dict[str, torch.dtype] | None:
+    """The floating-point dtypes under which ``tensors`` have the structure ``sha256``: the same backbone saved in
+    another precision, with its parameters cast and its buffers cast or kept (``from_pretrained(dtype=...)`` keeps
+    rotary buffers in float32, ``model.to(dtype)`` casts them).  None if no such cast explains the difference."""
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    floating = {k for k, t in tensors.items() if t.is_floating_point()}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for cast in (floating & parameters, floating):
+            dtypes = dict.fromkeys(cast, dtype)
+            if _structure(_lines(tensors, dtypes).values()) == sha256:
+                return dtypes
+    return None
+
+
+def _as_precise(dtype: torch.dtype, than: torch.dtype) -> bool:
+    """Whether casting ``dtype`` values to ``than`` rounds them as casting their source to ``than`` would."""
+    ours, theirs = torch.finfo(dtype), torch.finfo(than)
+    return dtype == than or (ours.eps <= theirs.eps and ours.max >= theirs.max)
 
 
 POOLING_NAMES = {"model": "the model's own head", "mean": "the tokens' mean"}
@@ -244,15 +277,20 @@ def refuse_non_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
 
 
 def check_tensors(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
-    """Every expected key present with its shape and dtype, and nothing else."""
+    """Every expected key present with its shape and kind, and nothing else.  A floating-point tensor saved in
+    another precision is cast to the delta's (which follows its backbone's), unless its values overflow it."""
     problems = [f"missing {k}" for k in expected if k not in loaded]
     problems += [f"unexpected {k}" for k in loaded if k not in expected]
-    problems += [
-        f"{k}: checkpoint {list(loaded[k].shape)} {loaded[k].dtype}, delta expects {list(sharding.full_shape(t))} "
-        f"{sharding.full_dtype(t)}"
-        for k, t in expected.items()
-        if k in loaded and (loaded[k].shape != sharding.full_shape(t) or loaded[k].dtype != sharding.full_dtype(t))
-    ]
+    for k, t in expected.items():
+        if k not in loaded:
+            continue
+        value, dtype = loaded[k], sharding.full_dtype(t)
+        if value.shape != sharding.full_shape(t) or (value.dtype != dtype and not (
+                value.is_floating_point() and dtype.is_floating_point)):
+            problems.append(f"{k}: checkpoint {list(value.shape)} {value.dtype}, delta expects "
+                            f"{list(sharding.full_shape(t))} {dtype}")
+        elif value.dtype != dtype and torch.isfinite(value).all() and not torch.isfinite(value.to(dtype)).all():
+            problems.append(f"{k}: its {value.dtype} values overflow {dtype}, this delta's dtype (its backbone's)")
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
         raise ValueError(f"{path} does not fit this backbone and delta:\n  {shown}")
@@ -277,14 +315,26 @@ def check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path, hea
             f"one pools by {POOLING_NAMES[this_pooling]}. Load the backbone with pooling={saved_pooling!r} "
             "(deltatune.loading.load_backbone, or --pooling)"
         )
+    sample = actual["weights_sample"]
     if expected.get("sha256") != actual["sha256"]:
-        warnings.warn(
-            f"{folder} was saved with a backbone whose parameter names/shapes/dtypes differ from this "
-            f"{actual['class']} ({expected.get('tensors')} vs {actual['tensors']} tensors); every tensor the delta "
-            "needs is still checked",
-            stacklevel=3,
-        )
-    elif expected.get("weights_sample", actual["weights_sample"]) != actual["weights_sample"]:
+        # The same backbone in another precision is no other structure: its weights are compared as rounded to
+        # the saved precision, when this backbone holds them at least as precisely.
+        with_delta = set(saved.get("unfrozen_backbone", []))
+        tensors = backbone_tensors(backbone)
+        body = {k: t for k, t in tensors.items() if not (heads_apart and k in with_delta)}
+        dtypes = _saved_dtypes(backbone, body, expected.get("sha256"))
+        if dtypes is None:
+            warnings.warn(
+                f"{folder} was saved with a backbone whose parameter names/shapes/dtypes differ from this "
+                f"{actual['class']} ({expected.get('tensors')} vs {actual['tensors']} tensors); every tensor the "
+                "delta needs is still checked",
+                stacklevel=3,
+            )
+            return
+        if not all(_as_precise(tensors[k].dtype, dtype) for k, dtype in dtypes.items()):
+            return  # a coarser copy of the weights cannot be told apart from other weights by its first values
+        sample = _sample(tensors, set(tensors) - with_delta, dtypes)
+    if expected.get("weights_sample", sample) != sample:
         warnings.warn(
             f"{folder} was saved on a {actual['class']} with the same architecture but other weights; "
             "the delta loads, but was not trained for these weights",
