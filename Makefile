@@ -8,6 +8,8 @@ LOCK := requirements/lock.txt
 .PHONY: demo test compat canary lock assets browser clean
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "deltatune needs Python 3.11 or newer; \
+	$(PYTHON) is $$($(PYTHON) -V 2>&1). Run with PYTHON=python3.11 (or newer)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 # Every version from the lock; torch first (an unpinned torch would pull a multi-GB CUDA build).
