@@ -130,6 +130,19 @@ def test_a_model_that_bypasses_its_head_module_gets_its_logits_picked_after(back
     assert torch.equal(got[:, 0], expected)
 
 
+def test_a_head_given_its_states_by_name_keeps_the_same_positions(backbones):
+    objective = _objective(backbones["llama"], ["negative", "positive"], "none")
+    model, head = objective.model, objective.model.get_output_embeddings()
+    ids, mask, _, ends = _plain_batch(objective, [[]] * len(ROWS))
+    by_position = logits_at(model, lambda: model(input_ids=ids, attention_mask=mask).logits, ends[:, None], ids.shape[1])
+    hidden = torch.randn(len(ROWS), ids.shape[1], 32)
+    by_name = logits_at(model, lambda: head(input=hidden), ends[:, None], ids.shape[1])
+    assert torch.equal(by_name, head(hidden[torch.arange(len(ROWS))[:, None], ends[:, None]]))
+    assert by_position.shape == by_name.shape
+    with pytest.raises(RuntimeError, match=r"called its output embeddings with \['extra', 'input'\]"):
+        logits_at(model, lambda: head(input=hidden, extra=1), ends[:, None], ids.shape[1])
+
+
 def test_a_head_called_twice_or_on_other_shapes_is_refused(backbones):
     objective = _objective(backbones["llama"], ["negative", "positive"], "none")
     model, head = objective.model, objective.model.get_output_embeddings()

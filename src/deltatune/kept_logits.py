@@ -31,11 +31,17 @@ def logits_at(model: nn.Module, forward: Callable[[], torch.Tensor], columns: to
 
     head, calls = model.get_output_embeddings(), []
 
-    def keep(module: nn.Module, args: tuple):
+    def keep(module: nn.Module, args: tuple, kwargs: dict):
         calls.append(module)
-        return (pick(args[0]), *args[1:])
+        if args:
+            return (pick(args[0]), *args[1:]), kwargs
+        if len(kwargs) != 1:  # nn.Linear's one input, passed by name
+            raise RuntimeError(f"{type(model).__name__} called its output embeddings with {sorted(kwargs)}; "
+                               "expected the hidden states alone")
+        (name, hidden), = kwargs.items()
+        return args, {name: pick(hidden)}
 
-    handle = head.register_forward_pre_hook(keep) if head is not None else None
+    handle = head.register_forward_pre_hook(keep, with_kwargs=True) if head is not None else None
     try:
         logits = forward()
     finally:
