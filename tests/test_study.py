@@ -199,3 +199,25 @@ def test_combinations_and_grids():
     assert BUDGETS["quick"].rates(parse_method("ft")) == (5e-5,)
     assert BUDGETS["full"].rates(parse_method("bitfit")) == (3.33e-4, 1e-3, 3e-3)
     assert BUDGETS["full"].rates(parse_method("soft_prompt")) == (1e-2, 3e-2, 9e-2)
+
+
+def test_a_label_word_study_records_its_lead_tokens_and_refuses_a_folder_from_before_them(tmp_path, minilm_path,
+                                                                                          capsys):
+    backbone = tmp_path / "llama-bos"  # a tiny decoder whose tokenizer (MiniLM's) puts [CLS] first
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64)).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    out = tmp_path / "study"
+    options = ["--objective", "label-words", "--tasks", "trec", "--methods", "lora", "--memory-batches", "none"]
+    assert _study(backbone, out, *options) == 0
+    protocol = json.loads((out / "study.json").read_text())
+    assert protocol["lead_tokens"] == [tokenizer.cls_token_id]
+
+    del protocol["lead_tokens"]  # as a study begun before label words put them first
+    (out / "study.json").write_text(json.dumps(protocol))
+    capsys.readouterr()
+    assert _study(backbone, out, *options) == 2
+    assert "holds a study with other settings (lead_tokens differ)" in capsys.readouterr().err

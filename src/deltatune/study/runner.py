@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.data import Task, subset
-from ..training.objectives import chosen_pooling
+from ..training.objectives import chosen_pooling, lead_tokens
 from ..training.progress import output_console
 from ..training.tasks import load_task
 from . import cell as cells
@@ -34,12 +34,16 @@ class Study:
     memory_batches: tuple[int, ...] = MEMORY_BATCHES  # peak memory against these batch sizes; () skips it
     delta_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     command: str = ""  # how the study was run, for the report
+    lead_tokens: tuple[int, ...] = ()  # what label words put before each text (set by run_study)
 
     def protocol(self) -> dict[str, Any]:
         """What every cell shares (the seeds and the grid only choose which cells run)."""
         budget = {k: v for k, v in dataclasses.asdict(self.budget).items() if k not in ("name", "seeds", "grid")}
-        return {"backbone": self.backbone, "objective": self.objective, "pooling": self.pooling, "budget": budget,
-                "delta_configs": self.delta_configs}
+        protocol = {"backbone": self.backbone, "objective": self.objective, "pooling": self.pooling,
+                    "budget": budget, "delta_configs": self.delta_configs}
+        if self.lead_tokens:  # recorded only when there are some: studies from before them still match
+            protocol["lead_tokens"] = list(self.lead_tokens)
+        return protocol
 
     def all_methods(self) -> list[Method]:
         extra = combinations() if self.combinations else []
@@ -59,7 +63,9 @@ def run_study(study: Study) -> dict[str, Any]:
     for method in study.methods:
         parse_method(method.name)  # a Method made by hand is checked like a parsed one
     tasks = load_tasks(study.tasks, study.budget)
-    study = dataclasses.replace(study, pooling=chosen_pooling(study.objective, study.pooling, study.backbone))
+    lead = tuple(lead_tokens(study.backbone)) if study.objective == "label-words" else ()
+    study = dataclasses.replace(study, pooling=chosen_pooling(study.objective, study.pooling, study.backbone),
+                                lead_tokens=lead)
     store.check_protocol(study.out, study.protocol())
     console = output_console()
     todo = study.cells()
