@@ -100,3 +100,14 @@ def test_a_peft_export_in_half_precision_imports_onto_a_float32_backbone(tmp_pat
     imported = from_peft(tmp_path / "adapter", tiny_model("llama"))
     for (key, ours), theirs in zip(delta.delta_state_dict().items(), imported.delta_state_dict().values()):
         assert theirs.dtype == torch.float32 and torch.equal(theirs, ours.float()), key
+
+
+def test_a_head_kept_apart_loads_onto_the_backbone_in_another_precision(tmp_path):
+    model = tiny_model("bert")
+    delta = LoraModel(model, ["query", "value"]).freeze_module(exclude=["deltas", "classifier"])
+    delta.save_finetuned(tmp_path / "delta")
+    served = tiny_model("bert").to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = DeltaBase.from_finetuned(tmp_path / "delta", served, attach=False, keep_backbone_apart=True)
+    assert torch.equal(loaded.backbone_apart["classifier.weight"], model.classifier.weight.detach())

@@ -301,7 +301,8 @@ def check_backbone(saved: dict[str, Any], backbone: nn.Module, folder: Path, hea
     parameters saved with the delta are not loaded into ``backbone``, so their shapes may differ."""
     expected = saved["backbone"]
     actual = fingerprint(backbone, saved.get("unfrozen_backbone", []))
-    if heads_apart and "body_sha256" in expected:
+    heads_apart = heads_apart and "body_sha256" in expected
+    if heads_apart:
         expected, actual = {**expected, "sha256": expected["body_sha256"]}, {**actual, "sha256": actual["body_sha256"]}
     if expected.get("class") != actual["class"]:
         raise ValueError(
