@@ -31,7 +31,7 @@ def test_a_package_the_lock_does_not_pin_is_named(tmp_path):
     result = _check(tmp_path, pins)
     assert result.returncode == 1
     assert f"safetensors {version} is installed but not in the lock" in result.stderr
-    assert "make lock" in result.stderr
+    assert "make clean" in result.stderr and "make lock" in result.stderr
 
 
 def test_a_package_at_another_version_is_named(tmp_path):

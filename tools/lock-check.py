@@ -39,7 +39,8 @@ def main(lock_path: str) -> int:
     for line in sorted(wrong):
         print(f"{lock_path}: {line}", file=sys.stderr)
     if wrong:
-        print("Refresh the lock with `make lock` (docs/compatibility.md).", file=sys.stderr)
+        print("A package installed by hand: rebuild the environment from the lock (`make clean`, then `make test`). "
+              "A dependency's new requirement: refresh the lock (`make lock`, docs/compatibility.md).", file=sys.stderr)
     return 1 if wrong else 0
 
 
