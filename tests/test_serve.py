@@ -139,6 +139,34 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served):
     assert json.loads(_http(port, "/health")[1])["status"] == "ok"
 
 
+@pytest.mark.parametrize("endpoint, option", [
+    ("completions", {"presence_penalty": 0.5}), ("completions", {"seed": 1}), ("completions", {"logprobs": 0}),
+    ("completions", {"best_of": 2}), ("completions", {"suffix": "!"}), ("completions", {"logit_bias": {"5": 10}}),
+    ("chat", {"frequency_penalty": -1}), ("chat", {"response_format": {"type": "json_object"}}),
+    ("chat", {"logprobs": True, "top_logprobs": 2}), ("chat", {"n": 2}),
+])
+def test_options_the_server_would_ignore_are_refused(served, endpoint, option):
+    client = served[0]
+    name = next(iter(option))
+    with pytest.raises(openai.BadRequestError, match=rf"{name}=.* is not supported by this server") as refused:
+        if endpoint == "chat":
+            client.chat.completions.create(model="lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           **option)
+        else:
+            client.completions.create(model="lora", prompt="hi", max_tokens=2, **option)
+    assert refused.value.body["param"] == name
+
+
+def test_options_at_their_neutral_values_are_served(served):
+    client = served[0]
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "n": 1, "logit_bias": {}}
+    answer = client.chat.completions.create(model="lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                            temperature=0, logprobs=False, response_format={"type": "text"}, **neutral)
+    assert answer.choices[0].message.content is not None
+    assert client.completions.create(model="lora", prompt="hi", max_tokens=2, temperature=0, echo=False,
+                                     best_of=1, **neutral).choices[0].text
+
+
 def _announced_only(port: int, length: int) -> bytes:
     """The answer to a request that announces a ``length``-byte body and sends none of it.  (Sending a body over
     the limit races the server closing the connection after its 413: the client may see a reset instead.)"""

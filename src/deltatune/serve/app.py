@@ -28,6 +28,17 @@ from .engine import Classification, Engine, QueueFull, Request
 from .text import Text, cut_at_stop
 
 
+# OpenAI request fields this server does not implement, with the values that ask for nothing (absent is None):
+# any other value is refused, since ignoring it would answer another request than the one asked.
+# (Compared with their types: completions' logprobs=0 asks for the chosen tokens' log-probabilities.)
+UNSUPPORTED = {
+    "n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "seed": (),
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",),
+}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -100,8 +111,9 @@ def create_app(engine: Engine, *, base_name: str = "base", api_key: str | None =
         if model not in models():
             raise APIError(404, f"the model {model!r} does not exist; served: {', '.join(models())}",
                            "not_found_error", "model")
-        for unsupported, neutral in (("n", 1), ("echo", False), ("logprobs", None), ("tools", None)):
-            if body.get(unsupported, neutral) not in (neutral, [] if neutral is None else neutral):
+        for unsupported, neutral in UNSUPPORTED.items():
+            value = body.get(unsupported)
+            if value is not None and not any(type(value) is type(n) and value == n for n in neutral):
                 raise APIError(400, f"{unsupported}={body[unsupported]!r} is not supported by this server",
                                param=unsupported)
         return body
