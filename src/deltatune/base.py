@@ -477,8 +477,8 @@ class DeltaBase(nn.Module):
         return tensors
 
     def load_delta_state_dict(self, tensors: dict[str, torch.Tensor], source: str | os.PathLike = "tensors") -> None:
-        """Copy ``tensors`` (keys as in :meth:`delta_state_dict`) into this delta; every key, shape and dtype is
-        checked first, so a mismatch changes nothing.  ``source`` names them in the error."""
+        """Copy ``tensors`` (keys as in :meth:`delta_state_dict`) into this delta, cast to its dtype; every key, shape
+        and kind of dtype is checked first, so a mismatch changes nothing.  ``source`` names them in the error."""
         own = self._live_tensors()
         checkpoint.check_tensors(tensors, own, Path(source))
         checkpoint.refuse_non_finite(tensors, Path(source))
