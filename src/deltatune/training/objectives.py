@@ -70,7 +70,7 @@ class LabelWords:
         self.max_length = max_length
         self.trained = self.model
         encode = lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.lead = leading_special_tokens(self.tokenizer)
+        self.lead = _leading_special_tokens(self.tokenizer)
         self.suffix = encode(PROMPT_SUFFIX)
         self.words = [encode(" " + word) for word in task.words]
         firsts = [word[0] for word in self.words]
@@ -128,7 +128,7 @@ class LabelWords:
         return torch.stack(scores, -1).argmax(-1)
 
 
-def leading_special_tokens(tokenizer) -> list[int]:
+def _leading_special_tokens(tokenizer) -> list[int]:
     """The ids ``tokenizer`` puts before a text (such as a BOS token; SmolLM2's tokenizer puts none): a model trained with them expects them first."""
     plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
     return next((full[:k] for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), [])
@@ -154,8 +154,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def lead_tokens(backbone: str) -> list[int]:
-    """What label words put before each text on ``backbone`` (:func:`leading_special_tokens`)."""
-    return leading_special_tokens(_tokenizer(backbone))
+    """What label words put before each text on ``backbone`` (:func:`_leading_special_tokens`)."""
+    return _leading_special_tokens(_tokenizer(backbone))
 
 
 def _tokenizer(backbone: str):
