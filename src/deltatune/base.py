@@ -12,7 +12,7 @@ from typing import Any, ClassVar, TextIO
 import torch
 from torch import nn
 
-from . import auto, checkpoint, live, merge_safety, routing, sharding, threads
+from . import auto, backbone_fingerprint, checkpoint, live, merge_safety, routing, sharding, threads
 from .auto import DELTA_TYPES
 from .addressing import DELTA_SLOT, addressable_names, match_names, resolve_positions
 from .config import DeltaConfig
@@ -487,14 +487,14 @@ class DeltaBase(nn.Module):
                 sharding.copy_full(value, tensors[key])
 
     def backbone_fingerprint(self, keep: bool = False) -> dict[str, Any]:
-        """What a checkpoint records of the backbone (:func:`checkpoint.fingerprint`).  ``keep=True`` takes it now
+        """What a checkpoint records of the backbone (:func:`backbone_fingerprint.fingerprint`).  ``keep=True`` takes it now
         and reuses it while the same parameters are saved with the delta: the backbone is frozen, so it holds
         while an engine shards it or casts it to bf16 for training."""
         with_delta = [*self.unfrozen_backbone, *self.backbone_apart]
         kept = self.__dict__.get("_kept_fingerprint")
         if kept is not None and not keep and kept[0] == with_delta:
             return kept[1]
-        taken = checkpoint.fingerprint(self.backbone_model, with_delta)
+        taken = backbone_fingerprint.fingerprint(self.backbone_model, with_delta)
         if keep:
             self.__dict__["_kept_fingerprint"] = (with_delta, taken)
         return taken
@@ -536,7 +536,7 @@ class DeltaBase(nn.Module):
         if cls is not DeltaBase and method is not cls:
             raise TypeError(f"{folder} holds a {kind!r} delta, not {cls.delta_type!r}; use {method.__name__}")
         apart = options.pop("keep_backbone_apart", False)
-        checkpoint.check_backbone(saved, backbone_model, folder, heads_apart=apart)
+        backbone_fingerprint.check_backbone(saved, backbone_model, folder, heads_apart=apart)
         # Only declared hyper-parameters come from the file (checked as the constructor checks them); constructor
         # keywords such as name, attach or interactive_modify come only from the caller.
         hyperparameters = method.config_class.from_dict(saved["config"]).to_dict()

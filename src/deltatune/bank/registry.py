@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import checkpoint
+from ..backbone_fingerprint import check_backbone
 from ..base import DeltaBase
 from . import DeltaBank
 
@@ -58,7 +59,7 @@ class DeltaRegistry:
                              f"{'taken' if name in self._sources else 'not one'}")
         if (folder / checkpoint.CONFIG_FILE).is_file():
             saved = checkpoint.read_config(folder)
-            checkpoint.check_backbone(saved, self.backbone_model, folder, heads_apart=True)
+            check_backbone(saved, self.backbone_model, folder, heads_apart=True)
             delta_type = saved["delta_type"]
         elif (folder / "adapter_config.json").is_file():
             from ..peft_format import read_config

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CONFIG_FILE, POOLING_NAMES, read_config
+from ..backbone_fingerprint import POOLING_NAMES
+from ..checkpoint import CONFIG_FILE, read_config
 from .options import json_object
 
 TRAINING_FILE = "training.json"
