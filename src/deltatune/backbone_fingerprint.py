@@ -20,6 +20,8 @@ from torch import nn
 from . import pooling, sharding
 from .addressing import DELTA_SLOT
 
+POOLING_NAMES = {"model": "the model's own head", "mean": "the tokens' mean"}
+
 
 def backbone_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's own parameters and buffers by state-dict key, without any delta slot."""
@@ -78,9 +80,6 @@ def _as_precise(dtype: torch.dtype, than: torch.dtype) -> bool:
     """Whether casting ``dtype`` values to ``than`` rounds them as casting their source to ``than`` would."""
     ours, theirs = torch.finfo(dtype), torch.finfo(than)
     return dtype == than or (ours.eps <= theirs.eps and ours.max >= theirs.max)
-
-
-POOLING_NAMES = {"model": "the model's own head", "mean": "the tokens' mean"}
 
 
 def _structure(lines) -> str:
