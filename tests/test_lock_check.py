@@ -1,16 +1,18 @@
 """tools/lock-check.py: an environment with a package the lock does not pin, or pins otherwise, is refused."""
 
+import runpy
 import subprocess
 import sys
 from importlib.metadata import distributions
 from pathlib import Path
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "lock-check.py"
+NOT_LOCKED = runpy.run_path(str(TOOL))["NOT_LOCKED"]
 
 
 def _installed() -> dict[str, str]:
-    skip = {"deltatune", "pip", "setuptools", "wheel"}
-    return {d.metadata["Name"]: d.version.removesuffix("+cpu") for d in distributions() if d.metadata["Name"] not in skip}
+    return {d.metadata["Name"]: d.version.removesuffix("+cpu") for d in distributions()
+            if d.metadata["Name"] not in NOT_LOCKED}
 
 
 def _check(tmp_path, pins: dict[str, str]) -> subprocess.CompletedProcess:

@@ -8,15 +8,17 @@ require is installed at whatever version the index has that day. Run with the en
 
 import sys
 from importlib.metadata import distributions
+from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-SELF = {"deltatune", "pip", "setuptools", "wheel"}
+# the project itself and the installer's own tools, which a venv brings
+NOT_LOCKED = {"deltatune", "pip", "setuptools", "wheel"}
 
 
 def pinned(lock_path: str) -> dict[str, str]:
     pins = {}
-    for line in open(lock_path, encoding="utf-8"):
+    for line in Path(lock_path).read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
@@ -30,7 +32,7 @@ def main(lock_path: str) -> int:
     for dist in distributions():
         name = canonicalize_name(dist.metadata["Name"])
         version = dist.version.removesuffix("+cpu")
-        if name in SELF:
+        if name in NOT_LOCKED:
             continue
         if name not in pins:
             wrong.append(f"{name} {version} is installed but not in the lock")

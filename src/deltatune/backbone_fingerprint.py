@@ -34,12 +34,13 @@ def fingerprint(model: nn.Module, saved_with_delta: list[str] = ()) -> dict[str,
     enough to tell another checkpoint of the same architecture apart without reading all bytes.  Parameters saved
     with the delta (``saved_with_delta``) are left out of the sample: loading overwrites them."""
     sharding.settle(model)
-    tensors = backbone_tensors(model)
+    tensors, with_delta = backbone_tensors(model), set(saved_with_delta)
     lines = _lines(tensors)
-    return {"class": sharding.unwrapped_class(model).__name__, "tensors": len(lines), "sha256": _structure(lines.values()),
+    return {"class": sharding.unwrapped_class(model).__name__, "tensors": len(lines),
+            "sha256": _structure(lines.values()),
             # the structure without what was saved with the delta: a head served apart may have another size
-            "body_sha256": _structure(line for k, line in lines.items() if k not in set(saved_with_delta)),
-            "weights_sample": _sample(tensors, set(tensors) - set(saved_with_delta)),
+            "body_sha256": _structure(line for k, line in lines.items() if k not in with_delta),
+            "weights_sample": _sample(tensors, set(tensors) - with_delta),
             # the head reads the tokens' mean (deltatune.pooling); absent for the model's own pooling, as before
             **({"pooling": "mean"} if pooling.of(model) == "mean" else {})}
 

@@ -487,9 +487,9 @@ class DeltaBase(nn.Module):
                 sharding.copy_full(value, tensors[key])
 
     def backbone_fingerprint(self, keep: bool = False) -> dict[str, Any]:
-        """What a checkpoint records of the backbone (:func:`backbone_fingerprint.fingerprint`).  ``keep=True`` takes it now
-        and reuses it while the same parameters are saved with the delta: the backbone is frozen, so it holds
-        while an engine shards it or casts it to bf16 for training."""
+        """What a checkpoint records of the backbone (:func:`backbone_fingerprint.fingerprint`).  ``keep=True``
+        takes it now and reuses it while the same parameters are saved with the delta: the backbone is frozen, so it
+        holds while an engine shards it or casts it to bf16 for training."""
         with_delta = [*self.unfrozen_backbone, *self.backbone_apart]
         kept = self.__dict__.get("_kept_fingerprint")
         if kept is not None and not keep and kept[0] == with_delta:

@@ -129,7 +129,8 @@ class LabelWords:
 
 
 def _leading_special_tokens(tokenizer) -> list[int]:
-    """The ids ``tokenizer`` puts before a text (such as a BOS token; SmolLM2's tokenizer puts none): a model trained with them expects them first."""
+    """The ids ``tokenizer`` puts before a text (such as a BOS token; SmolLM2's tokenizer puts none): a model
+    trained with them expects them first."""
     plain, full = tokenizer("a", add_special_tokens=False)["input_ids"], tokenizer("a")["input_ids"]
     return next((full[:k] for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), [])
 
