@@ -107,6 +107,31 @@ def test_a_rerun_takes_every_cell_from_the_cache(smoke, tiny_backbone, capsys):
     assert {k: v for k, v in redone.items() if k not in timing} == {k: v for k, v in before.items() if k not in timing}
 
 
+def test_cells_trained_two_at_a_time_equal_those_trained_one_after_another(smoke, tiny_backbone, tmp_path, capfd):
+    out = tmp_path / "study"
+    assert _study(tiny_backbone, out, "--tasks", "trec", "--methods", "ft,lora,soft_prompt", "--memory-batches",
+                  "none", "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}', "--jobs", "2") == 0
+    lines = capfd.readouterr().out.splitlines()
+    assert sorted(line for line in lines if line.endswith(": training")) == [
+        "[1/3] trec/ft/lr=5e-05/seed=0: training", "[2/3] trec/lora/lr=0.001/seed=0: training",
+        "[3/3] trec/soft_prompt/lr=0.03/seed=0: training"]
+    assert "    trec/lora/lr=0.001/seed=0 step 2: validation " in "\n".join(lines)  # a worker's line names its cell
+    timing = ("cpu_seconds", "wall_seconds")
+    for path in sorted((out / "cells").iterdir()):
+        alone = json.loads((smoke[0] / "cells" / path.name).read_text())
+        assert {k: v for k, v in json.loads(path.read_text()).items() if k not in timing} == {
+            k: v for k, v in alone.items() if k not in timing}
+    assert json.loads((out / "study.json").read_text()) == json.loads((smoke[0] / "study.json").read_text())
+
+
+def test_a_cell_failing_in_a_worker_stops_the_study_with_its_message(minilm_path, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["study", "--backbone", str(minilm_path), "--objective", "label-words", "--out", str(out), *SMOKE,
+                 "--tasks", "trec", "--methods", "lora,bitfit", "--memory-batches", "none", "--jobs", "2"]) == 2
+    assert "--objective label-words needs a causal language model; " in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_backbone, capsys):
     out, _ = smoke
     assert main(["study", "--backbone", str(tiny_backbone), "--out", str(out), *SMOKE[:-2], "--batch-size", "2",
@@ -124,6 +149,7 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_b
     (["--delta-config", '{"lora": {"rank": 4}}'], "rank"),
     (["--delta-config", '{"loraa": {}}'], "--delta-config maps delta types (adapter, bitfit"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["--max-train-examples", "0"], "--max-train-examples must be at least 1, got 0"),
     (["--max-eval-examples", "half"], "--max-eval-examples takes a number or 'all', got 'half'"),
     (["--backbone", "/no/such/folder"], "'/no/such/folder' is not a model asset (minilm-l6, smollm2-135m), a "
@@ -165,7 +191,9 @@ def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_bac
     assert _study(tiny_backbone, out, "--tasks", "trec", "--methods", "lora", "--rates", "grid",
                   "--memory-batches", "none", "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}') == 0
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and ", test " in line]
-    assert [("lr=0.001" in line, "cached" in line) for line in done] == [(False, False), (True, True), (False, False)]
+    # the cached cell is listed first, then the cells trained, each under its number in the grid
+    assert [(line[:5], "lr=0.001" in line, "cached" in line) for line in done] == [
+        ("[2/3]", True, True), ("[1/3]", False, False), ("[3/3]", False, False)]
     results = json.loads((out / "results.json").read_text())
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("trec__lora__*")]
     assert results["grid"] and results["cells"] == 3 and sorted(c["lr"] for c in cells) == [3.33e-4, 1e-3, 3e-3]

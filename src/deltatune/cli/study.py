@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="overrides the budget's (32)")
     parser.add_argument("--max-length", type=int, help="tokens per example; overrides the budget's (64)")
     parser.add_argument("--out", type=Path, help="the study folder (default: out/study-BACKBONE-BUDGET)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained at once, each in its own process with its share of the cores (on 2 "
+                             "cores, 2 jobs train MiniLM-L6 1.11-1.22x as fast)")
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -83,7 +86,7 @@ def _examples(text: str | None, field: str, option: str) -> dict[str, int | None
 
 
 def make_study(args: argparse.Namespace) -> Study:
-    check_counts(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length)
+    check_counts(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length, jobs=args.jobs)
     tasks = _names(args.tasks, "--tasks")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -105,7 +108,7 @@ def make_study(args: argparse.Namespace) -> Study:
     name = Path(args.backbone).name or args.backbone
     return Study(args.backbone, tasks, methods, budget, args.out or Path(f"out/study-{name}-{args.budget}"),
                  args.objective, args.pooling, args.combinations, batches, configs,
-                 shlex.join(["deltatune", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else "")
+                 shlex.join(["deltatune", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else "", jobs=args.jobs)
 
 
 def _check_options(part: str, options) -> None:

@@ -13,7 +13,7 @@ from ..training.objectives import chosen_pooling, lead_tokens
 from ..training.progress import output_console
 from ..training.tasks import load_task
 from . import cell as cells
-from . import memory, store
+from . import memory, store, workers
 from .protocol import FULL_FINE_TUNING, Budget, Method, combinations, parse_method
 from .report import write_report
 from .results import summarize
@@ -35,6 +35,7 @@ class Study:
     delta_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     command: str = ""  # how the study was run, for the report
     lead_tokens: tuple[int, ...] = ()  # what label words put before each text (set by run_study)
+    jobs: int = 1  # cells trained at once, each in its own process (deltatune.study.workers)
 
     def protocol(self) -> dict[str, Any]:
         """What every cell shares (the seeds and the grid only choose which cells run)."""
@@ -69,28 +70,29 @@ def run_study(study: Study) -> dict[str, Any]:
     store.check_protocol(study.out, study.protocol())
     console = output_console()
     todo = study.cells()
-    records, started = [], time.time()
+    records: list[dict[str, Any] | None] = [None] * len(todo)
+    pending, started = [], time.time()
 
-    def show(step: int, accuracy: float) -> None:
-        console.print(f"    step {step}: validation {accuracy:.1%}", markup=False)
+    def done(number: int, record: dict[str, Any], how: str) -> None:
+        records[number - 1] = record
+        console.print(f"[{number}/{len(todo)}] {record['key']}: validation {record['validation_accuracy']:.1%} (step "
+                      f"{record['best_step']}), test {record['test_accuracy']:.1%}; {how}", markup=False)
 
-    for i, cell in enumerate(todo, 1):
+    def keep(number: int, cell: cells.Cell, record: dict[str, Any]) -> None:
+        _keep(study, "cells", cell.key, record)
+        done(number, record, f"{record['cpu_seconds']:.0f} s of CPU")
+
+    for number, cell in enumerate(todo, 1):
         record = store.load(study.out, "cells", cell.key)
         if record is not None and record["rates"] != cell.method.rates(cell.lr):
-            console.print(f"[{i}/{len(todo)}] {cell.key}: its cached rates {record['rates']} are not this "
+            console.print(f"[{number}/{len(todo)}] {cell.key}: its cached rates {record['rates']} are not this "
                           f"version's {cell.method.rates(cell.lr)}; training it again", markup=False)
             record = None
         if record is None:
-            console.print(f"[{i}/{len(todo)}] {cell.key}: training", markup=False)
-            record = cells.run(cell, study.backbone, study.objective, tasks[cell.task], study.budget,
-                               study.delta_configs, on_point=show, pooling=study.pooling)
-            _keep(study, "cells", cell.key, record)
-            how = f"{record['cpu_seconds']:.0f} s of CPU"
+            pending.append((number, cell))
         else:
-            how = "cached"
-        records.append(record)
-        console.print(f"[{i}/{len(todo)}] {cell.key}: validation {record['validation_accuracy']:.1%} (step "
-                      f"{record['best_step']}), test {record['test_accuracy']:.1%}; {how}", markup=False)
+            done(number, record, "cached")
+    workers.train(pending, len(todo), study, tasks, study.jobs, keep)
     points = _memory_points(study, console) if study.memory_batches else []
     results = summarize(study, records, points, tasks, time.time() - started)
     write_report(study.out, results)
