@@ -2,9 +2,9 @@
 
 Workers share the cores (``torch.get_num_threads() // jobs`` threads each), as a small backbone's training step
 uses two threads poorly: on 2 cores two MiniLM-L6 cells of the ``full`` budget side by side, one thread each, train
-1.11× (adapter, BitFit) to 1.22× (fine-tuning) as many steps per second as one cell on both (docs/study.md).  A worker returns its cell's
-record and the parent writes it, so the study folder has one writer.  A cell that fails stops the study once the
-cells running beside it have finished and been kept.
+1.11× (adapter, BitFit) to 1.22× (fine-tuning) as many steps per second as one cell on both (docs/study.md).
+A worker returns its cell's record and the parent writes it, so the study folder has one writer.  A cell that fails
+stops the study once the cells running beside it have finished and been kept.
 """
 
 from __future__ import annotations
