@@ -3,7 +3,9 @@
 Workers share the cores (``torch.get_num_threads() // jobs`` threads each), as a small backbone's training step
 uses two threads poorly: on 2 cores two MiniLM-L6 cells of the ``full`` budget side by side, one thread each, train
 1.11× (adapter, BitFit) to 1.22× (fine-tuning) as many steps per second as one cell on both (docs/study.md).
-A worker returns its cell's record and the parent writes it, so the study folder has one writer.  A cell that fails
+A cell's thread count is in its record: it changes floating-point sums, so a cell trained on one thread is a run
+of its own, not a copy of the same cell on two.  A worker returns its cell's record and the parent writes it, so the
+study folder has one writer.  A cell that fails
 stops the study once the cells running beside it have finished and been kept.
 """
 
@@ -44,16 +46,17 @@ def train(pending: list[Numbered], total: int, study, tasks: dict[str, Task], jo
 def _finished(running: dict[Future, Numbered]) -> Iterator[tuple[int, cells.Cell, dict[str, Any]]]:
     failure = None
     for future in as_completed(running):
-        if future.cancelled():
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or (error and failure):
             continue
-        if future.exception() is not None and failure is None:
-            failure = future.exception()
-            output_console().print(f"{running[future][1].key} failed; stopping once the cells running beside it "
-                                   "are kept", markup=False)
-            for other in running:
-                other.cancel()
-        elif future.exception() is None:
+        if error is None:
             yield *running[future], future.result()
+            continue
+        failure = error
+        output_console().print(f"{running[future][1].key} failed; stopping once the cells running beside it are "
+                               "kept", markup=False)
+        for other in running:
+            other.cancel()
     if failure is not None:
         raise failure
 
