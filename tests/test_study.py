@@ -134,6 +134,20 @@ def test_a_cell_failing_in_a_worker_stops_the_study_with_its_message(minilm_path
     assert not out.exists()
 
 
+def test_a_cell_failing_in_a_worker_keeps_the_cell_trained_beside_it(tiny_backbone, tmp_path, capfd):
+    out = tmp_path / "study"
+    # The soft prompt fails as it is built (more prompt tokens than positions); BitFit trains in the other worker.
+    assert _study(tiny_backbone, out, "--tasks", "trec", "--methods", "bitfit,soft_prompt", "--memory-batches",
+                  "none", "--delta-config", '{"soft_prompt": {"soft_token_num": 600}}', "--jobs", "2") == 2
+    captured = capfd.readouterr()
+    assert "soft_token_num=600 and 2 token(s) of input need 602 positions, but the model embeds only 512" in \
+        captured.err
+    # Whichever worker finishes first (BitFit is usually still running when the prompt fails), BitFit's cell is kept.
+    assert "trec/soft_prompt/lr=0.03/seed=0 failed; stopping once the cells running beside it are kept" in captured.out
+    assert [p.name for p in (out / "cells").iterdir()] == ["trec__bitfit__lr=0.001__seed=0.json"]
+    assert json.loads((out / "cells" / "trec__bitfit__lr=0.001__seed=0.json").read_text())["test_accuracy"] >= 0
+
+
 def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_backbone, capsys):
     out, _ = smoke
     assert main(["study", "--backbone", str(tiny_backbone), "--out", str(out), *SMOKE[:-2], "--batch-size", "2",
