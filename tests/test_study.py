@@ -20,6 +20,11 @@ from deltatune.study.runner import Study
 SMOKE = ["--max-train-examples", "8", "--max-eval-examples", "8", "--epochs", "1", "--batch-size", "4"]
 
 
+def _untimed(cell: dict) -> dict:
+    """A cell's record without what depends on the machine's speed and the threads it was given."""
+    return {k: v for k, v in cell.items() if k not in ("cpu_seconds", "wall_seconds", "threads")}
+
+
 def _study(backbone, out, *extra: str) -> int:
     return main(["study", "--backbone", str(backbone), "--out", str(out), *SMOKE, *extra])
 
@@ -102,9 +107,7 @@ def test_a_rerun_takes_every_cell_from_the_cache(smoke, tiny_backbone, capsys):
     assert len(done) == 20 and sum("cached" not in line for line in done) == 1
     assert sum(line.endswith(": training") for line in lines) == 1
     assert [p.stat().st_mtime_ns for p in cells[1:]] == stamps[1:]
-    redone = json.loads(cells[0].read_text())
-    timing = ("cpu_seconds", "wall_seconds")
-    assert {k: v for k, v in redone.items() if k not in timing} == {k: v for k, v in before.items() if k not in timing}
+    assert _untimed(json.loads(cells[0].read_text())) == _untimed(before)
 
 
 def test_cells_trained_two_at_a_time_equal_those_trained_one_after_another(smoke, tiny_backbone, tmp_path, capfd):
@@ -116,11 +119,9 @@ def test_cells_trained_two_at_a_time_equal_those_trained_one_after_another(smoke
         "[1/3] trec/ft/lr=5e-05/seed=0: training", "[2/3] trec/lora/lr=0.001/seed=0: training",
         "[3/3] trec/soft_prompt/lr=0.03/seed=0: training"]
     assert "    trec/lora/lr=0.001/seed=0 step 2: validation " in "\n".join(lines)  # a worker's line names its cell
-    timing = ("cpu_seconds", "wall_seconds", "threads")  # one thread each: on a tiny model the same sums
-    for path in sorted((out / "cells").iterdir()):
+    for path in sorted((out / "cells").iterdir()):  # one thread each: on a tiny model the same sums
         alone = json.loads((smoke[0] / "cells" / path.name).read_text())
-        assert {k: v for k, v in json.loads(path.read_text()).items() if k not in timing} == {
-            k: v for k, v in alone.items() if k not in timing}
+        assert _untimed(json.loads(path.read_text())) == _untimed(alone)
     assert json.loads((out / "study.json").read_text()) == json.loads((smoke[0] / "study.json").read_text())
 
 
@@ -146,9 +147,8 @@ def test_a_cell_failing_in_a_worker_keeps_the_cell_trained_beside_it(smoke, tiny
     # Whichever worker finishes first (both orders were seen), BitFit's cell is kept whole: the cell trained alone.
     name = "trec__bitfit__lr=0.001__seed=0.json"
     assert [p.name for p in (out / "cells").iterdir()] == [name]
-    timing = ("cpu_seconds", "wall_seconds", "threads")
     kept, alone = (json.loads((folder / "cells" / name).read_text()) for folder in (out, smoke[0]))
-    assert {k: v for k, v in kept.items() if k not in timing} == {k: v for k, v in alone.items() if k not in timing}
+    assert _untimed(kept) == _untimed(alone)
 
 
 def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_backbone, capsys):
