@@ -93,6 +93,8 @@ def make_study(args: argparse.Namespace) -> Study:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; built-in tasks: {', '.join(TASKS)}")
     methods = [parse_method(name) for name in _names(args.methods, "--methods")]
     seeds = _integers(args.seeds, "--seeds") if args.seeds else None
+    if seeds and min(seeds) < 0:
+        raise ValueError(f"--seeds must be 0 or more each, got {args.seeds}")
     batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches")
     if any(b < 1 for b in batches):
         raise ValueError(f"--memory-batches must be at least 1 each, got {args.memory_batches}")
