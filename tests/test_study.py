@@ -164,7 +164,7 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_b
     (["--methods", "lora+lora"], "unknown or repeated method 'lora+lora'"),
     (["--tasks", "sst2"], "unknown task(s) sst2; built-in tasks: rotten_tomatoes"),
     (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
-    (["--seeds", "0,-1"], "--seeds must be 0 or more each, got 0,-1"),
+    (["--seeds", "0,-1"], "--seeds must be at least 0 each, got 0,-1"),
     (["--memory-batches", "0"], "--memory-batches must be at least 1 each"),
     (["--delta-config", '{"lora": {"rank": 4}}'], "rank"),
     (["--delta-config", '{"loraa": {}}'], "--delta-config maps delta types (adapter, bitfit"),

@@ -64,11 +64,14 @@ def _names(text: str, option: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _integers(text: str, option: str) -> tuple[int, ...]:
+def _integers(text: str, option: str, least: int) -> tuple[int, ...]:
     try:
-        return tuple(int(n) for n in _names(text, option))
+        values = tuple(int(n) for n in _names(text, option))
     except ValueError:
         raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if min(values) < least:
+        raise ValueError(f"{option} must be at least {least} each, got {text}")
+    return values
 
 
 def _examples(text: str | None, field: str, option: str) -> dict[str, int | None]:
@@ -92,12 +95,8 @@ def make_study(args: argparse.Namespace) -> Study:
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; built-in tasks: {', '.join(TASKS)}")
     methods = [parse_method(name) for name in _names(args.methods, "--methods")]
-    seeds = _integers(args.seeds, "--seeds") if args.seeds else None
-    if seeds and min(seeds) < 0:
-        raise ValueError(f"--seeds must be 0 or more each, got {args.seeds}")
-    batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches")
-    if any(b < 1 for b in batches):
-        raise ValueError(f"--memory-batches must be at least 1 each, got {args.memory_batches}")
+    seeds = _integers(args.seeds, "--seeds", 0) if args.seeds else None
+    batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches", 1)
     budget = dataclasses.replace(
         BUDGETS[args.budget].with_overrides(seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
                                             max_length=args.max_length,
