@@ -165,6 +165,7 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_b
     (["--tasks", "sst2"], "unknown task(s) sst2; built-in tasks: rotten_tomatoes"),
     (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
     (["--seeds", "0,-1"], "--seeds must be at least 0 each, got 0,-1"),
+    (["--seeds", ""], "--seeds takes comma-separated integers, got ''"),  # not the budget's seeds
     (["--memory-batches", "0"], "--memory-batches must be at least 1 each"),
     (["--delta-config", '{"lora": {"rank": 4}}'], "rank"),
     (["--delta-config", '{"loraa": {}}'], "--delta-config maps delta types (adapter, bitfit"),

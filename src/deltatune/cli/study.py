@@ -95,7 +95,7 @@ def make_study(args: argparse.Namespace) -> Study:
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; built-in tasks: {', '.join(TASKS)}")
     methods = [parse_method(name) for name in _names(args.methods, "--methods")]
-    seeds = _integers(args.seeds, "--seeds", 0) if args.seeds else None
+    seeds = None if args.seeds is None else _integers(args.seeds, "--seeds", 0)
     batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches", 1)
     budget = dataclasses.replace(
         BUDGETS[args.budget].with_overrides(seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
