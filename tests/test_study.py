@@ -166,6 +166,9 @@ def test_a_study_with_other_settings_is_refused_in_the_same_folder(smoke, tiny_b
     (["--seeds", "0,x"], "--seeds takes comma-separated integers, got '0,x'"),
     (["--seeds", "0,-1"], "--seeds must be at least 0 each, got 0,-1"),
     (["--seeds", ""], "--seeds takes comma-separated integers, got ''"),  # not the budget's seeds
+    (["--seeds", "0,1,0"], "--seeds repeats 0"),
+    (["--tasks", "trec, sms_spam,trec"], "--tasks repeats trec"),
+    (["--methods", "lora,bitfit,lora"], "--methods repeats lora"),
     (["--memory-batches", "0"], "--memory-batches must be at least 1 each"),
     (["--delta-config", '{"lora": {"rank": 4}}'], "rank"),
     (["--delta-config", '{"loraa": {}}'], "--delta-config maps delta types (adapter, bitfit"),

@@ -61,17 +61,26 @@ def _names(text: str, option: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise ValueError(f"{option} names nothing")
-    return list(dict.fromkeys(names))
+    _refuse_repeats(names, option)
+    return names
 
 
 def _integers(text: str, option: str, least: int) -> tuple[int, ...]:
     try:
-        values = tuple(int(n) for n in _names(text, option))
+        values = tuple(int(n) for n in text.split(","))
     except ValueError:
         raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+    _refuse_repeats(values, option)
     if min(values) < least:
         raise ValueError(f"{option} must be at least {least} each, got {text}")
     return values
+
+
+def _refuse_repeats(values, option: str) -> None:
+    """A repeated name or number is more likely a typo (``--seeds 0,0`` for ``0,1``) than a wish to run it once."""
+    repeated = list(dict.fromkeys(str(v) for v in values if values.count(v) > 1))
+    if repeated:
+        raise ValueError(f"{option} repeats {', '.join(repeated)}")
 
 
 def _examples(text: str | None, field: str, option: str) -> dict[str, int | None]:
