@@ -13,6 +13,7 @@ import transformers
 
 from deltatune.cli import main
 from deltatune.cli import study as study_cli
+from deltatune.machine import cpu_name
 from deltatune.study.protocol import BUDGETS, combinations, parse_method
 from deltatune.study.results import summarize
 from deltatune.study.runner import Study
@@ -76,6 +77,9 @@ def test_the_report_shows_every_section(smoke):
            f"{100 * ft['test_mean']:.1f} |" in report
     assert "| soft_prompt |  | ✓ |  |  | ✓ | ✓ |  | ✓ |" in report
     assert "| survey: RoBERTa-large, GLUE average" in report and "77.7" in report
+    machine = f"{cpu_name()}, torch {torch.__version__}, transformers {transformers.__version__}"
+    assert results["cell_machines"] == [[machine, 20]]  # the machine that trained the cells, not only the report's
+    assert f"CPU hours, trained on {machine} (20 cells). Report written " in report
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>")
     assert page.count("<table>") == sum(1 for line in report.splitlines() if line.startswith("|---|"))
@@ -225,24 +229,27 @@ def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_bac
     assert results["table"]["trec"]["lora"]["validation_mean"] == best["validation_accuracy"]
 
 
-def _record(task, method, lr, seed, validation, test):
+def _record(task, method, lr, seed, validation, test, steps=4, best_step=2):
     return {"task": task, "method": method, "lr": lr, "seed": seed, "validation_accuracy": validation,
             "test_accuracy": test, "test_f1": test, "rates": {}, "trainable_parameters": 10, "cpu_seconds": 1.0,
-            "steps": 4, "curve": [[0, 0.5]], "steps_per_epoch": 2}
+            "steps": steps, "best_step": best_step, "curve": [[0, 0.5]], "steps_per_epoch": 2}
 
 
 def test_selection_takes_the_best_validation_rate_per_seed(tmp_path):
     budget = BUDGETS["full"].with_overrides(seeds=(0, 1))
     study = Study("b", ["t"], [parse_method("lora")], budget, tmp_path)
-    records = [_record("t", "lora", 3e-4, 0, 0.80, 0.70), _record("t", "lora", 1e-3, 0, 0.90, 0.81),
+    records = [_record("t", "lora", 3e-4, 0, 0.80, 0.70), _record("t", "lora", 1e-3, 0, 0.90, 0.81, 40, 30),
                _record("t", "lora", 3e-3, 0, 0.90, 0.60),  # a tie: the earlier rate is kept
-               _record("t", "lora", 3e-4, 1, 0.95, 0.85), _record("t", "lora", 1e-3, 1, 0.50, 0.99),
+               _record("t", "lora", 3e-4, 1, 0.95, 0.85, 20, 10), _record("t", "lora", 1e-3, 1, 0.50, 0.99),
                _record("t", "lora", 3e-3, 1, 0.70, 0.10)]
-    entry = summarize(study, records, [], {}, 0.0)["table"]["t"]["lora"]
+    results = summarize(study, records, [], {}, 0.0)
+    assert results["cell_machines"] == [("unrecorded machines", 6)]  # cells from before records named their machine
+    entry = results["table"]["t"]["lora"]
     assert entry["lrs"] == [1e-3, 3e-4]
     assert entry["test_mean"] == pytest.approx(0.83)
     assert entry["test_std"] == pytest.approx(torch.tensor([0.81, 0.85]).std().item())
     assert entry["grid_cpu_seconds"] == 6.0
+    assert (entry["steps"], entry["best_step"]) == (30, 20)  # the chosen cells' means, both over the same seeds
 
 
 def test_combinations_and_grids():

@@ -12,13 +12,18 @@ from typing import Any
 PACKAGES = ("torch", "transformers", "peft", "deltatune")
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def machine(command: str, threads: int) -> dict[str, Any]:
     """A record of the machine and the installed versions of :data:`PACKAGES` (those installed)."""
-    info = Path("/proc/cpuinfo")
-    cpu = platform.processor()
-    if info.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
     versions = {}
     for package in PACKAGES:
         try:
@@ -26,5 +31,5 @@ def machine(command: str, threads: int) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+            "command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}

@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 
 from ..auto import DELTA_TYPES
+from ..machine import cpu_name
 from ..training.data import Task
 from ..training.loop import batches, epoch_order, evaluate, linear_schedule
 from ..training.objectives import make_objective
@@ -78,7 +80,9 @@ def run(cell: Cell, backbone: str, objective_name: str, task: Task, budget: Budg
     every = max(1, steps_per_epoch // budget.evaluations_per_epoch)
     record = {"key": cell.key, "task": cell.task, "method": cell.method.name, "lr": cell.lr, "seed": cell.seed,
               "rates": cell.method.rates(cell.lr), "trainable_parameters": sum(p.numel() for p in parameters),
-              "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(), "curve": [], "losses": []}
+              "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(),
+              "machine": f"{cpu_name()}, torch {torch.__version__}, transformers {transformers.__version__}",
+              "curve": [], "losses": []}
     best = {"accuracy": -1.0, "step": 0, "tensors": None}
 
     def point(step: int) -> bool:

@@ -41,7 +41,9 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
               + ("the learning-rate grid, chosen by validation accuracy" if results["grid"] else
                  "each method's default learning rate")
               + f"; test accuracy at the best validation point. {results['cells']} cells, "
-                f"{results['cpu_seconds'] / 3600:.2f} CPU hours. Measured {machine['date']} on {machine['cpu']} "
+                f"{results['cpu_seconds'] / 3600:.2f} CPU hours, trained on "
+              + "; ".join(f"{name} ({count} cells)" for name, count in results["cell_machines"])
+              + f". Report written {machine['date']} on {machine['cpu']} "
                 f"({machine['cores']} cores, {machine['threads']} threads), torch {machine['versions']['torch']}, "
                 f"transformers {machine['versions']['transformers']}"
               + (f"; `{machine['command']}`." if machine["command"] else ".")),
@@ -111,20 +113,16 @@ def _memory(out: Path, results) -> list[Block]:
 
 def _convergence(out: Path, results, tasks, methods, table) -> list[Block]:
     blocks: list[Block] = [("h2", "Convergence (the survey's Fig. 6)"),
-                           ("p", "Validation accuracy against training steps, the chosen rate, the first seed; "
-                                 "early stopping ends a curve.")]
-    rows = [[task, *(f"{table[task][m]['steps']:.0f} ({_best_step(table[task][m])})" for m in methods)]
+                           ("p", "Steps run and the step of the best validation accuracy at the chosen rate, mean "
+                                 "over the seeds; the figures show validation accuracy against steps at the chosen "
+                                 "rate of the first seed, early stopping ending a curve.")]
+    rows = [[task, *(f"{table[task][m]['steps']:.0f} ({table[task][m]['best_step']:.0f})" for m in methods)]
             for task in tasks]
     blocks.append(("table", ["task: steps run (best step)", *methods], rows))
     for task in tasks:
         figure = _plot_curves(out, task, {m: table[task][m]["curve"] for m in methods})
         blocks.append(("img", figure, f"validation accuracy against steps, {task}") if figure else _no_figure())
     return blocks
-
-
-def _best_step(entry) -> str:
-    curve = entry["curve"]
-    return str(max(curve, key=lambda point: point[1])[0]) if curve else "-"
 
 
 def _combinations(results, tasks, table, seeds) -> list[Block]:

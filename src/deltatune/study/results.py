@@ -6,6 +6,7 @@ a tie) and its test accuracy counts; the table reports the mean and the standard
 
 from __future__ import annotations
 
+import collections
 import statistics
 from typing import Any
 
@@ -13,6 +14,8 @@ import torch
 
 from ..machine import machine
 from .protocol import COMBINED, FULL_FINE_TUNING, combinations
+
+UNRECORDED = "unrecorded machines"  # cells trained before records named their machine
 
 
 def _chosen(records: list[dict[str, Any]], seeds) -> list[dict[str, Any]]:
@@ -32,6 +35,7 @@ def _entry(records: list[dict[str, Any]], seeds) -> dict[str, Any]:
             "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in chosen),
             "grid_cpu_seconds": sum(r["cpu_seconds"] for r in records),
             "steps": statistics.fmean(r["steps"] for r in chosen),
+            "best_step": statistics.fmean(r["best_step"] for r in chosen),
             "curve": chosen[0]["curve"], "steps_per_epoch": chosen[0]["steps_per_epoch"]}
 
 
@@ -53,6 +57,7 @@ def summarize(study, records: list[dict[str, Any]], memory: list[dict[str, Any]]
         "combinations": [m.name for m in combinations()] if study.combinations else [],
         "combined_parts": list(COMBINED), "reference": FULL_FINE_TUNING if FULL_FINE_TUNING in singles else None,
         "cells": len(records), "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
+        "cell_machines": collections.Counter(r.get("machine", UNRECORDED) for r in records).most_common(),
         "seconds_this_run": round(seconds, 1), "machine": machine(study.command, torch.get_num_threads()),
     }
     return results
