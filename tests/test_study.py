@@ -52,6 +52,7 @@ def test_every_cell_is_in_the_results(smoke, tiny_backbone):
         assert sorted(row) == sorted(["ft", "lora", *subsets])
         for entry in row.values():
             assert entry["steps"] == 2 and entry["seeds"] == 1
+            assert entry["near_best_step"] <= entry["best_step"] <= entry["steps"]
             assert [step for step, _ in entry["curve"]] == [0, 1, 2]
             assert 0 <= entry["test_mean"] <= 1 and entry["test_std"] == 0
     trec = results["table"]["trec"]
@@ -232,7 +233,8 @@ def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_bac
 def _record(task, method, lr, seed, validation, test, steps=4, best_step=2):
     return {"task": task, "method": method, "lr": lr, "seed": seed, "validation_accuracy": validation,
             "test_accuracy": test, "test_f1": test, "rates": {}, "trainable_parameters": 10, "cpu_seconds": 1.0,
-            "steps": steps, "best_step": best_step, "curve": [[0, 0.5]], "steps_per_epoch": 2}
+            "steps": steps, "best_step": best_step, "steps_per_epoch": 2,
+            "curve": [[0, validation - 0.1], [best_step // 2, validation - 0.005], [best_step, validation]]}
 
 
 def test_selection_takes_the_best_validation_rate_per_seed(tmp_path):
@@ -249,7 +251,8 @@ def test_selection_takes_the_best_validation_rate_per_seed(tmp_path):
     assert entry["test_mean"] == pytest.approx(0.83)
     assert entry["test_std"] == pytest.approx(torch.tensor([0.81, 0.85]).std().item())
     assert entry["grid_cpu_seconds"] == 6.0
-    assert (entry["steps"], entry["best_step"]) == (30, 20)  # the chosen cells' means, both over the same seeds
+    # the chosen cells' means, all over the same seeds; within a point of the best at half its step
+    assert (entry["steps"], entry["best_step"], entry["near_best_step"]) == (30, 20, 10)
 
 
 def test_combinations_and_grids():

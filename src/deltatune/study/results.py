@@ -15,6 +15,7 @@ import torch
 from ..machine import machine
 from .protocol import COMBINED, FULL_FINE_TUNING, combinations
 
+NEAR_BEST = 0.01  # one point of accuracy
 UNRECORDED = "unrecorded machines"  # cells trained before records named their machine
 
 
@@ -22,6 +23,12 @@ def _chosen(records: list[dict[str, Any]], seeds) -> list[dict[str, Any]]:
     """The selected record per seed (records in grid order)."""
     return [max((r for r in records if r["seed"] == seed), key=lambda r: r["validation_accuracy"]) for seed in seeds
             if any(r["seed"] == seed for r in records)]
+
+
+def _near_best_step(record: dict[str, Any], within: float = NEAR_BEST) -> int:
+    """The first validation step within ``within`` of the cell's best validation accuracy: how fast it converged."""
+    best = record["validation_accuracy"]
+    return next(step for step, accuracy in record["curve"] if accuracy >= best - within)
 
 
 def _entry(records: list[dict[str, Any]], seeds) -> dict[str, Any]:
@@ -36,6 +43,7 @@ def _entry(records: list[dict[str, Any]], seeds) -> dict[str, Any]:
             "grid_cpu_seconds": sum(r["cpu_seconds"] for r in records),
             "steps": statistics.fmean(r["steps"] for r in chosen),
             "best_step": statistics.fmean(r["best_step"] for r in chosen),
+            "near_best_step": statistics.fmean(_near_best_step(r) for r in chosen),
             "curve": chosen[0]["curve"], "steps_per_epoch": chosen[0]["steps_per_epoch"]}
 
 
