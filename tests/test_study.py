@@ -13,7 +13,7 @@ import transformers
 
 from deltatune.cli import main
 from deltatune.cli import study as study_cli
-from deltatune.machine import cpu_name
+from deltatune.machine import cpu_and_versions, cpu_name
 from deltatune.study.protocol import BUDGETS, combinations, parse_method
 from deltatune.study.results import summarize
 from deltatune.study.runner import Study
@@ -79,6 +79,7 @@ def test_the_report_shows_every_section(smoke):
     assert "| soft_prompt |  | ✓ |  |  | ✓ | ✓ |  | ✓ |" in report
     assert "| survey: RoBERTa-large, GLUE average" in report and "77.7" in report
     machine = f"{cpu_name()}, torch {torch.__version__}, transformers {transformers.__version__}"
+    assert cpu_and_versions() == machine
     assert results["cell_machines"] == [[machine, 20]]  # the machine that trained the cells, not only the report's
     assert f"CPU hours, trained on {machine} (20 cells). Report written " in report
     page = (out / "report.html").read_text()

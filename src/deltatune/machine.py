@@ -22,6 +22,11 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def cpu_and_versions() -> str:
+    """One line naming what a result depends on: the CPU, torch and transformers (what a study cell records)."""
+    return f"{cpu_name()}, torch {metadata.version('torch')}, transformers {metadata.version('transformers')}"
+
+
 def machine(command: str, threads: int) -> dict[str, Any]:
     """A record of the machine and the installed versions of :data:`PACKAGES` (those installed)."""
     versions = {}

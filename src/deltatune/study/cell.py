@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import transformers
 from torch import nn
 
 from ..auto import DELTA_TYPES
-from ..machine import cpu_name
+from ..machine import cpu_and_versions
 from ..training.data import Task
 from ..training.loop import batches, epoch_order, evaluate, linear_schedule
 from ..training.objectives import make_objective
@@ -81,7 +80,7 @@ def run(cell: Cell, backbone: str, objective_name: str, task: Task, budget: Budg
     record = {"key": cell.key, "task": cell.task, "method": cell.method.name, "lr": cell.lr, "seed": cell.seed,
               "rates": cell.method.rates(cell.lr), "trainable_parameters": sum(p.numel() for p in parameters),
               "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(),
-              "machine": f"{cpu_name()}, torch {torch.__version__}, transformers {transformers.__version__}",
+              "machine": cpu_and_versions(),
               "curve": [], "losses": []}
     best = {"accuracy": -1.0, "step": 0, "tensors": None}
 
