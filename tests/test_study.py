@@ -15,8 +15,10 @@ from deltatune.cli import main
 from deltatune.cli import study as study_cli
 from deltatune.machine import cpu_and_versions, cpu_name
 from deltatune.study.protocol import BUDGETS, combinations, parse_method
+from deltatune.study.report import write_report
 from deltatune.study.results import summarize
 from deltatune.study.runner import Study
+from deltatune.training.data import Task
 
 SMOKE = ["--max-train-examples", "8", "--max-eval-examples", "8", "--epochs", "1", "--batch-size", "4"]
 
@@ -254,6 +256,30 @@ def test_selection_takes_the_best_validation_rate_per_seed(tmp_path):
     assert entry["grid_cpu_seconds"] == 6.0
     # the chosen cells' means, all over the same seeds; within a point of the best at half its step
     assert (entry["steps"], entry["best_step"], entry["near_best_step"]) == (30, 20, 10)
+
+
+def _tiny_task() -> Task:
+    return Task("t", ["no", "yes"], [("a", 0)], [("b", 1)], [("c", 0), ("d", 1)])
+
+
+@pytest.mark.parametrize("accuracies, edge", [
+    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.7, 0.6)}, "lowest"),
+    ({0: (0.7, 0.8, 0.9), 1: (0.5, 0.6, 0.7)}, "highest"),
+    ({0: (0.9, 0.8, 0.7), 1: (0.7, 0.8, 0.6)}, None),  # seed 1 chose the middle
+    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.8, 0.6)}, None),  # seed 1's lowest rate won only a tie
+    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.7, 0.9)}, None),  # different ends
+])
+def test_the_report_names_a_grid_end_chosen_in_every_seed(tmp_path, accuracies, edge):
+    study = Study("b", ["t"], [parse_method("lora")], BUDGETS["full"].with_overrides(seeds=(0, 1)), tmp_path)
+    records = [_record("t", "lora", lr, seed, accuracies[seed][i], 0.5)
+               for seed in (0, 1) for i, lr in enumerate((3.33e-4, 1e-3, 3e-3))]
+    results = summarize(study, records, [], {"t": _tiny_task()}, 0.0)
+    assert results["table"]["t"]["lora"]["edge"] == edge
+    write_report(tmp_path, results)
+    text = (tmp_path / "report.md").read_text()
+    assert (f"seeds, so the best rate may lie beyond it: lora on t (the {edge})." in text) == (edge is not None)
+    two_rates = summarize(study, [r for r in records if r["lr"] != 3e-3], [], {"t": _tiny_task()}, 0.0)
+    assert two_rates["table"]["t"]["lora"]["edge"] is None  # with two rates every choice is an end
 
 
 def test_combinations_and_grids():

@@ -73,6 +73,11 @@ def _overall(results, tasks, methods, table, seeds) -> list[Block]:
                            ("p", "Test accuracy (%) per task and method; trainable parameters include the new "
                                  "classification head; CPU seconds and rates are those of the first task."),
                            ("table", header, rows)]
+    edges = [f"{m} on {t} (the {table[t][m]['edge']})" for t in tasks for m in table[t] if table[t][m]["edge"]]
+    if edges:
+        where = "the one seed" if seeds == 1 else f"all {seeds} seeds"
+        blocks.append(("p", f"Chosen at the same end of the rate grid in {where}, so the best rate may lie beyond it: "
+                            + "; ".join(edges) + "."))
     shared = [t for t in tasks if t in T5_BASE]
     if shared:
         names = sorted({m for t in shared for m in T5_BASE[t]})

@@ -1,7 +1,9 @@
 """From cell records to the study's results: model selection over the rate grid, mean ± std over seeds.
 
 For each task, method and seed the rate with the best validation accuracy is chosen (the earliest in the grid on
-a tie) and its test accuracy counts; the table reports the mean and the standard deviation over the seeds.
+a tie) and its test accuracy counts; the table reports the mean and the standard deviation over the seeds.  When
+every seed chose the same end of a grid of three or more rates, strictly better than the others, the entry's
+``edge`` names that end: the best rate may lie beyond the grid.
 """
 
 from __future__ import annotations
@@ -31,13 +33,29 @@ def _near_best_step(record: dict[str, Any], within: float = NEAR_BEST) -> int:
     return next(step for step, accuracy in record["curve"] if accuracy >= best - within)
 
 
+def _edge(records: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> str | None:
+    """``"lowest"`` or ``"highest"`` if every seed chose that end of the grid and no other rate tied with it."""
+    grid = sorted({r["lr"] for r in records})
+    if len(grid) < 3:  # with two rates every choice is an end
+        return None
+
+    def alone(pick: dict[str, Any]) -> bool:  # a tie goes to the lowest rate, which says nothing about beyond it
+        return sum(r["seed"] == pick["seed"] and r["validation_accuracy"] >= pick["validation_accuracy"]
+                   for r in records) == 1
+
+    for end, lr in (("lowest", grid[0]), ("highest", grid[-1])):
+        if all(pick["lr"] == lr and alone(pick) for pick in chosen):
+            return end
+    return None
+
+
 def _entry(records: list[dict[str, Any]], seeds) -> dict[str, Any]:
     chosen = _chosen(records, seeds)
     tests = [r["test_accuracy"] for r in chosen]
     return {"test_mean": statistics.fmean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "validation_mean": statistics.fmean(r["validation_accuracy"] for r in chosen),
             "test_f1_mean": statistics.fmean(r["test_f1"] for r in chosen), "seeds": len(chosen),
-            "lrs": [r["lr"] for r in chosen], "rates": chosen[0]["rates"],
+            "lrs": [r["lr"] for r in chosen], "edge": _edge(records, chosen), "rates": chosen[0]["rates"],
             "trainable_parameters": chosen[0]["trainable_parameters"],
             "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in chosen),
             "grid_cpu_seconds": sum(r["cpu_seconds"] for r in records),
