@@ -79,8 +79,7 @@ def run(cell: Cell, backbone: str, objective_name: str, task: Task, budget: Budg
     every = max(1, steps_per_epoch // budget.evaluations_per_epoch)
     record = {"key": cell.key, "task": cell.task, "method": cell.method.name, "lr": cell.lr, "seed": cell.seed,
               "rates": cell.method.rates(cell.lr), "trainable_parameters": sum(p.numel() for p in parameters),
-              "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(),
-              "machine": cpu_and_versions(),
+              "steps_per_epoch": steps_per_epoch, "threads": torch.get_num_threads(), "machine": cpu_and_versions(),
               "curve": [], "losses": []}
     best = {"accuracy": -1.0, "step": 0, "tensors": None}
 

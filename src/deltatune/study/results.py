@@ -27,10 +27,11 @@ def _chosen(records: list[dict[str, Any]], seeds) -> list[dict[str, Any]]:
             if any(r["seed"] == seed for r in records)]
 
 
-def _near_best_step(record: dict[str, Any], within: float = NEAR_BEST) -> int:
-    """The first validation step within ``within`` of the cell's best validation accuracy: how fast it converged."""
+def _near_best_step(record: dict[str, Any]) -> int:
+    """The first validation step within ``NEAR_BEST`` of the cell's best validation accuracy: how fast it
+    converged."""
     best = record["validation_accuracy"]
-    return next(step for step, accuracy in record["curve"] if accuracy >= best - within)
+    return next(step for step, accuracy in record["curve"] if accuracy >= best - NEAR_BEST)
 
 
 def _edge(records: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> str | None:
