@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     transformers.utils.logging.set_verbosity_error()
-    budget = Budget("ablation", args.train_examples, args.eval_examples, args.epochs, 2, args.patience, (0,), False)
+    budget = Budget("ablation", args.train_examples, args.eval_examples, args.epochs, 2, args.patience, (0,), (1.0,))
     tasks = load_tasks(args.tasks.split(","), budget)
     chosen = [int(i) - 1 for i in args.only.split(",")] if args.only else range(len(VARIANTS))
     rows = []

@@ -216,6 +216,43 @@ def test_all_examples_and_counts_override_the_budget():
     assert full.rates(parse_method("lora")) == (1e-3,) and full.seeds == (0, 1, 2)
 
 
+def test_rate_factors_widen_the_grid_and_bad_ones_are_refused():
+    parser = argparse.ArgumentParser()
+    study_cli.add_arguments(parser)
+
+    def budget(*rates: str, methods: str = "ft,lora,prefix,soft_prompt+bitfit"):
+        return study_cli.make_study(parser.parse_args(
+            ["--budget", "full", "--methods", methods, *(a for r in rates for a in ("--rates", r))])).budget
+
+    wide = budget("3, 1/9,1,1/3")  # any order: a tie goes to the lower rate, so they are sorted
+    assert wide.rates(parse_method("prefix")) == (1.11e-4, 3.33e-4, 1e-3, 3e-3)
+    assert wide.rates(parse_method("soft_prompt+bitfit")) == (0.111, 0.333, 1.0, 3.0)  # factors on every part
+    assert budget("1/3,1,3") == budget("grid") == BUDGETS["full"]
+    assert not budget("0.5").grid and budget("0.5").rates(parse_method("ft")) == (2.5e-5,)
+    for rates, message in [("1e-3x", "--rates takes default, grid, or comma-separated factors on each method's "
+                                     "default rate such as 1/9,1/3,1,3; got '1e-3x'"),
+                           ("1/0", "got '1/0'"), ("1,,3", "got '1,,3'"), ("1/3,1,2/6", "--rates repeats 1/3"),
+                           ("0,1", "--rates factors must be positive, got 0,1")]:
+        with pytest.raises(ValueError) as error:
+            budget(rates)
+        assert message in str(error.value)
+    with pytest.raises(ValueError, match="the rate factors 1, 1.0001 give lora the same rate twice: 0.001, 0.001"):
+        budget("1,1.0001").rates(parse_method("lora"))  # cells are named by their rate's three digits
+    # one method's own factors; the others keep theirs
+    own = budget("prefix=1/9,1/3,1,3", "default")
+    assert own.rates(parse_method("prefix")) == (1.11e-4, 3.33e-4, 1e-3, 3e-3) and own.grid
+    assert own.rates(parse_method("ft")) == (5e-5,) and own.rates(parse_method("lora")) == (1e-3,)
+    assert budget("soft_prompt+bitfit=1,3").rates(parse_method("soft_prompt+bitfit")) == (1.0, 3.0)
+    for rates, message in [(("prefx=1",), "--rates prefx=...: 'prefx' is not among the study's methods (ft, lora, "
+                                          "prefix, soft_prompt+bitfit)"),
+                           (("prefix=1", "prefix=1,3"), "--rates METHOD=... repeats prefix"),
+                           (("grid", "default"), "--rates without a method is given twice: grid, default"),
+                           (("prefix=0",), "--rates factors must be positive, got 0")]:
+        with pytest.raises(ValueError) as error:
+            budget(*rates)
+        assert message in str(error.value)
+
+
 def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_backbone, tmp_path, capsys):
     out = tmp_path / "study"
     shutil.copytree(smoke[0], out)
@@ -231,6 +268,18 @@ def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_bac
     assert results["grid"] and results["cells"] == 3 and sorted(c["lr"] for c in cells) == [3.33e-4, 1e-3, 3e-3]
     best = max(cells, key=lambda c: c["validation_accuracy"])
     assert results["table"]["trec"]["lora"]["validation_mean"] == best["validation_accuracy"]
+    report = (out / "report.md").read_text()
+    assert "the learning-rate grid (each method's default ×1/3, ×1 and ×3), chosen" in report
+    # widened below: the three cells are reused and one more is trained
+    assert _study(tiny_backbone, out, "--tasks", "trec", "--methods", "lora", "--rates", "lora=1/9,1/3,1,3",
+                  "--memory-batches", "none", "--delta-config", '{"soft_prompt": {"soft_token_num": 4}}') == 0
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and ", test " in line]
+    assert [(line[:5], "cached" in line) for line in done] == [
+        ("[2/4]", True), ("[3/4]", True), ("[4/4]", True), ("[1/4]", False)]
+    results = json.loads((out / "results.json").read_text())
+    assert results["method_rate_factors"] == {"lora": [1 / 9, 1 / 3, 1, 3]} and results["cells"] == 4
+    assert ("the learning-rate grid (each method's default ×1; lora's ×1/9, ×1/3, ×1 and ×3), chosen by validation"
+            in (out / "report.md").read_text())
 
 
 def _record(task, method, lr, seed, validation, test, steps=4, best_step=2):

@@ -11,10 +11,11 @@ import argparse
 import dataclasses
 import shlex
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 from ..auto import DELTA_TYPES
-from ..study.protocol import BUDGETS, parse_method
+from ..study.protocol import BUDGETS, GRID_FACTORS, Method, combinations, parse_method
 from ..study.runner import MEMORY_BATCHES, Study, run_study
 from ..training.objectives import OBJECTIVES
 from ..training.tasks import TASKS
@@ -22,6 +23,7 @@ from .options import add_pooling_argument, check_counts, json_object
 
 DEFAULT_METHODS = "ft,lora,adapter,bitfit,prefix,soft_prompt"
 DEFAULT_TASKS = "rotten_tomatoes,sms_spam,trec"
+RATE_NAMES = {"default": (1.0,), "grid": GRID_FACTORS}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch sizes at which to measure the peak memory of a training step; 'none' skips it")
     parser.add_argument("--delta-config", default="{}", metavar="JSON",
                         help='options per delta type, e.g. \'{"soft_prompt": {"soft_token_num": 20}}\'')
-    parser.add_argument("--rates", choices=["default", "grid"],
-                        help="each method's default learning rate, or the grid around it (overrides the budget's)")
+    parser.add_argument("--rates", action="append", default=[], metavar="[METHOD=]default|grid|FACTORS",
+                        help="each method's default learning rate, the grid around it (x1/3, x1, x3), or "
+                             "comma-separated factors on the default such as 1/9,1/3,1,3 (overrides the budget's); "
+                             "repeat as METHOD=... to give one method its own, e.g. --rates prefix=1/9,1/3,1,3")
     parser.add_argument("--seeds", help="comma-separated seeds (overrides the budget's)")
     parser.add_argument("--epochs", type=int, help="overrides the budget's")
     parser.add_argument("--max-train-examples", metavar="N|all", help="overrides the budget's")
@@ -76,6 +80,37 @@ def _integers(text: str, option: str, least: int) -> tuple[int, ...]:
     return values
 
 
+def _rates(texts: list[str], methods: list[Method]) -> tuple[tuple[float, ...] | None, tuple | None]:
+    """``--rates`` given any number of times: the factors for every method (None: the budget's) and, from
+    ``METHOD=FACTORS``, one method's own (None: none)."""
+    shared = [t for t in texts if "=" not in t]
+    own = [t.split("=", 1) for t in texts if "=" in t]
+    if len(shared) > 1:
+        raise ValueError(f"--rates without a method is given twice: {', '.join(shared)}")
+    _refuse_repeats([name for name, _ in own], "--rates METHOD=...")
+    names = list(dict.fromkeys(m.name for m in methods))
+    for name, _ in own:
+        if name not in names:
+            raise ValueError(f"--rates {name}=...: {name!r} is not among the study's methods ({', '.join(names)})")
+    return (_rate_factors(shared[0]) if shared else None,
+            tuple((name, _rate_factors(text)) for name, text in own) or None)
+
+
+def _rate_factors(text: str) -> tuple[float, ...]:
+    """``default`` and ``grid`` by name, or factors such as ``1/9,1/3,1,3``, increasing."""
+    if text in RATE_NAMES:
+        return RATE_NAMES[text]
+    try:
+        factors = [Fraction(f.strip()) for f in text.split(",")]
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"--rates takes default, grid, or comma-separated factors on each method's default rate "
+                         f"such as 1/9,1/3,1,3; got {text!r}") from None
+    _refuse_repeats(factors, "--rates")
+    if min(factors) <= 0:
+        raise ValueError(f"--rates factors must be positive, got {text}")
+    return tuple(float(f) for f in sorted(factors))  # increasing: a tie goes to the lower rate
+
+
 def _refuse_repeats(values, option: str) -> None:
     """A repeated name or number is more likely a typo (``--seeds 0,0`` for ``0,1``) than a wish to run it once."""
     repeated = list(dict.fromkeys(str(v) for v in values if values.count(v) > 1))
@@ -106,10 +141,11 @@ def make_study(args: argparse.Namespace) -> Study:
     methods = [parse_method(name) for name in _names(args.methods, "--methods")]
     seeds = None if args.seeds is None else _integers(args.seeds, "--seeds", 0)
     batches = () if args.memory_batches == "none" else _integers(args.memory_batches, "--memory-batches", 1)
+    shared_factors, own_factors = _rates(args.rates, methods + (combinations() if args.combinations else []))
     budget = dataclasses.replace(
         BUDGETS[args.budget].with_overrides(seeds=seeds, epochs=args.epochs, batch_size=args.batch_size,
                                             max_length=args.max_length,
-                                            grid=None if args.rates is None else args.rates == "grid"),
+                                            rate_factors=shared_factors, method_rate_factors=own_factors),
         **_examples(args.max_train_examples, "train_examples", "--max-train-examples"),
         **_examples(args.max_eval_examples, "eval_examples", "--max-eval-examples"))
     configs = json_object(args.delta_config, "--delta-config")

@@ -49,7 +49,7 @@ def _child(spec: dict) -> dict[str, float]:
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(2)
     task = load_task(spec["task"])
-    budget = Budget("memory", None, None, 1, 1, 1, (0,), False, batch_size=spec["batch"],
+    budget = Budget("memory", None, None, 1, 1, 1, (0,), (1.0,), batch_size=spec["batch"],
                     max_length=spec["max_length"])
     method = parse_method(spec["method"])
     objective, groups = build(Cell(task.name, method, method.default_lr, 0), spec["backbone"], spec["objective"],

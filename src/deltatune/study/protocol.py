@@ -6,8 +6,8 @@ which has no head, evaluates the model as loaded: zero-shot).  Each delta type t
 own learning rate and the head with it at the same rate (at the highest of a combination's rates), as a new
 head must keep up with what feeds it: on MiniLM-L6 a head at 1e-3 under a soft prompt learned nothing the head
 alone did not (docs/study.md).  The grid, after the survey's protocol, is a method's
-default rate (its class's ``default_lr``) ×⅓, ×1 and ×3, chosen by validation accuracy; a combination's grid
-point is a factor on every part's default rate.
+default rate (its class's ``default_lr``) ×⅓, ×1 and ×3 (other factors on request), chosen by validation accuracy;
+a combination's grid point is a factor on every part's default rate.
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ class Method:
     def combined(self) -> bool:
         return len(self.parts) > 1
 
-    @property
-    def grid(self) -> tuple[float, ...]:
-        """Learning rates to try: the default ×⅓, ×1, ×3 (for a combination, the factors on each part's default)."""
+    def learning_rates(self, factors: tuple[float, ...]) -> tuple[float, ...]:
+        """The default rate times each factor (for a combination, the factors themselves: each scales every part's
+        default), to three significant digits."""
         middle = 1.0 if self.combined else default_lr(self.name)
-        return tuple(float(f"{middle * f:.3g}") for f in GRID_FACTORS)
+        return tuple(float(f"{middle * f:.3g}") for f in factors)
 
     @property
     def default_lr(self) -> float:
-        return self.grid[1]
+        return self.learning_rates((1.0,))[0]
 
     def rates(self, lr: float) -> dict[str, float]:
         """The learning rate of each part and of the head for the grid point ``lr``."""
@@ -102,9 +102,10 @@ class Budget:
     evaluations_per_epoch: int  # validation points (the convergence curve; early stopping counts them)
     patience: int  # evaluations without a better validation accuracy before a cell stops
     seeds: tuple[int, ...]
-    grid: bool  # every rate of each method's grid, or only its default
+    rate_factors: tuple[float, ...]  # on each method's default rate, increasing: (1.0,) is the default alone
     batch_size: int = 32
     max_length: int = 64
+    method_rate_factors: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (method, factors): its own, not the above
 
     def __post_init__(self) -> None:
         for name in ("epochs", "evaluations_per_epoch", "patience", "batch_size", "max_length"):
@@ -115,9 +116,25 @@ class Budget:
                 raise ValueError(f"the budget's {name} must be at least 1, got {getattr(self, name)}")
         if not self.seeds:
             raise ValueError("a budget needs at least one seed")
+        for factors in (self.rate_factors, *dict(self.method_rate_factors).values()):
+            if not factors or factors[0] <= 0 or any(a >= b for a, b in zip(factors, factors[1:])):
+                raise ValueError(f"the budget's rate factors must be positive and increasing, got {factors}")
+
+    @property
+    def grid(self) -> bool:
+        """Whether any method tries more than one rate."""
+        return any(len(f) > 1 for f in (self.rate_factors, *dict(self.method_rate_factors).values()))
+
+    def factors(self, method: Method) -> tuple[float, ...]:
+        return dict(self.method_rate_factors).get(method.name, self.rate_factors)
 
     def rates(self, method: Method) -> tuple[float, ...]:
-        return method.grid if self.grid else (method.default_lr,)
+        factors = self.factors(method)
+        rates = method.learning_rates(factors)
+        if len(set(rates)) < len(rates):  # cells are named by their rate to three significant digits
+            raise ValueError(f"the rate factors {', '.join(f'{f:g}' for f in factors)} give {method.name} "
+                             f"the same rate twice: {', '.join(f'{r:g}' for r in rates)}")
+        return rates
 
     def with_overrides(self, **values) -> Budget:
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -126,7 +143,7 @@ class Budget:
 BUDGETS = {
     # Under 30 minutes for 3 tasks × 6 methods on MiniLM-L6 and 2 CPU cores: 1,000 training examples, 3 epochs,
     # the default rate, one seed.
-    "quick": Budget("quick", 1000, 500, 3, 2, 3, (0,), False),
+    "quick": Budget("quick", 1000, 500, 3, 2, 3, (0,), (1.0,)),
     # The survey's protocol: every training example, the rate grid, three seeds.
-    "full": Budget("full", None, None, 5, 2, 4, (0, 1, 2), True),
+    "full": Budget("full", None, None, 5, 2, 4, (0, 1, 2), GRID_FACTORS),
 }

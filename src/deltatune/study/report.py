@@ -8,6 +8,7 @@ matplotlib (the ``plot`` extra); without it the report says so and keeps its tab
 from __future__ import annotations
 
 import html
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
         ("p", f"Objective {results['objective']}"
               + (" (the head reads the tokens' mean)" if results["protocol"].get("pooling") == "mean" else "")
               + f"; {seeds} seed(s); "
-              + ("the learning-rate grid, chosen by validation accuracy" if results["grid"] else
-                 "each method's default learning rate")
+              + (f"the learning-rate grid ({_grid(results)}), chosen by validation accuracy" if results["grid"]
+                 else "each method's default learning rate")
               + f"; test accuracy at the best validation point. {results['cells']} cells, "
                 f"{results['cpu_seconds'] / 3600:.2f} CPU hours, trained on "
               + "; ".join(f"{name} ({count} cells)" for name, count in results["cell_machines"])
@@ -53,6 +54,18 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
         *_combinations(results, tasks, table, seeds),
     ]
     return blocks
+
+
+def _grid(results: dict[str, Any]) -> str:
+    """E.g. "each method's default ×1/3, ×1 and ×3; prefix's ×1/9, ×1/3, ×1 and ×3"."""
+    return "; ".join([f"each method's default {_factors(results['rate_factors'])}",
+                      *(f"{name}'s {_factors(f)}" for name, f in results["method_rate_factors"].items())])
+
+
+def _factors(factors: list[float]) -> str:
+    """``[1/3, 1, 3]`` as "×1/3, ×1 and ×3"."""
+    named = [f"×{Fraction(f).limit_denominator(1000)}" for f in factors]
+    return ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
 
 
 def _overall(results, tasks, methods, table, seeds) -> list[Block]:

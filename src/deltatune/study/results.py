@@ -75,7 +75,9 @@ def summarize(study, records: list[dict[str, Any]], memory: list[dict[str, Any]]
     singles = [m.name for m in study.methods]
     results = {
         "backbone": study.backbone, "objective": study.objective, "budget": study.budget.name,
-        "protocol": study.protocol(), "seeds": list(seeds), "grid": study.budget.grid,
+        "protocol": study.protocol(), "seeds": list(seeds),
+        "grid": study.budget.grid, "rate_factors": list(study.budget.rate_factors),
+        "method_rate_factors": {name: list(f) for name, f in study.budget.method_rate_factors},
         "tasks": {name: {"sizes": task.sizes(), "labels": len(task.labels), "majority": _majority(task.test)}
                   for name, task in tasks.items()},
         "methods": singles, "table": table,

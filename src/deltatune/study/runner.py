@@ -38,8 +38,9 @@ class Study:
     jobs: int = 1  # cells trained at once, each in its own process (deltatune.study.workers)
 
     def protocol(self) -> dict[str, Any]:
-        """What every cell shares (the seeds and the grid only choose which cells run)."""
-        budget = {k: v for k, v in dataclasses.asdict(self.budget).items() if k not in ("name", "seeds", "grid")}
+        """What every cell shares (the seeds and the rates only choose which cells run)."""
+        budget = {k: v for k, v in dataclasses.asdict(self.budget).items()
+                  if k not in ("name", "seeds", "rate_factors", "method_rate_factors")}
         protocol = {"backbone": self.backbone, "objective": self.objective, "pooling": self.pooling,
                     "budget": budget, "delta_configs": self.delta_configs}
         if self.lead_tokens:  # recorded only when there are some: studies from before them still match
