@@ -327,8 +327,23 @@ def test_the_report_names_a_grid_end_chosen_in_every_seed(tmp_path, accuracies, 
     write_report(tmp_path, results)
     text = (tmp_path / "report.md").read_text()
     assert (f"seeds, so the best rate may lie beyond it: lora on t (the {edge})." in text) == (edge is not None)
+    widened = {"lowest": "`--rates lora=1/9,1/3,1,3`", "highest": "`--rates lora=1/3,1,3,9`"}.get(edge)
+    assert (f"To try one rate beyond: {widened}." in text) == (edge is not None)
     two_rates = summarize(study, [r for r in records if r["lr"] != 3e-3], [], {"t": _tiny_task()}, 0.0)
     assert two_rates["table"]["t"]["lora"]["edge"] is None  # with two rates every choice is an end
+
+
+def test_the_report_widens_a_grid_at_both_ends_when_tasks_chose_both(tmp_path):
+    budget = BUDGETS["full"].with_overrides(seeds=(0,), method_rate_factors=(("lora", (1 / 3, 1.0, 3.0, 9.0)),))
+    study = Study("b", ["t", "u"], [parse_method("lora")], budget, tmp_path)
+    lrs = budget.rates(parse_method("lora"))
+    records = [_record(task, "lora", lr, 0, accuracy, 0.5) for task, accuracies in (("t", (0.9, 0.8, 0.7, 0.6)),
+                                                                                     ("u", (0.6, 0.7, 0.8, 0.9)))
+               for lr, accuracy in zip(lrs, accuracies)]
+    write_report(tmp_path, summarize(study, records, [], {"t": _tiny_task(), "u": _tiny_task()}, 0.0))
+    text = (tmp_path / "report.md").read_text()
+    assert "the one seed, so the best rate may lie beyond it: lora on t (the lowest); lora on u (the highest)." in text
+    assert "To try one rate beyond: `--rates lora=1/9,1/3,1,3,9,27`." in text
 
 
 def test_combinations_and_grids():

@@ -62,6 +62,13 @@ def _grid(results: dict[str, Any]) -> str:
                       *(f"{name}'s {_factors(f)}" for name, f in results["method_rate_factors"].items())])
 
 
+def _widened(results: dict[str, Any], method: str, ends: set[str]) -> str:
+    """The ``--rates`` option that adds one factor ×3 beyond each grid end ``method`` chose."""
+    factors = results["method_rate_factors"].get(method, results["rate_factors"])
+    wider = [factors[0] / 3] * ("lowest" in ends) + factors + [factors[-1] * 3] * ("highest" in ends)
+    return f"--rates {method}={','.join(str(Fraction(f).limit_denominator(1000)) for f in wider)}"
+
+
 def _factors(factors: list[float]) -> str:
     """``[1/3, 1, 3]`` as "×1/3, ×1 and ×3"."""
     named = [f"×{Fraction(f).limit_denominator(1000)}" for f in factors]
@@ -86,11 +93,14 @@ def _overall(results, tasks, methods, table, seeds) -> list[Block]:
                            ("p", "Test accuracy (%) per task and method; trainable parameters include the new "
                                  "classification head; CPU seconds and rates are those of the first task."),
                            ("table", header, rows)]
-    edges = [f"{m} on {t} (the {table[t][m]['edge']})" for t in tasks for m in table[t] if table[t][m]["edge"]]
+    edges = [(m, t, table[t][m]["edge"]) for t in tasks for m in table[t] if table[t][m]["edge"]]
     if edges:
         where = "the one seed" if seeds == 1 else f"all {seeds} seeds"
+        ends = {m: {end for name, _, end in edges if name == m} for m, _, _ in edges}
         blocks.append(("p", f"Chosen at the same end of the rate grid in {where}, so the best rate may lie beyond it: "
-                            + "; ".join(edges) + "."))
+                            + "; ".join(f"{m} on {t} (the {end})" for m, t, end in edges)
+                            + ". To try one rate beyond: `"
+                            + " ".join(_widened(results, m, e) for m, e in ends.items()) + "`."))
     shared = [t for t in tasks if t in T5_BASE]
     if shared:
         names = sorted({m for t in shared for m in T5_BASE[t]})
