@@ -66,13 +66,18 @@ def _widened(results: dict[str, Any], method: str, ends: set[str]) -> str:
     """The ``--rates`` option that adds one factor ×3 beyond each grid end ``method`` chose."""
     factors = results["method_rate_factors"].get(method, results["rate_factors"])
     wider = [factors[0] / 3] * ("lowest" in ends) + factors + [factors[-1] * 3] * ("highest" in ends)
-    return f"--rates {method}={','.join(str(Fraction(f).limit_denominator(1000)) for f in wider)}"
+    return f"--rates {method}={','.join(map(_fraction, wider))}"
 
 
 def _factors(factors: list[float]) -> str:
     """``[1/3, 1, 3]`` as "×1/3, ×1 and ×3"."""
-    named = [f"×{Fraction(f).limit_denominator(1000)}" for f in factors]
+    named = [f"×{_fraction(f)}" for f in factors]
     return ", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0]
+
+
+def _fraction(factor: float) -> str:
+    """1/9 as "1/9", as ``--rates`` takes it."""
+    return str(Fraction(factor).limit_denominator(1000))
 
 
 def _overall(results, tasks, methods, table, seeds) -> list[Block]:
