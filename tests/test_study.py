@@ -311,14 +311,14 @@ def _tiny_task() -> Task:
     return Task("t", ["no", "yes"], [("a", 0)], [("b", 1)], [("c", 0), ("d", 1)])
 
 
-@pytest.mark.parametrize("accuracies, edge", [
-    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.7, 0.6)}, "lowest"),
-    ({0: (0.7, 0.8, 0.9), 1: (0.5, 0.6, 0.7)}, "highest"),
-    ({0: (0.9, 0.8, 0.7), 1: (0.7, 0.8, 0.6)}, None),  # seed 1 chose the middle
-    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.8, 0.6)}, None),  # seed 1's lowest rate won only a tie
-    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.7, 0.9)}, None),  # different ends
+@pytest.mark.parametrize("accuracies, edge, chosen", [
+    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.7, 0.6)}, "lowest", "0.000333"),
+    ({0: (0.7, 0.8, 0.9), 1: (0.5, 0.6, 0.7)}, "highest", "0.003"),
+    ({0: (0.9, 0.8, 0.7), 1: (0.7, 0.8, 0.6)}, None, "0.000333 (1), 0.001 (1)"),  # seed 1 chose the middle
+    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.8, 0.6)}, None, "0.000333"),  # seed 1's lowest rate won only a tie
+    ({0: (0.9, 0.8, 0.7), 1: (0.8, 0.7, 0.9)}, None, "0.000333 (1), 0.003 (1)"),  # different ends
 ])
-def test_the_report_names_a_grid_end_chosen_in_every_seed(tmp_path, accuracies, edge):
+def test_the_report_names_a_grid_end_chosen_in_every_seed(tmp_path, accuracies, edge, chosen):
     study = Study("b", ["t"], [parse_method("lora")], BUDGETS["full"].with_overrides(seeds=(0, 1)), tmp_path)
     records = [_record("t", "lora", lr, seed, accuracies[seed][i], 0.5)
                for seed in (0, 1) for i, lr in enumerate((3.33e-4, 1e-3, 3e-3))]
@@ -329,6 +329,7 @@ def test_the_report_names_a_grid_end_chosen_in_every_seed(tmp_path, accuracies, 
     assert (f"seeds, so the best rate may lie beyond it: lora on t (the {edge})." in text) == (edge is not None)
     widened = {"lowest": "`--rates lora=1/9,1/3,1,3`", "highest": "`--rates lora=1/3,1,3,9`"}.get(edge)
     assert (f"To try one rate beyond: {widened}." in text) == (edge is not None)
+    assert f"when they differ):\n\n| task | lora |\n|---|---|\n| t | {chosen} |\n" in text
     two_rates = summarize(study, [r for r in records if r["lr"] != 3e-3], [], {"t": _tiny_task()}, 0.0)
     assert two_rates["table"]["t"]["lora"]["edge"] is None  # with two rates every choice is an end
 

@@ -7,6 +7,7 @@ matplotlib (the ``plot`` extra); without it the report says so and keeps its tab
 
 from __future__ import annotations
 
+import collections
 import html
 from fractions import Fraction
 from pathlib import Path
@@ -62,6 +63,14 @@ def _grid(results: dict[str, Any]) -> str:
                       *(f"{name}'s {_factors(f)}" for name, f in results["method_rate_factors"].items())])
 
 
+def _chosen_rates(entry: dict[str, Any]) -> str:
+    """E.g. "0.001 (2), 0.003 (1)"; one rate alone when every seed chose it."""
+    counts = collections.Counter(entry["lrs"])
+    if len(counts) == 1:
+        return f"{entry['lrs'][0]:g}"
+    return ", ".join(f"{lr:g} ({n})" for lr, n in sorted(counts.items()))
+
+
 def _widened(results: dict[str, Any], method: str, ends: set[str]) -> str:
     """The ``--rates`` option that adds one factor ×3 beyond each grid end ``method`` chose."""
     factors = results["method_rate_factors"].get(method, results["rate_factors"])
@@ -92,12 +101,14 @@ def _overall(results, tasks, methods, table, seeds) -> list[Block]:
     first = tasks[0]
     rows.append(["trainable parameters", "", *(f"{table[first][m]['trainable_parameters']:,}" for m in methods)])
     rows.append(["CPU seconds per cell", "", *(f"{table[first][m]['cpu_seconds']:.0f}" for m in methods)])
-    rows.append(["learning rate (chosen)", "",
-                 *("/".join(f"{lr:g}" for lr in sorted(set(table[first][m]['lrs']))) for m in methods)])
     blocks: list[Block] = [("h2", "Overall comparison (the survey's Table 3)"),
                            ("p", "Test accuracy (%) per task and method; trainable parameters include the new "
-                                 "classification head; CPU seconds and rates are those of the first task."),
-                           ("table", header, rows)]
+                                 "classification head; CPU seconds are those of the first task."),
+                           ("table", header, rows),
+                           ("p", "The learning rate chosen on validation (with the number of seeds that chose it "
+                                 "when they differ):"),
+                           ("table", ["task", *methods], [[t, *(_chosen_rates(table[t][m]) for m in methods)]
+                                                          for t in tasks])]
     edges = [(m, t, table[t][m]["edge"]) for t in tasks for m in table[t] if table[t][m]["edge"]]
     if edges:
         where = "the one seed" if seeds == 1 else f"all {seeds} seeds"
