@@ -228,7 +228,7 @@ def test_rate_factors_widen_the_grid_and_bad_ones_are_refused():
     assert wide.rates(parse_method("prefix")) == (1.11e-4, 3.33e-4, 1e-3, 3e-3)
     assert wide.rates(parse_method("soft_prompt+bitfit")) == (0.111, 0.333, 1.0, 3.0)  # factors on every part
     assert budget("1/3,1,3") == budget("grid") == BUDGETS["full"]
-    assert not budget("0.5").grid and budget("0.5").rates(parse_method("ft")) == (2.5e-5,)
+    assert budget("0.5").rates(parse_method("ft")) == (2.5e-5,)
     for rates, message in [("1e-3x", "--rates takes default, grid, or comma-separated factors on each method's "
                                      "default rate such as 1/9,1/3,1,3; got '1e-3x'"),
                            ("1/0", "got '1/0'"), ("1,,3", "got '1,,3'"), ("1/3,1,2/6", "--rates repeats 1/3"),
@@ -240,7 +240,7 @@ def test_rate_factors_widen_the_grid_and_bad_ones_are_refused():
         budget("1,1.0001").rates(parse_method("lora"))  # cells are named by their rate's three digits
     # one method's own factors; the others keep theirs
     own = budget("prefix=1/9,1/3,1,3", "default")
-    assert own.rates(parse_method("prefix")) == (1.11e-4, 3.33e-4, 1e-3, 3e-3) and own.grid
+    assert own.rates(parse_method("prefix")) == (1.11e-4, 3.33e-4, 1e-3, 3e-3)
     assert own.rates(parse_method("ft")) == (5e-5,) and own.rates(parse_method("lora")) == (1e-3,)
     assert budget("soft_prompt+bitfit=1,3").rates(parse_method("soft_prompt+bitfit")) == (1.0, 3.0)
     for rates, message in [(("prefx=1",), "--rates prefx=...: 'prefx' is not among the study's methods (ft, lora, "
@@ -265,7 +265,8 @@ def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_bac
         ("[2/3]", True, True), ("[1/3]", False, False), ("[3/3]", False, False)]
     results = json.loads((out / "results.json").read_text())
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("trec__lora__*")]
-    assert results["grid"] and results["cells"] == 3 and sorted(c["lr"] for c in cells) == [3.33e-4, 1e-3, 3e-3]
+    assert results["rate_factors"] == {"lora": [1 / 3, 1, 3]} and results["cells"] == 3
+    assert sorted(c["lr"] for c in cells) == [3.33e-4, 1e-3, 3e-3]
     best = max(cells, key=lambda c: c["validation_accuracy"])
     assert results["table"]["trec"]["lora"]["validation_mean"] == best["validation_accuracy"]
     report = (out / "report.md").read_text()
@@ -277,8 +278,8 @@ def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_bac
     assert [(line[:5], "cached" in line) for line in done] == [
         ("[2/4]", True), ("[3/4]", True), ("[4/4]", True), ("[1/4]", False)]
     results = json.loads((out / "results.json").read_text())
-    assert results["method_rate_factors"] == {"lora": [1 / 9, 1 / 3, 1, 3]} and results["cells"] == 4
-    assert ("the learning-rate grid (each method's default ×1; lora's ×1/9, ×1/3, ×1 and ×3), chosen by validation"
+    assert results["rate_factors"] == {"lora": [1 / 9, 1 / 3, 1, 3]} and results["cells"] == 4
+    assert ("the learning-rate grid (each method's default ×1/9, ×1/3, ×1 and ×3), chosen by validation accuracy"
             in (out / "report.md").read_text())
 
 
@@ -345,6 +346,22 @@ def test_the_report_widens_a_grid_at_both_ends_when_tasks_chose_both(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "the one seed, so the best rate may lie beyond it: lora on t (the lowest); lora on u (the highest)." in text
     assert "To try one rate beyond: `--rates lora=1/9,1/3,1,3,9,27`." in text
+
+
+@pytest.mark.parametrize("shared, own, words", [
+    ((1.0,), (), "each method's default learning rate"),
+    ((1.0,), (("ft", (3.0,)),), "one learning rate per method (ft: default ×3; lora, prefix: default ×1)"),
+    ((1 / 3, 1.0, 3.0), (("prefix", (1 / 9, 1 / 3, 1.0, 3.0)),),
+     "the learning-rate grid (ft, lora: default ×1/3, ×1 and ×3; prefix: default ×1/9, ×1/3, ×1 and ×3), chosen by "
+     "validation accuracy"),
+])
+def test_the_report_names_the_rates_each_method_tried(tmp_path, shared, own, words):
+    budget = BUDGETS["quick"].with_overrides(rate_factors=shared, method_rate_factors=own)
+    methods = [parse_method(name) for name in ("ft", "lora", "prefix")]
+    study = Study("b", ["t"], methods, budget, tmp_path)
+    records = [_record("t", m.name, lr, 0, 0.5, 0.5) for m in methods for lr in budget.rates(m)]
+    write_report(tmp_path, summarize(study, records, [], {"t": _tiny_task()}, 0.0))
+    assert f"1 seed(s); {words}; test accuracy" in (tmp_path / "report.md").read_text()
 
 
 def test_combinations_and_grids():

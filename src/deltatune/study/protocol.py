@@ -120,11 +120,6 @@ class Budget:
             if not factors or factors[0] <= 0 or any(a >= b for a, b in zip(factors, factors[1:])):
                 raise ValueError(f"the budget's rate factors must be positive and increasing, got {factors}")
 
-    @property
-    def grid(self) -> bool:
-        """Whether any method tries more than one rate."""
-        return any(len(f) > 1 for f in (self.rate_factors, *dict(self.method_rate_factors).values()))
-
     def factors(self, method: Method) -> tuple[float, ...]:
         return dict(self.method_rate_factors).get(method.name, self.rate_factors)
 

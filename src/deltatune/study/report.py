@@ -40,8 +40,7 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
         ("p", f"Objective {results['objective']}"
               + (" (the head reads the tokens' mean)" if results["protocol"].get("pooling") == "mean" else "")
               + f"; {seeds} seed(s); "
-              + (f"the learning-rate grid ({_grid(results)}), chosen by validation accuracy" if results["grid"]
-                 else "each method's default learning rate")
+              + _rates_used(results["rate_factors"])
               + f"; test accuracy at the best validation point. {results['cells']} cells, "
                 f"{results['cpu_seconds'] / 3600:.2f} CPU hours, trained on "
               + "; ".join(f"{name} ({count} cells)" for name, count in results["cell_machines"])
@@ -57,10 +56,19 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
     return blocks
 
 
-def _grid(results: dict[str, Any]) -> str:
-    """E.g. "each method's default ×1/3, ×1 and ×3; prefix's ×1/9, ×1/3, ×1 and ×3"."""
-    return "; ".join([f"each method's default {_factors(results['rate_factors'])}",
-                      *(f"{name}'s {_factors(f)}" for name, f in results["method_rate_factors"].items())])
+def _rates_used(factors: dict[str, list[float]]) -> str:
+    """E.g. "the learning-rate grid (ft, lora: the default ×1/3, ×1 and ×3; prefix: the default ×1/9, ×1/3, ×1 and
+    ×3), chosen by validation accuracy"."""
+    if all(f == [1.0] for f in factors.values()):
+        return "each method's default learning rate"
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for name, f in factors.items():
+        groups.setdefault(tuple(f), []).append(name)
+    named = "; ".join((f"{', '.join(names)}: " if len(groups) > 1 else "each method's ") + f"default {_factors(f)}"
+                      for f, names in groups.items())
+    if any(len(f) > 1 for f in groups):
+        return f"the learning-rate grid ({named}), chosen by validation accuracy"
+    return f"one learning rate per method ({named})"
 
 
 def _chosen_rates(entry: dict[str, Any]) -> str:
@@ -73,7 +81,7 @@ def _chosen_rates(entry: dict[str, Any]) -> str:
 
 def _widened(results: dict[str, Any], method: str, ends: set[str]) -> str:
     """The ``--rates`` option that adds one factor ×3 beyond each grid end ``method`` chose."""
-    factors = results["method_rate_factors"].get(method, results["rate_factors"])
+    factors = results["rate_factors"][method]
     wider = [factors[0] / 3] * ("lowest" in ends) + factors + [factors[-1] * 3] * ("highest" in ends)
     return f"--rates {method}={','.join(map(_fraction, wider))}"
 

@@ -76,8 +76,7 @@ def summarize(study, records: list[dict[str, Any]], memory: list[dict[str, Any]]
     results = {
         "backbone": study.backbone, "objective": study.objective, "budget": study.budget.name,
         "protocol": study.protocol(), "seeds": list(seeds),
-        "grid": study.budget.grid, "rate_factors": list(study.budget.rate_factors),
-        "method_rate_factors": {name: list(f) for name, f in study.budget.method_rate_factors},
+        "rate_factors": {m.name: list(study.budget.factors(m)) for m in study.all_methods()},
         "tasks": {name: {"sizes": task.sizes(), "labels": len(task.labels), "majority": _majority(task.test)}
                   for name, task in tasks.items()},
         "methods": singles, "table": table,
