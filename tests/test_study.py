@@ -229,13 +229,6 @@ def test_rate_factors_widen_the_grid_and_bad_ones_are_refused():
     assert wide.rates(parse_method("soft_prompt+bitfit")) == (0.111, 0.333, 1.0, 3.0)  # factors on every part
     assert budget("1/3,1,3") == budget("grid") == BUDGETS["full"]
     assert budget("0.5").rates(parse_method("ft")) == (2.5e-5,)
-    for rates, message in [("1e-3x", "--rates takes default, grid, or comma-separated factors on each method's "
-                                     "default rate such as 1/9,1/3,1,3; got '1e-3x'"),
-                           ("1/0", "got '1/0'"), ("1,,3", "got '1,,3'"), ("1/3,1,2/6", "--rates repeats 1/3"),
-                           ("0,1", "--rates factors must be positive, got 0,1")]:
-        with pytest.raises(ValueError) as error:
-            budget(rates)
-        assert message in str(error.value)
     with pytest.raises(ValueError, match="the rate factors 1, 1.0001 give lora the same rate twice: 0.001, 0.001"):
         budget("1,1.0001").rates(parse_method("lora"))  # cells are named by their rate's three digits
     # one method's own factors; the others keep theirs
@@ -243,7 +236,11 @@ def test_rate_factors_widen_the_grid_and_bad_ones_are_refused():
     assert own.rates(parse_method("prefix")) == (1.11e-4, 3.33e-4, 1e-3, 3e-3)
     assert own.rates(parse_method("ft")) == (5e-5,) and own.rates(parse_method("lora")) == (1e-3,)
     assert budget("soft_prompt+bitfit=1,3").rates(parse_method("soft_prompt+bitfit")) == (1.0, 3.0)
-    for rates, message in [(("prefx=1",), "--rates prefx=...: 'prefx' is not among the study's methods (ft, lora, "
+    for rates, message in [(("1e-3x",), "--rates takes default, grid, or comma-separated factors on each method's "
+                                        "default rate such as 1/9,1/3,1,3; got '1e-3x'"),
+                           (("1/0",), "got '1/0'"), (("1,,3",), "got '1,,3'"), (("1/3,1,2/6",), "--rates repeats 1/3"),
+                           (("0,1",), "--rates factors must be positive, got 0,1"),
+                           (("prefx=1",), "--rates prefx=...: 'prefx' is not among the study's methods (ft, lora, "
                                           "prefix, soft_prompt+bitfit)"),
                            (("prefix=1", "prefix=1,3"), "--rates METHOD=... repeats prefix"),
                            (("grid", "default"), "--rates without a method is given twice: grid, default"),
@@ -251,6 +248,13 @@ def test_rate_factors_widen_the_grid_and_bad_ones_are_refused():
         with pytest.raises(ValueError) as error:
             budget(*rates)
         assert message in str(error.value)
+
+
+def test_rates_that_repeat_a_cell_are_refused_before_any_cell_trains(tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert _study(tiny_backbone, out, "--tasks", "trec", "--methods", "lora", "--rates", "1,1.0001") == 2
+    assert "the rate factors 1, 1.0001 give lora the same rate twice: 0.001, 0.001" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_the_grid_added_to_a_study_reuses_its_default_rate_cells(smoke, tiny_backbone, tmp_path, capsys):

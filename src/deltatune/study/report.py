@@ -57,8 +57,8 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
 
 
 def _rates_used(factors: dict[str, list[float]]) -> str:
-    """E.g. "the learning-rate grid (ft, lora: the default ×1/3, ×1 and ×3; prefix: the default ×1/9, ×1/3, ×1 and
-    ×3), chosen by validation accuracy"."""
+    """E.g. "the learning-rate grid (ft, lora: default ×1/3, ×1 and ×3; prefix: default ×1/9, ×1/3, ×1 and ×3),
+    chosen by validation accuracy"."""
     if all(f == [1.0] for f in factors.values()):
         return "each method's default learning rate"
     groups: dict[tuple[float, ...], list[str]] = {}
