@@ -365,7 +365,20 @@ def test_the_report_names_the_rates_each_method_tried(tmp_path, shared, own, wor
     study = Study("b", ["t"], methods, budget, tmp_path)
     records = [_record("t", m.name, lr, 0, 0.5, 0.5) for m in methods for lr in budget.rates(m)]
     write_report(tmp_path, summarize(study, records, [], {"t": _tiny_task()}, 0.0))
-    assert f"1 seed(s); {words}; test accuracy" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert f"1 seed(s); {words}; test accuracy" in text
+    title = "The learning rate chosen on validation" if len(budget.rates(methods[2])) > 1 else \
+        "The learning rate of each method:"
+    assert title in text
+
+
+def test_the_report_title_names_what_the_command_changed_in_the_budget(tmp_path):
+    budget = BUDGETS["full"].with_overrides(seeds=(0,), epochs=10, batch_size=16, train_examples=1000)
+    study = Study("b", ["t"], [parse_method("lora")], budget, tmp_path)
+    records = [_record("t", "lora", lr, 0, 0.5, 0.5) for lr in budget.rates(parse_method("lora"))]
+    write_report(tmp_path, summarize(study, records, [], {"t": _tiny_task()}, 0.0))
+    assert ("# Delta-tuning study: b (full budget; train examples 1,000 instead of all; epochs 10 instead of 5; "
+            "batch size 16 instead of 32)\n") in (tmp_path / "report.md").read_text()
 
 
 def test_combinations_and_grids():

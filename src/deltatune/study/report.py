@@ -8,12 +8,14 @@ matplotlib (the ``plot`` extra); without it the report says so and keeps its tab
 from __future__ import annotations
 
 import collections
+import dataclasses
 import html
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from ..training.report import pyplot, write_json, write_text
+from .protocol import BUDGETS
 from .survey import COMBINATION_AVERAGES, COMBINATION_SOURCE, T5_BASE, T5_BASE_SOURCE
 
 Block = tuple  # ("h1" | "h2" | "p", text) | ("table", header, rows) | ("img", file, alt)
@@ -36,7 +38,7 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
     seeds = len(results["seeds"])
     machine = results["machine"]
     blocks: list[Block] = [
-        ("h1", f"Delta-tuning study: {results['backbone']} ({results['budget']} budget)"),
+        ("h1", f"Delta-tuning study: {results['backbone']} ({_budget(results)})"),
         ("p", f"Objective {results['objective']}"
               + (" (the head reads the tokens' mean)" if results["protocol"].get("pooling") == "mean" else "")
               + f"; {seeds} seed(s); "
@@ -56,6 +58,18 @@ def _blocks(out: Path, results: dict[str, Any]) -> list[Block]:
     return blocks
 
 
+def _budget(results: dict[str, Any]) -> str:
+    """E.g. "full budget" or "full budget; epochs 10 instead of 5": the budget and what the command changed."""
+    default = dataclasses.asdict(BUDGETS[results["budget"]])
+    changed = [f"{key.replace('_', ' ')} {_count(value)} instead of {_count(default[key])}"
+               for key, value in results["protocol"]["budget"].items() if value != default[key]]
+    return "; ".join([f"{results['budget']} budget", *changed])
+
+
+def _count(value: int | None) -> str:
+    return "all" if value is None else f"{value:,}"
+
+
 def _rates_used(factors: dict[str, list[float]]) -> str:
     """E.g. "the learning-rate grid (ft, lora: default ×1/3, ×1 and ×3; prefix: default ×1/9, ×1/3, ×1 and ×3),
     chosen by validation accuracy"."""
@@ -66,9 +80,20 @@ def _rates_used(factors: dict[str, list[float]]) -> str:
         groups.setdefault(tuple(f), []).append(name)
     named = "; ".join((f"{', '.join(names)}: " if len(groups) > 1 else "each method's ") + f"default {_factors(f)}"
                       for f, names in groups.items())
-    if any(len(f) > 1 for f in groups):
+    if _grid(factors):
         return f"the learning-rate grid ({named}), chosen by validation accuracy"
     return f"one learning rate per method ({named})"
+
+
+def _grid(factors: dict[str, list[float]]) -> bool:
+    """Whether some method tried more than one rate."""
+    return any(len(f) > 1 for f in factors.values())
+
+
+def _rates_title(factors: dict[str, list[float]]) -> str:
+    if _grid(factors):
+        return "The learning rate chosen on validation (with the number of seeds that chose it when they differ):"
+    return "The learning rate of each method:"
 
 
 def _chosen_rates(entry: dict[str, Any]) -> str:
@@ -113,8 +138,7 @@ def _overall(results, tasks, methods, table, seeds) -> list[Block]:
                            ("p", "Test accuracy (%) per task and method; trainable parameters include the new "
                                  "classification head; CPU seconds are those of the first task."),
                            ("table", header, rows),
-                           ("p", "The learning rate chosen on validation (with the number of seeds that chose it "
-                                 "when they differ):"),
+                           ("p", _rates_title(results["rate_factors"])),
                            ("table", ["task", *methods], [[t, *(_chosen_rates(table[t][m]) for m in methods)]
                                                           for t in tasks])]
     edges = [(m, t, table[t][m]["edge"]) for t in tasks for m in table[t] if table[t][m]["edge"]]
