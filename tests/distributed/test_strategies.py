@@ -36,8 +36,9 @@ FULLY_PARTITIONED = {"zero_optimization": {"stage3_param_persistence_threshold":
 
 
 def torchrun(*arguments: str, processes: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``deltatune`` on ``processes`` ranks; a rank fails if a process-group thread outlives its command."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "deltatune", *arguments]
+               str(Path(__file__).with_name("deltatune_leaving_no_threads.py")), *arguments]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
 

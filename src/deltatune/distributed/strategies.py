@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import sharding
+from . import teardown
 from .world import World
 
 EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
@@ -144,6 +145,10 @@ class FSDP(Strategy):
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # FSDP2 casts the gathered parameters itself (MixedPrecisionPolicy)
 
+    def close(self) -> None:
+        teardown.release_dtensor_caches()
+        super().close()
+
     def syncing(self, last: bool) -> contextlib.AbstractContextManager:
         self._fsdp.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
@@ -239,6 +244,20 @@ class DeepSpeed(Strategy):
 
     def place(self, model: nn.Module) -> None:
         pass  # deepspeed.initialize places the model (and ZeRO-3 partitions it on the device as it loads)
+
+    def close(self) -> None:
+        """Free the engine, then leave the process groups through DeepSpeed, which drops its own references to
+        them.  A group still referenced is torn down only as the interpreter exits, with its gloo threads running,
+        and that can abort a rank whose run succeeded."""
+        if self.model is not None:
+            self.model.destroy()  # the engine's gradient and module hooks
+            if self.stage == 3:
+                teardown.release_zero3(self.model.module)
+        super().close()  # the engine and the model go, with their references to the groups
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the engine runs the model in bf16 itself
