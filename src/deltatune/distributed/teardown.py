@@ -19,7 +19,6 @@ DTENSOR_CACHES = (  # (module, callable): each keeps device meshes, which keep t
     ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
     ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
 )
-ZERO3_COORDINATOR = "deepspeed.runtime.zero.partitioned_param_coordinator"
 
 
 def release_dtensor_caches() -> None:
@@ -36,8 +35,8 @@ def release_zero3(model: nn.Module) -> None:
     stack = _lookup("deepspeed.runtime.zero.parameter_offload", "FWD_MODULE_STACK")
     if isinstance(stack, list):
         stack[:] = [module for module in stack if module is not model]
-    method = _lookup(ZERO3_COORDINATOR, "PartitionedParameterCoordinator._PartitionedParameterCoordinator"
-                                        "__params_to_release")
+    method = _lookup("deepspeed.runtime.zero.partitioned_param_coordinator",
+                     "PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release")
     for cell in getattr(method, "__closure__", None) or ():  # the cache, under DeepSpeed's profiling wrapper
         if hasattr(cell.cell_contents, "cache_clear"):
             cell.cell_contents.cache_clear()
