@@ -352,14 +352,17 @@ def test_the_report_widens_a_grid_at_both_ends_when_tasks_chose_both(tmp_path):
     assert "To try one rate beyond: `--rates lora=1/9,1/3,1,3,9,27`." in text
 
 
-@pytest.mark.parametrize("shared, own, words", [
-    ((1.0,), (), "each method's default learning rate"),
-    ((1.0,), (("ft", (3.0,)),), "one learning rate per method (ft: default ×3; lora, prefix: default ×1)"),
+ONE_RATE, CHOSEN = "The learning rate of each method:", "The learning rate chosen on validation (with the number"
+
+
+@pytest.mark.parametrize("shared, own, words, title", [
+    ((1.0,), (), "each method's default learning rate", ONE_RATE),
+    ((1.0,), (("ft", (3.0,)),), "one learning rate per method (ft: default ×3; lora, prefix: default ×1)", ONE_RATE),
     ((1 / 3, 1.0, 3.0), (("prefix", (1 / 9, 1 / 3, 1.0, 3.0)),),
      "the learning-rate grid (ft, lora: default ×1/3, ×1 and ×3; prefix: default ×1/9, ×1/3, ×1 and ×3), chosen by "
-     "validation accuracy"),
+     "validation accuracy", CHOSEN),
 ])
-def test_the_report_names_the_rates_each_method_tried(tmp_path, shared, own, words):
+def test_the_report_names_the_rates_each_method_tried(tmp_path, shared, own, words, title):
     budget = BUDGETS["quick"].with_overrides(rate_factors=shared, method_rate_factors=own)
     methods = [parse_method(name) for name in ("ft", "lora", "prefix")]
     study = Study("b", ["t"], methods, budget, tmp_path)
@@ -367,9 +370,8 @@ def test_the_report_names_the_rates_each_method_tried(tmp_path, shared, own, wor
     write_report(tmp_path, summarize(study, records, [], {"t": _tiny_task()}, 0.0))
     text = (tmp_path / "report.md").read_text()
     assert f"1 seed(s); {words}; test accuracy" in text
-    title = "The learning rate chosen on validation" if len(budget.rates(methods[2])) > 1 else \
-        "The learning rate of each method:"
-    assert title in text
+    other = CHOSEN if title == ONE_RATE else ONE_RATE
+    assert title in text and other not in text
 
 
 def test_the_report_title_names_what_the_command_changed_in_the_budget(tmp_path):

@@ -3,11 +3,12 @@ running: such a group is torn down only as the interpreter exits, which can abor
 
 import os
 import sys
+from pathlib import Path
 
 from deltatune.cli import main
 
 code = main()
-threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+threads = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
 alive = [name for name in threads if "gloo" in name]
 if alive:
     print(f"rank {os.environ.get('RANK')}: process-group threads still running after the command: {alive}",

@@ -70,7 +70,7 @@ class Strategy:
 
     def close(self) -> None:
         """Drop the engine's objects (a DDP reducer freed after its process group can hang the process)."""
-        self.__dict__ = {"world": self.world, "precision": self.precision}
+        self.__dict__ = {"world": self.world, "precision": self.precision, "model": None}
         gc.collect()
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -3,7 +3,7 @@
 A group still referenced when the process group is destroyed lives on, its gloo threads running, until the
 interpreter exits, and its teardown then can abort a rank whose run succeeded ("terminate called without an active
 exception").  DeepSpeed's ZeRO-3 and DTensor (FSDP2) keep such references in caches and module state that their
-public teardown does not clear.  These are their internals, so each is looked up leniently; the distributed tests
+public teardown does not clear.  These are their internals, so each is looked up leniently; the torchrun tests
 fail a command that leaves a gloo thread running, so a release that renames one shows there.
 """
 
