@@ -1,11 +1,15 @@
 """PEFT interop for LoRA, both ways, with the real peft package (dev extra)."""
 
+import json
+
 import pytest
 import torch
+import transformers as tf
 
-from deltatune import LoraModel, from_peft
+from deltatune import DeltaBase, LoraModel, from_peft
+from deltatune.cli.serve import labels_of
 
-from conftest import first_output, tiny_batch, tiny_model
+from conftest import VOCAB, first_output, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.compat  # run at both ends of the supported transformers range
 
@@ -66,11 +70,134 @@ def test_unsupported_peft_features_are_refused(tmp_path):
         from_peft(tmp_path / "adapter", tiny_model("bert"))
 
 
-def test_export_refuses_unfrozen_backbone_parameters(tmp_path):
-    delta = LoraModel(tiny_model("bert"), ["query"]).freeze_module(exclude=["deltas", "classifier"])
-    with pytest.raises(ValueError, match="modules_to_save"):
+HEADS = {"bert": ["classifier"], "roberta": ["classifier.dense", "classifier.out_proj"]}  # one Linear; two
+
+
+def _head(model) -> list[str]:
+    return [n for n, _ in model.classifier.named_parameters(prefix="classifier")]
+
+
+@pytest.mark.parametrize("family", HEADS)
+def test_a_head_trained_with_the_delta_crosses_over_as_modules_to_save(family, tmp_path):
+    model = tiny_model(family)
+    delta = LoraModel(model, ["query", "value"], lora_r=4).freeze_module(exclude=["deltas", "classifier"])
+    _randomize(delta)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.add_(torch.randn_like(p))
+    batch = tiny_batch(family)
+    ours = first_output(model, batch)
+    delta.export_peft(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == HEADS[family]
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(family), tmp_path / "adapter").eval()
+    torch.testing.assert_close(first_output(peft_model, batch), ours, rtol=0, atol=1e-5)
+    back = tiny_model(family)
+    assert from_peft(tmp_path / "adapter", back).unfrozen_backbone == _head(back)
+    assert torch.equal(first_output(back, batch), ours)
+
+
+SEQ_CLS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"]}
+
+
+def _tiny_distilbert():
+    torch.manual_seed(0)
+    return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)).eval()
+
+
+def _classifier(family):
+    return _tiny_distilbert() if family == "distilbert" else tiny_model(family)
+
+
+def _peft_classifier(family, folder, **options):
+    """A PEFT SEQ_CLS LoRA adapter (PEFT adds modules_to_save=["classifier", "score"]), trained by random steps."""
+    targets = ["q_lin", "v_lin"] if family == "distilbert" else ["query", "value"]
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets, **options)
+    peft_model = peft.get_peft_model(_classifier(family), config).eval()
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:  # LoRA and PEFT's copy of the head
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(folder)
+    return first_output(peft_model, tiny_batch("bert"))
+
+
+@pytest.mark.parametrize("family", SEQ_CLS)
+def test_a_peft_sequence_classification_adapter_brings_its_head(family, tmp_path):
+    expected = _peft_classifier(family, tmp_path / "adapter")
+    model = _classifier(family)
+    delta = from_peft(tmp_path / "adapter", model)
+    heads = [n for n, _ in model.named_parameters() if n.split(".")[0] in SEQ_CLS[family]]
+    assert delta.unfrozen_backbone == heads  # in the backbone's order, the last weight the output layer
+    torch.testing.assert_close(first_output(model, tiny_batch("bert")), expected, rtol=0, atol=1e-5)
+    fresh = _classifier(family)  # and it saves as a deltatune checkpoint, head included
+    DeltaBase.from_finetuned(delta.save_finetuned(tmp_path / "ours"), fresh)
+    torch.testing.assert_close(first_output(fresh, tiny_batch("bert")), expected, rtol=0, atol=1e-5)
+
+    other = _classifier(family)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    apart = from_peft(tmp_path / "adapter", other, attach=False, keep_backbone_apart=True)
+    assert list(apart.backbone_apart) == heads and apart.unfrozen_backbone == []
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items()), "the backbone's head is its own"
+    with pytest.raises(ValueError, match="pass attach=False with it"):
+        from_peft(tmp_path / "adapter", _classifier(family), keep_backbone_apart=True)
+
+
+def test_the_served_labels_of_a_peft_head_come_from_its_output_layer(tmp_path):
+    """DistilBERT's head is pre_classifier (32 outputs) then classifier (2): the order is the model's, not the
+    file's."""
+    _peft_classifier("distilbert", tmp_path / "adapter")
+    _tiny_distilbert().save_pretrained(tmp_path / "backbone")
+    assert labels_of(tmp_path / "adapter", {}, str(tmp_path / "backbone")) == ["LABEL_0", "LABEL_1"]
+    with pytest.raises(ValueError, match="name the backbone to order them"):
+        labels_of(tmp_path / "adapter", {})
+
+
+def _tied_llama():
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                              tie_word_embeddings=True)).eval()
+
+
+def test_export_refuses_backbone_parameters_that_modules_to_save_cannot_hold(tmp_path):
+    cases = [
+        (LoraModel(tiny_model("bert"), ["query", "classifier"]), ["deltas", "classifier"], "also adapted by LoRA"),
+        (LoraModel(_tied_llama(), ["q_proj"]), ["deltas", "embed_tokens"],
+         r"model.embed_tokens.weight is tied to \['lm_head.weight'\]"),
+    ]
+    for delta, exclude, message in cases:
+        delta.freeze_module(exclude=exclude)
+        with pytest.raises(ValueError, match=message):
+            delta.export_peft(tmp_path / "adapter")
+    delta = LoraModel(tiny_model("bert"), ["query"])
+    delta.unfrozen_backbone = ["classifier.bias"]  # as a checkpoint that saved only the bias loads
+    with pytest.raises(ValueError, match=r"classifier is trained only in part \(\['classifier.bias'\]"):
         delta.export_peft(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_import_refuses_tensors_it_cannot_place_as_peft_did(tmp_path):
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    wrapped = peft.get_peft_model(_tied_llama(), config)
+    with torch.no_grad():
+        wrapped.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)  # PEFT trains an untied copy
+    wrapped.save_pretrained(tmp_path / "tied")
+    model = _tied_llama()
+    reference = first_output(model, tiny_batch("llama"))
+    with pytest.raises(ValueError, match=r"ties to \['model.embed_tokens.weight'\]: writing it would change"):
+        from_peft(tmp_path / "tied", model)
+    assert torch.equal(first_output(model, tiny_batch("llama")), reference), "nothing was written"
+    apart = from_peft(tmp_path / "tied", model, attach=False, keep_backbone_apart=True)
+    assert list(apart.backbone_apart) == ["lm_head.weight"]
+    assert torch.equal(first_output(model, tiny_batch("llama")), reference)
+
+    _peft_classifier("bert", tmp_path / "unlisted")
+    listed = tmp_path / "unlisted" / "adapter_config.json"
+    listed.write_text(json.dumps({**json.loads(listed.read_text()), "modules_to_save": ["score"]}))
+    with pytest.raises(ValueError, match=r"neither LoRA weights nor in modules_to_save=\['score'\]: "
+                                         r"\['classifier.bias', 'classifier.weight'\]"):
+        from_peft(tmp_path / "unlisted", tiny_model("bert"))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

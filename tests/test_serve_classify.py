@@ -110,6 +110,32 @@ def test_labels_come_from_the_run_folder_or_the_saved_head(classify_server, tmp_
         labels_of(tmp_path, {})
 
 
+def test_a_peft_sequence_classification_adapter_is_served_with_its_head(classify_server, minilm_path, tmp_path):
+    """PEFT's SEQ_CLS adapters save the head they trained (modules_to_save); served, each row gets it."""
+    peft = pytest.importorskip("peft")
+    client, _, engine = classify_server
+    torch.manual_seed(1)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    wrapped = peft.get_peft_model(_classifier(minilm_path, TASKS["topic"]), config).eval()
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:  # LoRA and PEFT's copy of the head
+                p.add_(torch.randn_like(p) * 0.05)
+        expected = wrapped(**engine.tokenizer(TEXTS[0], return_tensors="pt")).logits[0].softmax(-1).tolist()
+    wrapped.save_pretrained(tmp_path / "adapter")
+    labels = labels_of(tmp_path / "adapter", {}, minilm_path)
+    assert labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    own_head = engine.model.classifier.weight.clone()
+    engine.registry.register("peft-topic", tmp_path / "adapter", labels)
+    try:
+        status, answer = client.post("/v1/classify", {"model": "peft-topic", "input": TEXTS[0]})
+        assert status == 200, answer
+        assert list(answer["data"][0]["scores"].values()) == pytest.approx(expected, abs=1e-5)
+        assert torch.equal(engine.model.classifier.weight, own_head), "the adapter's head stays its own"
+    finally:
+        engine.registry.unregister("peft-topic")
+
+
 def test_a_classification_needs_registered_labels(classify_server, minilm_path):
     _, folders, engine = classify_server
     registry = DeltaRegistry(engine.model)

@@ -542,28 +542,43 @@ class DeltaBase(nn.Module):
         hyperparameters = method.config_class.from_dict(saved["config"]).to_dict()
         live.refuse_second_copy(backbone_model, folder, options)
         unfrozen = saved.get("unfrozen_backbone", [])
-        missing = sorted(set(unfrozen) - set(dict(backbone_model.named_parameters(remove_duplicate=False))))
-        if missing:
-            raise ValueError(f"{folder} saved backbone parameters this {type(backbone_model).__name__} lacks: "
-                             f"{missing[:5]}")
+        refuse_missing_parameters(backbone_model, unfrozen, folder)
         tensors = checkpoint.read_tensors(folder)
         attach = options.pop("attach", True)
-        if apart and attach:
-            raise ValueError("keep_backbone_apart=True keeps a delta's head out of the backbone, for a DeltaBank; "
-                             "pass attach=False with it")
+        refuse_apart_attached(apart, attach)
         delta = method(backbone_model, positions=saved["positions"], attach=False, **{**hyperparameters, **options})
-        absent = [k for k in unfrozen if f"backbone.{k}" not in tensors]
-        if apart and absent:
-            raise ValueError(f"{folder} lists backbone parameters its weights file does not hold: {absent[:5]}")
-        heads = {k: tensors.pop(f"backbone.{k}") for k in unfrozen} if apart else {}
-        checkpoint.refuse_non_finite(heads, folder / checkpoint.WEIGHTS_FILE)
-        delta.unfrozen_backbone = [] if apart else list(unfrozen)
-        delta.load_delta_state_dict(tensors, folder / checkpoint.WEIGHTS_FILE)  # checks the keys and values
-        delta.backbone_apart = heads
+        delta.load_saved(tensors, unfrozen, folder / checkpoint.WEIGHTS_FILE, apart=apart)
         if attach:
             delta.attach()
         live.loaded(delta, folder)
         return delta
+
+    def load_saved(self, tensors: dict[str, torch.Tensor], unfrozen: list[str], source: Path, *, apart: bool) -> None:
+        """Load saved ``tensors`` (keys as in :meth:`delta_state_dict`) with the backbone parameters ``unfrozen``
+        saved beside the delta: written into the backbone, or with ``apart`` kept as this delta's own
+        (``backbone_apart``).  Everything is checked before anything is written."""
+        absent = [k for k in unfrozen if f"backbone.{k}" not in tensors]
+        if apart and absent:
+            raise ValueError(f"{source.parent} lists backbone parameters its weights file does not hold: {absent[:5]}")
+        tensors = dict(tensors)
+        heads = {k: tensors.pop(f"backbone.{k}") for k in unfrozen} if apart else {}
+        checkpoint.refuse_non_finite(heads, source)
+        self.unfrozen_backbone = [] if apart else list(unfrozen)
+        self.load_delta_state_dict(tensors, source)  # checks the keys and values
+        self.backbone_apart = heads
+
+
+def refuse_missing_parameters(backbone_model: nn.Module, names: list[str], folder: Path) -> None:
+    missing = sorted(set(names) - set(dict(backbone_model.named_parameters(remove_duplicate=False))))
+    if missing:
+        raise ValueError(f"{folder} saved backbone parameters this {type(backbone_model).__name__} lacks: "
+                         f"{missing[:5]}")
+
+
+def refuse_apart_attached(apart: bool, attach: bool) -> None:
+    if apart and attach:
+        raise ValueError("keep_backbone_apart=True keeps a delta's head out of the backbone, for a DeltaBank; "
+                         "pass attach=False with it")
 
 
 def _as_list(names: str | list[str] | None) -> list[str] | None:

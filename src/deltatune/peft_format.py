@@ -2,10 +2,12 @@
 
 PEFT names a tensor ``base_model.model.<module>.lora_A.weight`` (``lora_B.weight``; ``lora_magnitude_vector`` for
 DoRA; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), with the same shapes and the same formula as
-:class:`~deltatune.LoraModel`, so the numbers move across unchanged.  PEFT features with no LoRA counterpart here
-(``bias`` other than ``"none"``, ``modules_to_save``, rank/alpha patterns, layer selection) are refused, not dropped;
-so are adapters whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on
-those rewritten weights.
+:class:`~deltatune.LoraModel`, so the numbers move across unchanged.  Backbone modules trained whole (a
+classification head) are PEFT's ``modules_to_save``: saved as ``base_model.model.<module>.<parameter>``, a trained
+copy of the module while the rest of the model stays as it was.  PEFT features with no LoRA counterpart here
+(``bias`` other than ``"none"``, rank/alpha patterns, layer selection) are refused, not dropped; so are adapters
+whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on those rewritten
+weights.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch import nn
 
 from . import checkpoint
 from .compat import Conv1D
+from .addressing import DELTA_SLOT
+from .base import refuse_apart_attached, refuse_missing_parameters
 from .methods.lora import LoraModel
 
 CONFIG_FILE = "adapter_config.json"
@@ -34,33 +38,71 @@ def _peft_name(layer: nn.Module, name: str) -> str:
 
 
 def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
-    """Write ``delta`` so that ``peft.PeftModel.from_pretrained(backbone, save_directory)`` loads it."""
+    """Write ``delta`` so that ``peft.PeftModel.from_pretrained(backbone, save_directory)`` loads it; backbone
+    modules trained with it (a classification head) go into PEFT's ``modules_to_save``."""
     if not isinstance(delta, LoraModel):
         raise TypeError(f"only LoRA deltas have a PEFT format, not {type(delta).__name__}")
-    if delta.unfrozen_backbone:
-        raise ValueError(
-            f"the delta also trains backbone parameters {delta.unfrozen_backbone[:3]}; PEFT keeps those in its "
-            "modules_to_save format, which is not written here. Use save_finetuned, or freeze them first."
-        )
     config = delta.config
     if config.qkv_slices:
         raise ValueError(f"the delta adapts the {config.qkv_slices} slices of fused q/k/v projections, which PEFT's "
                          "LoRA cannot express (it adapts a module whole); use save_finetuned, or build the delta "
                          "with qkv_slices=None")
+    modules = _modules_to_save(delta)
     hosts = dict(delta.backbone_model.named_modules())
-    tensors = {
-        f"{PREFIX}{position}.{_peft_name(layer, name)}": tensor
-        for position, layer in delta.deltas.items()
-        for name, tensor in layer.state_dict().items()
-    }
+    tensors = {}
+    for key, tensor in delta.delta_state_dict().items():  # deltas.<position>.<name>, backbone.<parameter>
+        kind, _, rest = key.partition(".")
+        if kind == "backbone":
+            tensors[PREFIX + rest] = tensor
+        else:
+            position, _, name = rest.rpartition(".")
+            tensors[f"{PREFIX}{position}.{_peft_name(delta.deltas[position], name)}"] = tensor
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none",
-        "target_modules": list(delta.positions), "modules_to_save": None,
+        "target_modules": list(delta.positions), "modules_to_save": modules or None,
         "fan_in_fan_out": any(isinstance(hosts[p], Conv1D) for p in delta.positions),
     }
     return checkpoint.write(save_directory, peft_config, tensors, CONFIG_FILE, WEIGHTS_FILE, paired=False)
+
+
+def _modules_to_save(delta: LoraModel) -> list[str]:
+    """The backbone modules whose parameters ``delta`` saves beside it, refused unless PEFT's ``modules_to_save``
+    (a trained copy of each whole module, the rest of the model as it was) gives the same model."""
+    names = [*delta.unfrozen_backbone, *delta.backbone_apart]
+    owners = list(dict.fromkeys(name.rpartition(".")[0] for name in names))
+    modules = [m for m in owners if not any(m.startswith(o + ".") for o in owners)]
+    backbone, saved = delta.backbone_model, set(names)
+    problems = []
+    for module in modules:
+        own = {f"{module}.{k}" for k, _ in backbone.get_submodule(module).named_parameters()
+               if DELTA_SLOT not in k.split(".")}
+        if own - saved:
+            problems.append(f"{module} is trained only in part ({sorted(own & saved)}, not {sorted(own - saved)})")
+        adapted = [p for p in delta.positions if _nested(p, module)]
+        if adapted:
+            problems.append(f"{module} is trained whole and also adapted by LoRA at {adapted[:3]}")
+    problems += [f"{name} is tied to {others}, which PEFT's copy of {name.rpartition('.')[0]} would leave as they "
+                 "were" for name, others in _tied(backbone, delta.unfrozen_backbone).items()]
+    if problems:
+        raise ValueError(f"the delta trains backbone parameters that PEFT's modules_to_save cannot hold: "
+                         f"{'; '.join(problems)}. Use save_finetuned.")
+    return modules
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _tied(backbone: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """For each of ``names``, the other parameter names of the same tensor outside ``names`` (tied weights)."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in backbone.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    parameters = dict(backbone.named_parameters(remove_duplicate=False))
+    tied = {name: [n for n in aliases[id(parameters[name])] if n not in names] for name in names}
+    return {name: others for name, others in tied.items() if others}
 
 
 def _refuse_unsupported(config: dict, folder: Path) -> None:
@@ -69,7 +111,7 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
         problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is read")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (trained biases)")
-    for key in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
                 "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r}")
@@ -93,23 +135,74 @@ def read_config(folder: Path) -> dict:
 
 
 def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, attach: bool = True,
-              name: str | None = None) -> LoraModel:
-    """Import a PEFT LoRA adapter onto ``backbone_model`` as a :class:`LoraModel` (attached unless ``attach=False``)."""
+              name: str | None = None, keep_backbone_apart: bool = False) -> LoraModel:
+    """Import a PEFT LoRA adapter onto ``backbone_model`` as a :class:`LoraModel` (attached unless ``attach=False``).
+
+    The modules it trained whole (``modules_to_save``, e.g. the classification head of a ``SEQ_CLS`` adapter) are
+    written into the backbone, as :meth:`DeltaBase.from_finetuned` does with a head saved by deltatune, or with
+    ``keep_backbone_apart=True`` (and ``attach=False``) kept as the delta's own, for a :class:`~deltatune.DeltaBank`.
+    """
     folder = Path(peft_model_path)
     config = read_config(folder)
-    # PEFT also saves whole embedding matrices next to an embedding LoRA (base_layer); the backbone has its own.
-    tensors = {k: t for k, t in checkpoint.read_tensors(folder, WEIGHTS_FILE).items() if ".base_layer." not in k}
-    suffixes = sorted({*_NAMES.values(), *_EMBEDDING_NAMES.values()}, key=len, reverse=True)
-    found = {k[len(PREFIX):-len(s) - 1] for k in tensors for s in suffixes if k.startswith(PREFIX) and k.endswith("." + s)}
+    refuse_apart_attached(keep_backbone_apart, attach)
+    source = folder / WEIGHTS_FILE
+    tensors = adapter_tensors(folder)
+    lora = {k: lora_position(k) for k in tensors}
+    heads = [k for k, position in lora.items() if position is None]
+    _refuse_unexplained(heads, config.get("modules_to_save") or [], backbone_model, source,
+                        check_ties=not keep_backbone_apart)
+    parameters = [n for n, _ in backbone_model.named_parameters(remove_duplicate=False)]
+    heads.sort(key=parameters.index)  # the backbone's order, as a head saved by deltatune lists them
     order = [name for name, _ in backbone_model.named_modules()]
+    found = {p for p in lora.values() if p is not None}
     delta = LoraModel(
         backbone_model, positions=sorted(found, key=lambda p: order.index(p) if p in order else -1), attach=False,
         lora_r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config.get("lora_dropout", 0.0),
         use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False), name=name,
     )
-    ours = {f"{PREFIX}{p}.{_peft_name(layer, n)}": t for p, layer in delta.deltas.items() for n, t in layer.state_dict().items()}
-    checkpoint.check_tensors(tensors, ours, folder / WEIGHTS_FILE)
-    with torch.no_grad():
-        for key, tensor in ours.items():
-            tensor.copy_(tensors[key])
+    ours = {f"{p}.{_peft_name(layer, n)}": f"deltas.{p}.{n}"
+            for p, layer in delta.deltas.items() for n in layer.state_dict()}
+    renamed = {ours.get(k, f"backbone.{k}" if k in heads else k): t for k, t in tensors.items()}
+    delta.load_saved(renamed, heads, source, apart=keep_backbone_apart)
     return delta.attach() if attach else delta
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """An adapter's tensors named by backbone module path (PEFT's ``base_model.model.`` removed)."""
+    # PEFT also saves whole embedding matrices next to an embedding LoRA (base_layer); the backbone has its own.
+    tensors = {k: t for k, t in checkpoint.read_tensors(folder, WEIGHTS_FILE).items() if ".base_layer." not in k}
+    outside = [k for k in tensors if not k.startswith(PREFIX)]
+    if outside:
+        raise ValueError(f"{folder / WEIGHTS_FILE} holds tensors outside PEFT's {PREFIX!r} naming: {outside[:5]}")
+    return {k[len(PREFIX):]: t for k, t in tensors.items()}
+
+
+_SUFFIXES = sorted({*_NAMES.values(), *_EMBEDDING_NAMES.values()}, key=len, reverse=True)
+
+
+def lora_position(key: str) -> str | None:
+    """The module a LoRA tensor's key names (``a.b.lora_A.weight`` -> ``a.b``); None for other tensors."""
+    return next((key[:-len(s) - 1] for s in _SUFFIXES if key.endswith("." + s)), None)
+
+
+def _saved_whole(key: str, entries: tuple[str, ...]) -> bool:
+    """PEFT's rule for modules_to_save: a module whose name ends with an entry is saved whole, children included."""
+    parts = key.split(".")
+    return any((PREFIX + ".".join(parts[:i])).endswith(entries) for i in range(1, len(parts)))
+
+
+def _refuse_unexplained(heads: list[str], modules_to_save: list[str], backbone_model: nn.Module, source: Path, *,
+                        check_ties: bool) -> None:
+    """Tensors other than LoRA's must be parameters of the modules PEFT saved whole, and (when written into the
+    backbone) not tied to parameters outside them, which PEFT left as they were."""
+    unlisted = [k for k in heads if not _saved_whole(k, tuple(modules_to_save))]
+    if unlisted:
+        raise ValueError(f"{source} holds tensors that are neither LoRA weights nor in modules_to_save="
+                         f"{modules_to_save}: {unlisted[:5]}")
+    refuse_missing_parameters(backbone_model, heads, source.parent)
+    tied = _tied(backbone_model, heads) if check_ties else {}
+    if tied:
+        raise ValueError(f"{source} holds a trained copy of {', '.join(tied)}, which this backbone ties to "
+                         f"{sorted({n for names in tied.values() for n in names})}: writing it would change those "
+                         "too, unlike in PEFT. Load it with keep_backbone_apart=True and attach=False, which keeps "
+                         "the copy apart from the backbone")

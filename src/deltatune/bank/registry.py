@@ -119,7 +119,7 @@ class DeltaRegistry:
         else:
             from ..peft_format import from_peft
 
-            delta = from_peft(folder, self.backbone_model, attach=False)
+            delta = from_peft(folder, self.backbone_model, attach=False, keep_backbone_apart=True)
         size = delta_bytes(delta)
         if self.max_bytes is not None:
             while self._loaded and self.loaded_bytes() + size > self.max_bytes:

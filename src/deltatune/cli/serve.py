@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .. import checkpoint
-from ..loading import load_backbone, tokenizer_path
+from ..loading import load_backbone, model_path, tokenizer_path
 from .options import check_counts
 from .training_info import delta_and_options
 
@@ -64,21 +64,40 @@ def _one_pooling(folders: dict[str, tuple[Path, dict]]) -> str:
     return next(iter(poolings.values()))
 
 
-def labels_of(folder: Path, options: dict) -> list[str] | None:
+def labels_of(folder: Path, options: dict, backbone: str | None = None) -> list[str] | None:
     """The labels of a delta's own head: recorded by deltatune train, else ``LABEL_i`` for each output of the last
-    head weight saved with it; None without a head."""
+    head weight saved with it (in ``backbone``'s order, for a PEFT adapter's modules_to_save); None without a head."""
     if "id2label" in options:
         return [str(label) for _, label in sorted(options["id2label"].items(), key=lambda item: int(item[0]))]
-    if not (folder / checkpoint.CONFIG_FILE).is_file():
-        if (folder / "adapter_config.json").is_file():
-            return None  # a PEFT adapter: no head
+    if (folder / checkpoint.CONFIG_FILE).is_file():
+        tensors = checkpoint.read_tensors(folder)
+        heads = [tensors[f"backbone.{k}"] for k in checkpoint.read_config(folder).get("unfrozen_backbone", [])
+                 if k.endswith(".weight")]
+    elif (folder / "adapter_config.json").is_file():
+        heads = _peft_head_weights(folder, backbone)
+    else:
         raise FileNotFoundError(f"{folder} is neither a run folder of deltatune train, a deltatune checkpoint "
                                 f"({checkpoint.CONFIG_FILE}) nor a PEFT adapter (adapter_config.json)")
-    heads = [k for k in checkpoint.read_config(folder).get("unfrozen_backbone", []) if k.endswith(".weight")]
-    if not heads:
-        return None
-    outputs = checkpoint.read_tensors(folder)[f"backbone.{heads[-1]}"].shape[0]
-    return [f"LABEL_{i}" for i in range(outputs)]
+    return [f"LABEL_{i}" for i in range(heads[-1].shape[0])] if heads else None
+
+
+def _peft_head_weights(folder: Path, backbone: str | None) -> list:
+    from .. import peft_format
+
+    tensors = peft_format.adapter_tensors(folder)
+    weights = [k for k in tensors if peft_format.lora_position(k) is None and k.endswith(".weight")]
+    if len(weights) > 1:  # which is last: the order of the sequence classifier's parameters, from a skeleton
+        import torch
+        import transformers
+
+        if backbone is None:
+            raise ValueError(f"{folder} saved several head weights ({weights}); name the backbone to order them")
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForSequenceClassification.from_config(
+                transformers.AutoConfig.from_pretrained(model_path(backbone)))
+        order = [name for name, _ in skeleton.named_parameters(remove_duplicate=False)]
+        weights.sort(key=lambda k: order.index(k) if k in order else -1)
+    return [tensors[k] for k in weights]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -101,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
 
     folders = {name: delta_and_options(folder) for name, folder in deltas.items()}
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path(args.backbone))
-    labels = {name: labels_of(folder, options) for name, (folder, options) in folders.items()}
+    labels = {name: labels_of(folder, options, args.backbone) if args.task == "classify" else None
+              for name, (folder, options) in folders.items()}
     if args.task == "classify":
         headless = [name for name, names in labels.items() if names is None]
         if not deltas or headless:
