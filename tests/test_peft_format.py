@@ -163,8 +163,9 @@ def _tied_llama():
 def test_export_refuses_backbone_parameters_that_modules_to_save_cannot_hold(tmp_path):
     cases = [
         (LoraModel(tiny_model("bert"), ["query", "classifier"]), ["deltas", "classifier"], "also adapted by LoRA"),
-        (LoraModel(_tied_llama(), ["q_proj"]), ["deltas", "embed_tokens"],
-         r"model.embed_tokens.weight is tied to \['lm_head.weight'\]"),
+        (LoraModel(tiny_model("t5"), ["q"]), ["deltas", "shared"],  # PEFT keeps only input/output embeddings tied
+         r"shared.weight is tied to \['encoder.embed_tokens.weight', 'decoder.embed_tokens.weight', "
+         r"'lm_head.weight'\]"),
     ]
     for delta, exclude, message in cases:
         delta.freeze_module(exclude=exclude)
@@ -175,6 +176,32 @@ def test_export_refuses_backbone_parameters_that_modules_to_save_cannot_hold(tmp
     with pytest.raises(ValueError, match=r"classifier is trained only in part \(\['classifier.bias'\]"):
         delta.export_peft(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_trained_tied_embedding_crosses_over_with_peft_ensure_weight_tying(tmp_path):
+    model = _tied_llama()
+    delta = LoraModel(model, ["q_proj"]).freeze_module(exclude=["deltas", "embed_tokens"])
+    _randomize(delta)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight))
+    ours = first_output(model, tiny_batch("llama"))
+    delta.export_peft(tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.embed_tokens"] and config["ensure_weight_tying"] is True
+    peft_model = peft.PeftModel.from_pretrained(_tied_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(first_output(peft_model, tiny_batch("llama")), ours, rtol=0, atol=1e-5)
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True)
+    wrapped = peft.get_peft_model(_tied_llama(), config).eval()
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = first_output(wrapped, tiny_batch("llama"))
+    wrapped.save_pretrained(tmp_path / "peft")  # lists model.embed_tokens, saves it and lm_head.weight
+    back = _tied_llama()
+    from_peft(tmp_path / "peft", back)
+    torch.testing.assert_close(first_output(back, tiny_batch("llama")), expected, rtol=0, atol=1e-5)
 
 
 def test_import_refuses_tensors_it_cannot_place_as_peft_did(tmp_path):

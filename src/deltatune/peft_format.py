@@ -47,7 +47,7 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         raise ValueError(f"the delta adapts the {config.qkv_slices} slices of fused q/k/v projections, which PEFT's "
                          "LoRA cannot express (it adapts a module whole); use save_finetuned, or build the delta "
                          "with qkv_slices=None")
-    modules = _modules_to_save(delta)
+    modules, tied = _modules_to_save(delta)
     hosts = dict(delta.backbone_model.named_modules())
     tensors = {}
     for key, tensor in delta.delta_state_dict().items():  # deltas.<position>.<name>, backbone.<parameter>
@@ -57,19 +57,23 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         else:
             position, _, name = rest.rpartition(".")
             tensors[f"{PREFIX}{position}.{_peft_name(delta.deltas[position], name)}"] = tensor
+    tensors.update({PREFIX + alias: tensors[PREFIX + name] for alias, name in tied.items()})  # PEFT saves both
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none",
         "target_modules": list(delta.positions), "modules_to_save": modules or None,
         "fan_in_fan_out": any(isinstance(hosts[p], Conv1D) for p in delta.positions),
+        **({"ensure_weight_tying": True} if tied else {}),
     }
     return checkpoint.write(save_directory, peft_config, tensors, CONFIG_FILE, WEIGHTS_FILE, paired=False)
 
 
-def _modules_to_save(delta: LoraModel) -> list[str]:
+def _modules_to_save(delta: LoraModel) -> tuple[list[str], dict[str, str]]:
     """The backbone modules whose parameters ``delta`` saves beside it, refused unless PEFT's ``modules_to_save``
-    (a trained copy of each whole module, the rest of the model as it was) gives the same model."""
+    (a trained copy of each whole module, the rest of the model as it was) gives the same model; and the tied
+    output embedding of a trained input embedding -> its weight's name, which PEFT's ``ensure_weight_tying`` keeps
+    tied to the copy."""
     names = [*delta.unfrozen_backbone, *delta.backbone_apart]
     owners = list(dict.fromkeys(name.rpartition(".")[0] for name in names))
     modules = [m for m in owners if not any(m.startswith(o + ".") for o in owners)]
@@ -83,12 +87,26 @@ def _modules_to_save(delta: LoraModel) -> list[str]:
         adapted = [p for p in delta.positions if _nested(p, module)]
         if adapted:
             problems.append(f"{module} is trained whole and also adapted by LoRA at {adapted[:3]}")
+    tied = _tied(backbone, delta.unfrozen_backbone)
+    embeddings = _tied_embeddings(backbone)
     problems += [f"{name} is tied to {others}, which PEFT's copy of {name.rpartition('.')[0]} would leave as they "
-                 "were" for name, others in _tied(backbone, delta.unfrozen_backbone).items()]
+                 "were" for name, others in tied.items() if embeddings.get(name) != others]
     if problems:
         raise ValueError(f"the delta trains backbone parameters that PEFT's modules_to_save cannot hold: "
                          f"{'; '.join(problems)}. Use save_finetuned.")
-    return modules
+    return modules, {others[0]: name for name, others in tied.items()}
+
+
+def _tied_embeddings(backbone: nn.Module) -> dict[str, list[str]]:
+    """``{input embedding weight: [output embedding weight]}`` when the model ties the two, else ``{}``."""
+    try:
+        pair = backbone.get_input_embeddings(), backbone.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return {}
+    names = {id(module): name for name, module in backbone.named_modules(remove_duplicate=False)}
+    if None in pair or any(id(m) not in names for m in pair) or pair[0].weight is not pair[1].weight:
+        return {}
+    return {f"{names[id(pair[0])]}.weight": [f"{names[id(pair[1])]}.weight"]}
 
 
 def _nested(a: str, b: str) -> bool:
@@ -149,7 +167,7 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     tensors = adapter_tensors(folder)
     lora = {k: lora_position(k) for k in tensors}
     heads = [k for k, position in lora.items() if position is None]
-    _refuse_unexplained(heads, config.get("modules_to_save") or [], backbone_model, source,
+    _refuse_unexplained({k: tensors[k] for k in heads}, config.get("modules_to_save") or [], backbone_model, source,
                         check_ties=not keep_backbone_apart)
     parameters = [n for n, _ in backbone_model.named_parameters(remove_duplicate=False)]
     heads.sort(key=parameters.index)  # the backbone's order, as a head saved by deltatune lists them
@@ -191,16 +209,21 @@ def _saved_whole(key: str, entries: tuple[str, ...]) -> bool:
     return any((PREFIX + ".".join(parts[:i])).endswith(entries) for i in range(1, len(parts)))
 
 
-def _refuse_unexplained(heads: list[str], modules_to_save: list[str], backbone_model: nn.Module, source: Path, *,
-                        check_ties: bool) -> None:
+def _refuse_unexplained(heads: dict[str, torch.Tensor], modules_to_save: list[str], backbone_model: nn.Module,
+                        source: Path, *, check_ties: bool) -> None:
     """Tensors other than LoRA's must be parameters of the modules PEFT saved whole, and (when written into the
     backbone) not tied to parameters outside them, which PEFT left as they were."""
-    unlisted = [k for k in heads if not _saved_whole(k, tuple(modules_to_save))]
+    listed = [k for k in heads if _saved_whole(k, tuple(modules_to_save))]
+    parameters = dict(backbone_model.named_parameters(remove_duplicate=False))
+    # With ensure_weight_tying, PEFT lists one module of a tied pair and saves the weight under both names.
+    unlisted = [k for k in heads if k not in listed and not any(
+        k in parameters and parameters.get(other) is parameters[k] and torch.equal(heads[k], heads[other])
+        for other in listed)]
     if unlisted:
         raise ValueError(f"{source} holds tensors that are neither LoRA weights nor in modules_to_save="
                          f"{modules_to_save}: {unlisted[:5]}")
-    refuse_missing_parameters(backbone_model, heads, source.parent)
-    tied = _tied(backbone_model, heads) if check_ties else {}
+    refuse_missing_parameters(backbone_model, list(heads), source.parent)
+    tied = _tied(backbone_model, list(heads)) if check_ties else {}
     if tied:
         raise ValueError(f"{source} holds a trained copy of {', '.join(tied)}, which this backbone ties to "
                          f"{sorted({n for names in tied.values() for n in names})}: writing it would change those "
