@@ -245,3 +245,27 @@ def test_a_peft_lora_adapter_is_served_and_other_peft_types_are_refused_at_regis
     with pytest.raises(ValueError, match="peft_type is 'PROMPT_TUNING', only 'LORA' is read"):
         registry.register("prompt", tmp_path / "peft-prompt")
     assert registry.names == ["peft"]
+
+
+def test_a_delta_that_cannot_be_served_is_refused_at_registration_not_in_the_batches_it_would_share(decoder,
+                                                                                                     tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, _, folders = decoder
+    registry = DeltaRegistry(model)
+    broken = shutil.copytree(folders["lora"], tmp_path / "broken")
+    weights = broken / "delta_model.safetensors"
+    tensors = load_file(weights)
+    next(iter(tensors.values()))[0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        registry.register("broken", broken)
+
+    DeltaBase.from_finetuned(folders["lora"], model, attach=False, name="to-export").export_peft(tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file({k.replace("layers.0.", "layers.7."): t for k, t in load_file(weights).items()}, weights)
+    with pytest.raises(ValueError, match=r"has no module\(s\) \[.model.layers.7.self_attn.q_proj"):  # a deeper model
+        registry.register("deeper", tmp_path / "peft")
+    assert registry.names == [] and registry.loaded == []

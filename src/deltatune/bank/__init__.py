@@ -94,6 +94,12 @@ class DeltaBank:
     def add(self, delta: DeltaBase, name: str | None = None) -> None:
         """Serve ``delta`` under ``name`` (default: its own name); nothing changes if it is refused."""
         name = delta.name if name is None else name
+        self.check(delta, name)
+        self._deltas[name] = delta
+        self._built_from = None
+
+    def check(self, delta: DeltaBase, name: str) -> None:
+        """Raise unless :meth:`add` would take ``delta`` as ``name``."""
         if not isinstance(delta, DeltaBase):
             raise TypeError(f"a bank holds deltatune deltas, not {type(delta).__name__}")
         if delta.backbone_model is not self.backbone_model:
@@ -112,8 +118,6 @@ class DeltaBank:
                             "parallel adapters, Compacter, low-rank adapters, soft prompts and prefixes of "
                             "decoders and encoders with a KV cache")
         check_heads(name, delta, self.backbone_model)
-        self._deltas[name] = delta
-        self._built_from = None
 
     def remove(self, name: str) -> DeltaBase:
         """Stop serving ``name``; returns its delta (still detached)."""

@@ -12,7 +12,6 @@ from pathlib import Path
 from torch import nn
 
 from .. import checkpoint
-from ..backbone_fingerprint import check_backbone
 from ..base import DeltaBase
 from . import DeltaBank
 
@@ -50,28 +49,19 @@ class DeltaRegistry:
         return sum(self._loaded.values())
 
     def register(self, name: str, folder: str | os.PathLike, labels: list[str] | None = None) -> None:
-        """Make ``folder`` (a deltatune checkpoint or a PEFT LoRA adapter) servable as ``name``; it is checked now
-        and loaded when first used.  A head trained with the delta stays its own (the backbone is not changed);
-        ``labels`` name its outputs."""
+        """Make ``folder`` (a deltatune checkpoint or a PEFT LoRA adapter) servable as ``name``.  It is loaded and
+        checked now, so that a delta the bank cannot serve is refused here rather than failing the batches it
+        would share, and loaded again when first used.  A head trained with the delta stays its own (the backbone
+        is not changed); ``labels`` name its outputs."""
         folder = Path(folder)
         if not name or not isinstance(name, str) or name in self._sources:
             raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
                              f"{'taken' if name in self._sources else 'not one'}")
-        if (folder / checkpoint.CONFIG_FILE).is_file():
-            saved = checkpoint.read_config(folder)
-            check_backbone(saved, self.backbone_model, folder, heads_apart=True)
-            delta_type = saved["delta_type"]
-        elif (folder / "adapter_config.json").is_file():
-            from ..peft_format import read_config
-
-            read_config(folder)  # a PEFT adapter deltatune cannot import is refused now, not at its first request
-            delta_type = "lora"  # the only PEFT type read
-        else:
-            raise FileNotFoundError(f"{folder} is neither a deltatune checkpoint ({checkpoint.CONFIG_FILE}) nor a "
-                                    "PEFT adapter (adapter_config.json)")
+        delta = self._read(folder)
+        self.bank.check(delta, name)
         with self._lock:
             self._sources[name] = folder
-            self._types[name] = delta_type
+            self._types[name] = delta.delta_type
             if labels is not None:
                 self._labels[name] = list(labels)
 
@@ -112,14 +102,18 @@ class DeltaRegistry:
         if name not in self._sources:
             raise KeyError(f"no delta named {name!r}; known: {', '.join(self._sources) or 'none'}")
 
-    def _load(self, name: str, keep: set[str]) -> None:
-        folder = self._sources[name]
+    def _read(self, folder: Path) -> DeltaBase:
         if (folder / checkpoint.CONFIG_FILE).is_file():
-            delta = DeltaBase.from_finetuned(folder, self.backbone_model, attach=False, keep_backbone_apart=True)
-        else:
+            return DeltaBase.from_finetuned(folder, self.backbone_model, attach=False, keep_backbone_apart=True)
+        if (folder / "adapter_config.json").is_file():
             from ..peft_format import from_peft
 
-            delta = from_peft(folder, self.backbone_model, attach=False, keep_backbone_apart=True)
+            return from_peft(folder, self.backbone_model, attach=False, keep_backbone_apart=True)
+        raise FileNotFoundError(f"{folder} is neither a deltatune checkpoint ({checkpoint.CONFIG_FILE}) nor a PEFT "
+                                "adapter (adapter_config.json)")
+
+    def _load(self, name: str, keep: set[str]) -> None:
+        delta = self._read(self._sources[name])
         size = delta_bytes(delta)
         if self.max_bytes is not None:
             while self._loaded and self.loaded_bytes() + size > self.max_bytes:
