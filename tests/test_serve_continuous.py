@@ -59,7 +59,7 @@ def _engine(model, tokenizer, folders, names, **options) -> Engine:
     registry = DeltaRegistry(model)
     for name in names:
         registry.register(name, folders[name])
-    return Engine(model, tokenizer, registry, continuous=True, **options)
+    return Engine(model, tokenizer, registry, **{"continuous": True, **options})
 
 
 class _Answers:
@@ -269,3 +269,36 @@ def test_a_delta_that_cannot_be_served_is_refused_at_registration_not_in_the_bat
     with pytest.raises(ValueError, match=r"has no module\(s\) \[.model.layers.7.self_attn.q_proj"):  # a deeper model
         registry.register("deeper", tmp_path / "peft")
     assert registry.names == [] and registry.loaded == []
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_a_delta_registered_while_a_batch_runs_loads_between_batches_and_the_batch_is_untouched(decoder, continuous):
+    """Loading an adapter runs a probe forward pass with hooks of its own: it waits for the batch in flight."""
+    model, tokenizer, folders = decoder
+    engine = _engine(model, tokenizer, folders, ["lora"], window=0.0, continuous=continuous)
+    release = threading.Event()
+    answers = _Answers(hold=release)
+    outcome = []
+
+    def register():
+        try:
+            engine.registry.register("adapter", folders["adapter"])
+            outcome.append("registered")
+        except Exception as error:  # noqa: BLE001  (reported by the assertion below)
+            outcome.append(error)
+
+    try:
+        engine.submit(answers.request(0, tokenizer(PROMPTS[0])["input_ids"], "lora", 8))
+        assert answers.holding.wait(60)  # the engine waits inside request 0's second token
+        registering = threading.Thread(target=register)
+        registering.start()
+        registering.join(0.5)  # time to meet the batch, which waits
+        release.set()
+        registering.join(60)
+        answers.wait_for(1)
+    finally:
+        release.set()
+        engine.close()
+    assert outcome == ["registered"]
+    tokens, _, error = answers.done[0]
+    assert error is None and tokens == _alone(model, tokenizer, folders["lora"], PROMPTS[0], 8)

@@ -34,7 +34,9 @@ class DeltaRegistry:
         self._labels: dict[str, list[str]] = {}
         self._types: dict[str, str] = {}
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
-        self._lock = threading.RLock()
+        # Held while the model runs a batch (the engine takes it) and while a delta loads: loading may run a probe
+        # forward pass with hooks of its own, which must not meet a batch.
+        self.lock = threading.RLock()
         self.evictions = 0
 
     @property
@@ -57,9 +59,9 @@ class DeltaRegistry:
         if not name or not isinstance(name, str) or name in self._sources:
             raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
                              f"{'taken' if name in self._sources else 'not one'}")
-        delta = self._read(folder)
-        self.bank.check(delta, name)
-        with self._lock:
+        with self.lock:
+            delta = self._read(folder)
+            self.bank.check(delta, name)
             self._sources[name] = folder
             self._types[name] = delta.delta_type
             if labels is not None:
@@ -76,7 +78,7 @@ class DeltaRegistry:
         return self._types[name]
 
     def unregister(self, name: str) -> None:
-        with self._lock:
+        with self.lock:
             self.require(name)
             if name in self._loaded:
                 self._evict(name)
@@ -88,7 +90,7 @@ class DeltaRegistry:
         """Load the named deltas that are not loaded (evicting others to stay within the budget) and mark them
         used; raises if they cannot all be held at once."""
         wanted = list(dict.fromkeys(n for n in names if n is not None))
-        with self._lock:
+        with self.lock:
             for name in wanted:
                 self.require(name)
             for name in wanted:

@@ -204,7 +204,8 @@ class Engine:
                 return
             self.active = len(batch)
             try:
-                results = self.classify(batch) if self.task == "classify" else self.generate(batch)
+                with self.registry.lock:  # no delta loads (its probe pass) during the batch
+                    results = self.classify(batch) if self.task == "classify" else self.generate(batch)
             except Exception as error:  # the requests get the error; the server keeps serving
                 self.stats["failed"] += len(batch)
                 for request in batch:
@@ -223,12 +224,14 @@ class Engine:
             if arrivals and arrivals[-1] is None:  # close(): finish what came before, take nothing after
                 stopping, arrivals = True, arrivals[:-1]
             if arrivals:
-                self._join(running, arrivals)
+                with self.registry.lock:
+                    self._join(running, arrivals)
                 running.keep(self._finished)  # rows done at their first token take no step
                 self.active = len(running)
             if running:
                 try:
-                    tokens = running.step().tolist()
+                    with self.registry.lock:
+                        tokens = running.step().tolist()
                 except Exception as error:  # the running requests get the error; the server keeps serving
                     self.stats["failed"] += len(running)
                     for row in running.rows:
