@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .compat import Conv1D
 from .addressing import DELTA_SLOT
 from .base import refuse_apart_attached, refuse_missing_parameters
+from .compat import Conv1D
 from .methods.lora import LoraModel
 
 CONFIG_FILE = "adapter_config.json"
@@ -115,11 +115,8 @@ def _nested(a: str, b: str) -> bool:
 
 def _tied(backbone: nn.Module, names: list[str]) -> dict[str, list[str]]:
     """For each of ``names``, the other parameter names of the same tensor outside ``names`` (tied weights)."""
-    aliases: dict[int, list[str]] = {}
-    for name, param in backbone.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
     parameters = dict(backbone.named_parameters(remove_duplicate=False))
-    tied = {name: [n for n in aliases[id(parameters[name])] if n not in names] for name in names}
+    tied = {name: [n for n, p in parameters.items() if p is parameters[name] and n not in names] for name in names}
     return {name: others for name, others in tied.items() if others}
 
 
