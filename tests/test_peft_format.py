@@ -63,6 +63,21 @@ def test_import_from_peft_gives_the_same_outputs(family, targets, options, tmp_p
     torch.testing.assert_close(first_output(model, batch), expected, rtol=0, atol=1e-5)
 
 
+def test_an_adapter_on_some_layers_imports_onto_those(tmp_path):
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers")
+    peft_model = peft.get_peft_model(tiny_model("llama"), config).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = first_output(peft_model, tiny_batch("llama"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = tiny_model("llama")
+    delta = from_peft(tmp_path / "adapter", model)
+    assert delta.positions == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    torch.testing.assert_close(first_output(model, tiny_batch("llama")), expected, rtol=0, atol=1e-5)
+
+
 def test_unsupported_peft_features_are_refused(tmp_path):
     config = peft.LoraConfig(r=4, target_modules=["query"], bias="lora_only")
     peft.get_peft_model(tiny_model("bert"), config).save_pretrained(tmp_path / "adapter")

@@ -5,7 +5,7 @@ DoRA; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), with the same
 :class:`~deltatune.LoraModel`, so the numbers move across unchanged.  Backbone modules trained whole (a
 classification head) are PEFT's ``modules_to_save``: saved as ``base_model.model.<module>.<parameter>``, a trained
 copy of the module while the rest of the model stays as it was.  PEFT features with no LoRA counterpart here
-(``bias`` other than ``"none"``, rank/alpha patterns, layer selection) are refused, not dropped; so are adapters
+(``bias`` other than ``"none"``, rank/alpha patterns, layer replication) are refused, not dropped; so are adapters
 whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on those rewritten
 weights.
 """
@@ -126,7 +126,8 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
         problems.append(f"peft_type is {config.get('peft_type')!r}, only 'LORA' is read")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (trained biases)")
-    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "layer_replication",
+    # Layer selection (layers_to_transform) needs nothing: the positions come from the tensors saved.
+    for key in ("rank_pattern", "alpha_pattern", "layer_replication",
                 "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r}")
