@@ -56,10 +56,10 @@ class DeltaRegistry:
         would share, and loaded again when first used.  A head trained with the delta stays its own (the backbone
         is not changed); ``labels`` name its outputs."""
         folder = Path(folder)
-        if not name or not isinstance(name, str) or name in self._sources:
-            raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
-                             f"{'taken' if name in self._sources else 'not one'}")
         with self.lock:
+            if not name or not isinstance(name, str) or name in self._sources:
+                raise ValueError(f"a delta name must be a new non-empty string; {name!r} is "
+                                 f"{'taken' if name in self._sources else 'not one'}")
             delta = self._read(folder)
             self.bank.check(delta, name)
             self._sources[name] = folder

@@ -70,9 +70,8 @@ def labels_of(folder: Path, options: dict, backbone: str | None = None) -> list[
     if "id2label" in options:
         return [str(label) for _, label in sorted(options["id2label"].items(), key=lambda item: int(item[0]))]
     if (folder / checkpoint.CONFIG_FILE).is_file():
-        tensors = checkpoint.read_tensors(folder)
-        heads = [tensors[f"backbone.{k}"] for k in checkpoint.read_config(folder).get("unfrozen_backbone", [])
-                 if k.endswith(".weight")]
+        names = [k for k in checkpoint.read_config(folder).get("unfrozen_backbone", []) if k.endswith(".weight")]
+        heads = [checkpoint.read_tensors(folder)[f"backbone.{names[-1]}"]] if names else []
     elif (folder / "adapter_config.json").is_file():
         heads = _peft_head_weights(folder, backbone)
     else:
