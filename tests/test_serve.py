@@ -212,11 +212,12 @@ def test_registry_evicts_least_recently_used_under_a_byte_budget(served, smollm2
     model = tf.AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     probe = DeltaRegistry(model)
     probe.register("lora", folders["lora"])
-    probe.acquire(["lora"])
+    assert probe.loaded == ["lora"]  # loaded to be checked, and kept: no budget
     size = probe.loaded_bytes()
     registry = DeltaRegistry(model, max_bytes=size)
     registry.register("a", folders["lora"])
     registry.register("b", folders["lora"])
+    assert registry.loaded == ["a"] and registry.evictions == 0  # b would have unloaded a: let go until asked for
     registry.acquire(["a"])
     registry.acquire(["b"])
     assert registry.loaded == ["b"] and registry.evictions == 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from deltatune import DeltaBase, IA3Model, LoraModel, PrefixModel, SoftPromptModel
+from deltatune import AutoDeltaModel, DeltaBase, IA3Model, LoraModel, PrefixModel, SoftPromptModel
 from deltatune.bank.registry import DeltaRegistry
 from deltatune.methods.adapter import AdapterModel
 
@@ -268,6 +268,15 @@ def test_a_delta_that_cannot_be_served_is_refused_at_registration_not_in_the_bat
     save_file({k.replace("layers.0.", "layers.7."): t for k, t in load_file(weights).items()}, weights)
     with pytest.raises(ValueError, match=r"has no module\(s\) \[.model.layers.7.self_attn.q_proj"):  # a deeper model
         registry.register("deeper", tmp_path / "peft")
+
+    paired = AutoDeltaModel.from_config({"delta_type": "parallel_adapter", "modified_modules": ["gate_proj"],
+                                         "output_modules": ["down_proj"]}, model, attach=False, name="paired")
+    with pytest.raises(TypeError, match="without a row form: KeepInput, PairedAdapterLayer"):
+        registry.register("paired", paired.save_finetuned(tmp_path / "paired"))
+
+    other = tf.LlamaModel(model.config)  # another model class (no LM head)
+    with pytest.raises(ValueError, match="was trained on a LlamaModel backbone, this one is LlamaForCausalLM"):
+        registry.register("other", LoraModel(other, ["q_proj"]).save_finetuned(tmp_path / "other"))
     assert registry.names == [] and registry.loaded == []
 
 

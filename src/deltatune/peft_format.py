@@ -178,7 +178,7 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     )
     ours = {f"{p}.{_peft_name(layer, n)}": f"deltas.{p}.{n}"
             for p, layer in delta.deltas.items() for n in layer.state_dict()}
-    renamed = {ours.get(k, f"backbone.{k}" if k in heads else k): t for k, t in tensors.items()}
+    renamed = {ours.get(k, k if lora[k] else f"backbone.{k}"): t for k, t in tensors.items()}
     delta.load_saved(renamed, heads, source, apart=keep_backbone_apart)
     return delta.attach() if attach else delta
 

@@ -1,6 +1,7 @@
 """A registry of named deltas served from one backbone: loaded from checkpoint folders (deltatune's or PEFT's)
-when first asked for, kept in a :class:`~deltatune.bank.DeltaBank`, and evicted least recently used first when
-their tensors would exceed a byte budget.  Names can be added and removed while serving."""
+when registered (and kept if they fit) or when first asked for, kept in a :class:`~deltatune.bank.DeltaBank`, and
+evicted least recently used first when their tensors would exceed a byte budget.  Names can be added and removed
+while serving."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ class DeltaRegistry:
     def register(self, name: str, folder: str | os.PathLike, labels: list[str] | None = None) -> None:
         """Make ``folder`` (a deltatune checkpoint or a PEFT LoRA adapter) servable as ``name``.  It is loaded and
         checked now, so that a delta the bank cannot serve is refused here rather than failing the batches it
-        would share, and loaded again when first used.  A head trained with the delta stays its own (the backbone
-        is not changed); ``labels`` name its outputs."""
+        would share; it stays loaded if it fits ``max_bytes`` without unloading another, else it is loaded again
+        when first used.  A head trained with the delta stays its own (the backbone is not changed); ``labels``
+        name its outputs."""
         folder = Path(folder)
         with self.lock:
             if not name or not isinstance(name, str) or name in self._sources:
@@ -66,6 +68,8 @@ class DeltaRegistry:
             self._types[name] = delta.delta_type
             if labels is not None:
                 self._labels[name] = list(labels)
+            if self._fits(delta_bytes(delta)):
+                self._keep(name, delta)
 
     def labels(self, name: str) -> list[str] | None:
         """The names of the outputs of ``name``'s own head, if it was registered with them."""
@@ -117,17 +121,22 @@ class DeltaRegistry:
     def _load(self, name: str, keep: set[str]) -> None:
         delta = self._read(self._sources[name])
         size = delta_bytes(delta)
-        if self.max_bytes is not None:
-            while self._loaded and self.loaded_bytes() + size > self.max_bytes:
-                victim = next((n for n in self._loaded if n not in keep), None)
-                if victim is None:
-                    break
-                self._evict(victim)
-            if self.loaded_bytes() + size > self.max_bytes:
-                raise MemoryError(f"delta {name!r} ({size:,} bytes) and the others this batch needs do not fit "
-                                  f"max_bytes={self.max_bytes:,}")
+        while self._loaded and not self._fits(size):
+            victim = next((n for n in self._loaded if n not in keep), None)
+            if victim is None:
+                break
+            self._evict(victim)
+        if not self._fits(size):
+            raise MemoryError(f"delta {name!r} ({size:,} bytes) and the others this batch needs do not fit "
+                              f"max_bytes={self.max_bytes:,}")
+        self._keep(name, delta)
+
+    def _fits(self, size: int) -> bool:
+        return self.max_bytes is None or self.loaded_bytes() + size <= self.max_bytes
+
+    def _keep(self, name: str, delta: DeltaBase) -> None:
         self.bank.add(delta, name)
-        self._loaded[name] = size
+        self._loaded[name] = delta_bytes(delta)
 
     def _evict(self, name: str) -> None:
         self.bank.remove(name)
