@@ -8,6 +8,7 @@ import transformers as tf
 
 from deltatune import DeltaBase, LoraModel, from_peft
 from deltatune.cli.serve import labels_of
+from deltatune.pooling import use_mean
 
 from conftest import VOCAB, first_output, tiny_batch, tiny_model
 
@@ -111,6 +112,23 @@ def test_a_head_trained_with_the_delta_crosses_over_as_modules_to_save(family, t
     assert torch.equal(first_output(back, batch), ours)
 
 
+def test_peft_auto_classes_find_the_backbone_the_delta_was_exported_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_model("bert").save_pretrained(tmp_path / "backbone")
+    model = tf.BertForSequenceClassification.from_pretrained(tmp_path / "backbone").eval()
+    delta = LoraModel(model, ["query", "value"], lora_r=4).freeze_module(exclude=["deltas", "classifier"])
+    _randomize(delta)
+    delta.export_peft(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "backbone")
+    for auto in (peft.AutoPeftModel, peft.AutoPeftModelForSequenceClassification):
+        loaded = auto.from_pretrained(tmp_path / "adapter").eval()  # the backbone is read from the recorded folder
+        torch.testing.assert_close(first_output(loaded, tiny_batch("bert")), first_output(model, tiny_batch("bert")),
+                                   rtol=0, atol=1e-5)
+    LoraModel(tiny_model("bert"), ["query"]).export_peft(tmp_path / "built")  # from a config: no folder to name
+    assert json.loads((tmp_path / "built" / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
 SEQ_CLS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"]}
 
 
@@ -191,6 +209,20 @@ def test_export_refuses_backbone_parameters_that_modules_to_save_cannot_hold(tmp
     with pytest.raises(ValueError, match=r"classifier is trained only in part \(\['classifier.bias'\]"):
         delta.export_peft(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_mean_pooled_backbone_is_refused_both_ways(tmp_path):
+    # PEFT's format records no pooling: its BERT classifier reads the pooler, whatever the delta was trained on
+    delta = LoraModel(use_mean(tiny_model("bert")), ["query"]).freeze_module(exclude=["deltas", "classifier"])
+    with pytest.raises(ValueError, match="pools by the tokens' mean .* save it with save_finetuned instead"):
+        delta.export_peft(tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+    _peft_classifier("bert", tmp_path / "adapter")
+    model = use_mean(tiny_model("bert"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="imported onto a backbone whose classifier pools by the tokens' mean"):
+        from_peft(tmp_path / "adapter", model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_a_trained_tied_embedding_crosses_over_with_peft_ensure_weight_tying(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, pooling
 from .addressing import DELTA_SLOT
 from .base import refuse_apart_attached, refuse_missing_parameters
 from .compat import Conv1D
@@ -47,6 +47,7 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         raise ValueError(f"the delta adapts the {config.qkv_slices} slices of fused q/k/v projections, which PEFT's "
                          "LoRA cannot express (it adapts a module whole); use save_finetuned, or build the delta "
                          "with qkv_slices=None")
+    _refuse_mean_pooling(delta.backbone_model, "the delta was trained on", "save it with save_finetuned instead")
     modules, tied = _modules_to_save(delta)
     hosts = dict(delta.backbone_model.named_modules())
     tensors = {}
@@ -59,7 +60,7 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
             tensors[f"{PREFIX}{position}.{_peft_name(delta.deltas[position], name)}"] = tensor
     tensors.update({PREFIX + alias: tensors[PREFIX + name] for alias, name in tied.items()})  # PEFT saves both
     peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "peft_type": "LORA", "task_type": None, "inference_mode": True, **_base_model(delta.backbone_model),
         "r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none",
         "target_modules": list(delta.positions), "modules_to_save": modules or None,
@@ -67,6 +68,23 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         **({"ensure_weight_tying": True} if tied else {}),
     }
     return checkpoint.write(save_directory, peft_config, tensors, CONFIG_FILE, WEIGHTS_FILE, paired=False)
+
+
+def _base_model(backbone: nn.Module) -> dict:
+    """Where PEFT's ``AutoPeftModel.from_pretrained(folder)`` finds the backbone, written as PEFT writes it: the
+    folder or hub id the backbone was loaded from (None for one built from a config) and its class."""
+    return {"base_model_name_or_path": getattr(backbone, "name_or_path", None) or None,
+            "auto_mapping": {"base_model_class": type(backbone).__name__,
+                             "parent_library": type(backbone).__module__}}
+
+
+def _refuse_mean_pooling(backbone: nn.Module, role: str, remedy: str) -> None:
+    """PEFT's format records no pooling: a PEFT model's classifier reads its own pooler, so a delta moved across
+    with a backbone that pools by the tokens' mean (deltatune.pooling) would give other logits there."""
+    if pooling.of(backbone) == "mean":
+        raise ValueError(f"{role} a backbone whose classifier pools by the tokens' mean (deltatune.pooling), which "
+                         f"PEFT's format cannot record: PEFT's model reads its own pooler and would compute other "
+                         f"logits; {remedy}")
 
 
 def _modules_to_save(delta: LoraModel) -> tuple[list[str], dict[str, str]]:
@@ -161,6 +179,8 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     folder = Path(peft_model_path)
     config = read_config(folder)
     refuse_apart_attached(keep_backbone_apart, attach)
+    _refuse_mean_pooling(backbone_model, "the adapter would be imported onto",
+                         "load the backbone with pooling='model', as PEFT trained it")
     source = folder / WEIGHTS_FILE
     tensors = adapter_tensors(folder)
     lora = {k: lora_position(k) for k in tensors}
