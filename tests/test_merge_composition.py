@@ -77,3 +77,19 @@ def test_a_merge_into_tied_weights_is_refused():
                                            r"\['lm_head\.weight'\]"):
         lora.merge()
     assert torch.equal(first_output(model, batch), tuned) and not lora.merged
+
+
+def test_a_merge_into_a_parametrized_weight_is_refused():
+    from collections import OrderedDict
+
+    from torch import nn
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)  # weight_norm computes `fc.weight` at each access: an update added to it would be lost
+    model = nn.Sequential(OrderedDict(fc=weight_norm(nn.Linear(8, 8)), out=nn.Linear(8, 2))).eval()
+    x = torch.randn(3, 8)
+    (lora,) = _perturbed(LoraModel(model, ["fc"], lora_r=2, pseudo_input=x))
+    tuned = model(x)
+    with pytest.raises(RuntimeError, match=r"cannot merge 'lora': fc\.weight is parametrized"):
+        lora.merge()
+    assert torch.equal(model(x), tuned) and not lora.merged

@@ -16,6 +16,10 @@ KNOWN = {  # measured: changing the tiny MRA's own query and value weights leave
     ("MraForSequenceClassification", "lora"): "the tiny MRA's attention does not reach its output",
     ("MraForSequenceClassification", "soft_prompt"): "the tiny MRA's attention does not reach its output",
     ("MraForSequenceClassification", "prefix"): "the tiny MRA's attention does not reach its output",
+    # measured: a randomly initialised MobileViT's logits vanish (std 1.8e-41 at its default size, 0.0 tiny), so
+    # changing its own attention weights leaves them unchanged too; the adapter and BitFit act after that collapse
+    ("MobileViTForImageClassification", "lora"): "the random MobileViT's logits vanish before its head",
+    ("MobileViTForImageClassification", "ia3"): "the random MobileViT's logits vanish before its head",
 }
 
 
@@ -49,6 +53,15 @@ def test_indices_of_layers_follow_their_layers_into_the_tiny_config():
     assert shrunk["index_layers"] == [1]  # the indexed layers: the tiny model's one indexed layer
     assert shrunk["mlp_only_layers"] == [0, 1]  # already valid at two layers: unchanged
     assert shrunk["kv_source_layers"] == [0, 1]  # a per-layer list: cut
+
+
+def test_a_vision_model_with_stages_shrinks_consistently():
+    values = {"embed_dim": 96, "hidden_sizes": [256, 512, 1024, 2048], "num_heads": [3, 6, 12, 24],
+              "depths": [2, 2, 6, 2], "out_features": ["stage4"], "out_indices": [4]}  # Swin- and ResNet-like
+    shrunk = zoo._shrunk(values)
+    assert shrunk["hidden_sizes"] == [32, 64, 128, 256]  # one power of two, so stages still chain
+    assert shrunk["num_heads"] == [2, 4, 8, 16] and shrunk["depths"] == [1, 1, 1, 1]
+    assert "out_features" not in shrunk and "out_indices" not in shrunk  # the constructor picks among kept stages
 
 
 @pytest.mark.zoo

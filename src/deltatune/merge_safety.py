@@ -1,6 +1,8 @@
 """When a merge is refused: only merges that compute what the unmerged deltas compute, and that an unmerge can undo.
 
 - Tied weights (GPT-2's ``wte`` is also its ``lm_head``): folding an update into one changes the others.
+- Parametrized weights (``weight_norm``, as on wav2vec2's positional convolution): ``module.weight`` is computed
+  from other tensors at each access, so an update added to it would be lost.
 - Composition on one module: merging moves a delta's term into the module's own output.  An input -> output term
   (plain LoRA) is added beside the other deltas' terms either way; a constant added to the output (BitFit) too,
   unless another delta rewrites the output before it; a rescaling (DoRA, (IA)³) would no longer apply to the other
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.utils import parametrize
 
 from . import live
 from .routing import Route
@@ -30,6 +33,10 @@ def check(delta: DeltaBase, exact: bool, updates: dict[str, list[str]]) -> None:
         tied.setdefault(id(parameter), []).append(key)
     for position, attrs in updates.items():
         for attr in attrs:
+            if parametrize.is_parametrized(delta._hosts[position], attr):
+                raise RuntimeError(f"cannot merge {delta.name!r}: {position}.{attr} is parametrized (computed from "
+                                   "other tensors, e.g. by weight_norm), so an update added to it would be lost; "
+                                   "keep this delta unmerged")
             names = tied.get(id(getattr(delta._hosts[position], attr, None)), [])
             if len(names) > 1:
                 raise RuntimeError(f"cannot merge {delta.name!r}: {names[0]} is tied to {names[1:]}, so folding the "

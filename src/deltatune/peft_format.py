@@ -24,6 +24,7 @@ from .addressing import DELTA_SLOT
 from .base import refuse_apart_attached, refuse_missing_parameters
 from .compat import Conv1D
 from .methods.lora import LoraModel
+from .methods.lora_conv import CONVOLUTIONS
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,6 +49,7 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
                          "LoRA cannot express (it adapts a module whole); use save_finetuned, or build the delta "
                          "with qkv_slices=None")
     _refuse_mean_pooling(delta.backbone_model, "the delta was trained on", "save it with save_finetuned instead")
+    _refuse_dilated(delta)
     modules, tied = _modules_to_save(delta)
     hosts = dict(delta.backbone_model.named_modules())
     tensors = {}
@@ -76,6 +78,16 @@ def _base_model(backbone: nn.Module) -> dict:
     return {"base_model_name_or_path": getattr(backbone, "name_or_path", None) or None,
             "auto_mapping": {"base_model_class": type(backbone).__name__,
                              "parent_library": type(backbone).__module__}}
+
+
+def _refuse_dilated(delta: LoraModel) -> None:
+    """PEFT's LoRA on a convolution convolves with the host's kernel, stride and padding but not its dilation, so on
+    a dilated convolution it computes another update (or none that fits)."""
+    hosts = dict(delta.backbone_model.named_modules())
+    dilated = [p for p in delta.positions if isinstance(hosts[p], CONVOLUTIONS) and max(hosts[p].dilation) > 1]
+    if dilated:
+        raise ValueError(f"{dilated[:3]} are dilated convolutions, on which PEFT's LoRA leaves out the dilation and "
+                         "computes another update than deltatune's: a LoRA on them does not cross between the formats")
 
 
 def _refuse_mean_pooling(backbone: nn.Module, role: str, remedy: str) -> None:
@@ -196,6 +208,7 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
         lora_r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config.get("lora_dropout", 0.0),
         use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False), name=name,
     )
+    _refuse_dilated(delta)
     ours = {f"{p}.{_peft_name(layer, n)}": f"deltas.{p}.{n}"
             for p, layer in delta.deltas.items() for n in layer.state_dict()}
     renamed = {ours.get(k, k if lora[k] else f"backbone.{k}"): t for k, t in tensors.items()}

@@ -4,7 +4,8 @@ image classifier (CLIP-style), built from its own config with the sizes shrunk.
 
 Used by the zoo test and by ``python -m deltatune.zoo`` (the coverage table in docs/models.md).  A config is shrunk
 by re-running its constructor with small values for the size fields it has, so fields derived from them (per-layer
-type lists, head sizes) stay consistent; sub-configs (text, vision, audio) are shrunk the same way.
+type lists, head sizes) stay consistent; sub-configs (text, vision, audio) are shrunk the same way.  A vision
+model with stages keeps them, one block each, with narrower widths (see ``_STAGE_WIDTHS``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ _SIZES = {
     **dict.fromkeys(("linear_num_key_heads", "num_blocks"), KV_HEADS),
     "linear_num_value_heads": HEADS, "moe_k": 2, "moe_layer_end_index": LAYERS - 1,
 }
+# Per-stage lists of a vision model with stages (ResNet, Swin, PVT, ...): widths are divided by one power of two,
+# so that channel counts keep chaining from stage to stage; heads become powers of two (they divide the widths);
+# every stage keeps one block.
+_STAGE_WIDTHS = ("hidden_sizes", "embed_dims", "embed_dim", "base_attn_unit_dims", "neck_hidden_sizes",
+                 "stage_in_channels", "stage_mid_channels", "stage_out_channels", "in_channels", "out_channels")
+_STAGE_HEADS = ("num_heads", "num_attention_heads")
+_STAGE_DEPTHS = ("depths", "depth", "num_block_repeats", "n_attn_blocks", "stage_num_blocks")
 _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "decoder_layers", "depth")
 
 
@@ -73,9 +81,17 @@ def entries() -> list[ZooEntry]:
 
 def _shrunk(values: dict) -> dict:
     layers = next((values[k] for k in _LAYER_COUNTS if isinstance(values.get(k), int)), None)
+    widths = [w for k in _STAGE_WIDTHS if _int_list(values.get(k)) for w in values[k]]
+    scale = 1 << ((max(widths, default=1) - 1) // (8 * HIDDEN)).bit_length()  # the widest stage at most 8 × HIDDEN
     changes = {}
     for key, value in values.items():
-        if key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
+        if _int_list(value) and key in _STAGE_WIDTHS:
+            changes[key] = [max(1, w // scale) for w in value]
+        elif _int_list(value) and key in _STAGE_HEADS:
+            changes[key] = [1 << (h.bit_length() - 1) if h > 0 else h for h in value]
+        elif _int_list(value) and key in _STAGE_DEPTHS:
+            changes[key] = [min(d, 1) for d in value]
+        elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
             changes[key] = _SIZES[key]
         elif key == "vocab_size" and isinstance(value, int):
             changes[key] = VOCAB
@@ -92,7 +108,12 @@ def _shrunk(values: dict) -> dict:
             changes[key] = _shrunk(value)
     if "kv_lora_rank" in values and "num_key_value_heads" in values:  # latent attention: as many kv as q heads
         changes["num_key_value_heads"] = HEADS
-    return {**values, **changes}
+    # A backbone's outputs name stages by number: left to the constructor, which picks them among the fewer kept.
+    return {k: v for k, v in {**values, **changes}.items() if k not in ("out_features", "out_indices")}
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
 
 
 def _layer_indices(value, layers: int | None) -> bool:

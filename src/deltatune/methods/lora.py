@@ -8,7 +8,8 @@
 
 ``A`` starts Kaiming-uniform and ``B`` at zero, so the model is unchanged at init.  Works on ``nn.Linear``,
 transformers' ``Conv1D`` (GPT-2; weight stored transposed) and ``nn.Embedding`` (``A`` is indexed by token id,
-as in PEFT: ``A`` starts at zero and ``B`` normal).  Mergeable: ``W <- W + (α/r) B A``.
+as in PEFT: ``A`` starts at zero and ``B`` normal), and on convolutions (:mod:`deltatune.methods.lora_conv`).
+Mergeable: ``W <- W + (α/r) B A``.
 
 Options:
 
@@ -40,6 +41,7 @@ from ..compat import Conv1D
 from ..config import MAX_SIZE, hyper
 from ..probe import Seen
 from ..routing import Route
+from .lora_conv import CONVOLUTIONS, LoraConvLayer, unsupported_convolution
 from .slices import FusedSlices, SlicedConfig, spread
 
 
@@ -151,10 +153,11 @@ class LoraLayer(nn.Module):
 
 
 class LoraModel(FusedSlices, DeltaBase):
-    """Low-rank adaptation of Linear / Conv1D / Embedding modules: ``h = W x + (lora_alpha/lora_r) · B A x``.
+    """Low-rank adaptation of Linear, Conv1D, Embedding and convolution modules:
+    ``h = W x + (lora_alpha/lora_r) · B A x``.
 
     Parameters per module: ``lora_r · (in + out)``, plus ``out`` with ``use_dora`` (per slice of a fused
-    projection: ``lora_r · (in + rows)``, plus ``rows``).
+    projection: ``lora_r · (in + rows)``, plus ``rows``; on a convolution ``lora_r · (in · kernel + out)``).
     """
 
     delta_type = "lora"
@@ -170,10 +173,23 @@ class LoraModel(FusedSlices, DeltaBase):
         return export_peft(self, save_directory)
 
     def build(self, position: str, module: nn.Module, seen: Seen) -> nn.Module:
-        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
-            raise self._unsupported(position, module, "nn.Linear, transformers Conv1D and nn.Embedding")
-        if self.config.use_dora and isinstance(module, nn.Embedding):
-            raise self._unsupported(position, module, "nn.Linear and transformers Conv1D when use_dora=True")
         config = self.config
+        if isinstance(module, CONVOLUTIONS):
+            return self._build_convolution(position, module)
+        if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
+            raise self._unsupported(position, module, "nn.Linear, transformers Conv1D, nn.Embedding and "
+                                                      "nn.Conv1d/2d/3d")
+        if config.use_dora and isinstance(module, nn.Embedding):
+            raise self._unsupported(position, module, "nn.Linear and transformers Conv1D when use_dora=True")
         return LoraLayer(module, config.lora_r, config.lora_alpha, config.lora_dropout, config.use_rslora,
                          config.use_dora, self.slice_rows(position))
+
+    def _build_convolution(self, position: str, module: nn.Module) -> LoraConvLayer:
+        config = self.config
+        if config.use_dora:
+            raise self._unsupported(position, module, "nn.Linear and transformers Conv1D when use_dora=True")
+        why = unsupported_convolution(module)
+        if why:
+            raise TypeError(f"LoraModel cannot modify {position} ({type(module).__name__}): {why}. Choose other "
+                            "modified_modules or add exclude_modules.")
+        return LoraConvLayer(module, config.lora_r, config.lora_alpha, config.lora_dropout, config.use_rslora)
