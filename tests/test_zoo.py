@@ -57,10 +57,12 @@ def test_indices_of_layers_follow_their_layers_into_the_tiny_config():
 
 def test_a_vision_model_with_stages_shrinks_consistently():
     values = {"embed_dim": 96, "hidden_sizes": [256, 512, 1024, 2048], "num_heads": [3, 6, 12, 24],
-              "depths": [2, 2, 6, 2], "out_features": ["stage4"], "out_indices": [4]}  # Swin- and ResNet-like
+              "depths": [2, 2, 6, 2], "num_layers": 4, "pretrained_window_sizes": [0, 0, 0, 0],
+              "out_features": ["stage4"], "out_indices": [4]}  # Swin(v2)- and ResNet-like
     shrunk = zoo._shrunk(values)
     assert shrunk["hidden_sizes"] == [32, 64, 128, 256]  # one power of two, so stages still chain
     assert shrunk["num_heads"] == [2, 4, 8, 16] and shrunk["depths"] == [1, 1, 1, 1]
+    assert shrunk["num_layers"] == 4 and shrunk["pretrained_window_sizes"] == [0, 0, 0, 0]  # counts stages: kept
     assert "out_features" not in shrunk and "out_indices" not in shrunk  # the constructor picks among kept stages
 
 

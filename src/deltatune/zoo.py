@@ -81,6 +81,9 @@ def entries() -> list[ZooEntry]:
 
 def _shrunk(values: dict) -> dict:
     layers = next((values[k] for k in _LAYER_COUNTS if isinstance(values.get(k), int)), None)
+    stages = next((len(values[k]) for k in _STAGE_DEPTHS if _int_list(values.get(k))), None)
+    if layers == stages:  # the layer count counts stages, which are all kept: so are it and per-stage lists
+        layers = None
     widths = [w for k in _STAGE_WIDTHS if _int_list(values.get(k)) for w in values[k]]
     scale = 1 << ((max(widths, default=1) - 1) // (8 * HIDDEN)).bit_length()  # the widest stage at most 8 × HIDDEN
     changes = {}
@@ -91,7 +94,8 @@ def _shrunk(values: dict) -> dict:
             changes[key] = [1 << (h.bit_length() - 1) if h > 0 else h for h in value]
         elif _int_list(value) and key in _STAGE_DEPTHS:
             changes[key] = [min(d, 1) for d in value]
-        elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
+        elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool) and \
+                not (key in _LAYER_COUNTS and value == stages):
             changes[key] = _SIZES[key]
         elif key == "vocab_size" and isinstance(value, int):
             changes[key] = VOCAB
