@@ -79,6 +79,39 @@ def test_an_adapter_on_some_layers_imports_onto_those(tmp_path):
     torch.testing.assert_close(first_output(model, tiny_batch("llama")), expected, rtol=0, atol=1e-5)
 
 
+def test_per_module_ranks_and_alphas_cross_both_ways_as_peft_reads_them(tmp_path):
+    # Overlapping alpha keys: PEFT takes the first that matches, and sorts the keys when it saves, so the file
+    # (layer 1's o_proj at alpha 5) differs from the model that wrote it (3): what PEFT loads is the reference.
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                             rank_pattern={"layers.0.self_attn.q_proj": 2, "v_proj": 6, "k_proj": 3},
+                             alpha_pattern={"o_proj": 3, r"^model\.layers\.1\.self_attn\.o_proj": 5})
+    written = peft.get_peft_model(tiny_model("llama"), config)
+    with torch.no_grad():
+        for name, p in written.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    written.save_pretrained(tmp_path / "adapter")
+    batch = tiny_batch("llama")
+    expected = first_output(peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "adapter").eval(), batch)
+
+    model = tiny_model("llama")
+    delta = from_peft(tmp_path / "adapter", model)
+    torch.testing.assert_close(first_output(model, batch), expected, rtol=0, atol=1e-5)
+    assert {p.split("layers.")[1]: (d.r, d.scaling) for p, d in delta.deltas.items() if "layers.1" in p} == {
+        "1.self_attn.q_proj": (4, 2.0), "1.self_attn.v_proj": (6, 8 / 6), "1.self_attn.o_proj": (4, 5 / 4)}
+    assert "[r]k_proj" not in delta.config.rank_pattern  # it decided nothing, in PEFT as here
+
+    delta.export_peft(tmp_path / "ours")
+    exported = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert exported["alpha_pattern"] == {r"^model\.layers\.0\.self_attn\.o_proj": 3,  # overlapping: by full name
+                                         r"^model\.layers\.1\.self_attn\.o_proj": 5}
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ours").eval()
+    torch.testing.assert_close(first_output(loaded, batch), expected, rtol=0, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "again")  # sorted by PEFT: the same adapter
+    again = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "again").eval()
+    torch.testing.assert_close(first_output(again, batch), expected, rtol=0, atol=1e-5)
+
+
 def test_unsupported_peft_features_are_refused(tmp_path):
     config = peft.LoraConfig(r=4, target_modules=["query"], bias="lora_only")
     peft.get_peft_model(tiny_model("bert"), config).save_pretrained(tmp_path / "adapter")

@@ -30,6 +30,11 @@ def _compile(spec: str) -> re.Pattern[str]:
     return re.compile(rf"(?:^|.*\.){re.escape(spec)}$")
 
 
+def first_match(specs: Iterable[str], name: str) -> str | None:
+    """The first spec that matches the full module name ``name``, or None."""
+    return next((spec for spec in specs if _compile(spec).fullmatch(name)), None)
+
+
 def addressable_names(model: nn.Module) -> list[str]:
     """Full names of the backbone's own modules (excluding the root and anything inside a delta slot)."""
     return [name for name, _ in model.named_modules() if name and DELTA_SLOT not in name.split(".")]

@@ -45,6 +45,9 @@ def _conforms(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if origin is list:
         return isinstance(value, list) and all(_conforms(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(key, args[0]) and _conforms(item, args[1])
+                                               for key, item in value.items())
     return isinstance(value, hint)
 
 

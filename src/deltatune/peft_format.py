@@ -4,8 +4,9 @@ PEFT names a tensor ``base_model.model.<module>.lora_A.weight`` (``lora_B.weight
 DoRA; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), with the same shapes and the same formula as
 :class:`~deltatune.LoraModel`, so the numbers move across unchanged.  Backbone modules trained whole (a
 classification head) are PEFT's ``modules_to_save``: saved as ``base_model.model.<module>.<parameter>``, a trained
-copy of the module while the rest of the model stays as it was.  PEFT features with no LoRA counterpart here
-(``bias`` other than ``"none"``, rank/alpha patterns, layer replication) are refused, not dropped; so are adapters
+copy of the module while the rest of the model stays as it was.  Per-module ranks and alphas (``rank_pattern``,
+``alpha_pattern``) are :class:`~deltatune.LoraConfig`'s own.  PEFT features with no LoRA counterpart here (``bias``
+other than ``"none"``, layer replication) are refused, not dropped; so are adapters
 whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on those rewritten
 weights.
 """
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import checkpoint, pooling
-from .addressing import DELTA_SLOT
+from .addressing import DELTA_SLOT, REGEX_PREFIX, first_match
 from .base import refuse_apart_attached, refuse_missing_parameters
 from .compat import Conv1D
 from .methods.lora import LoraModel
@@ -64,6 +66,8 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
     peft_config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True, **_base_model(delta.backbone_model),
         "r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "rank_pattern": _peft_pattern(delta, config.rank_pattern, 0),
+        "alpha_pattern": _peft_pattern(delta, config.alpha_pattern, 1),
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none",
         "target_modules": list(delta.positions), "modules_to_save": modules or None,
         "fan_in_fan_out": any(isinstance(hosts[p], Conv1D) for p in delta.positions),
@@ -157,7 +161,7 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (trained biases)")
     # Layer selection (layers_to_transform) needs nothing: the positions come from the tensors saved.
-    for key in ("rank_pattern", "alpha_pattern", "layer_replication",
+    for key in ("layer_replication",
                 "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r}")
@@ -203,9 +207,11 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     heads.sort(key=parameters.index)  # the backbone's order, as a head saved by deltatune lists them
     order = [name for name, _ in backbone_model.named_modules()]
     found = {p for p in lora.values() if p is not None}
+    positions = sorted(found, key=lambda p: order.index(p) if p in order else -1)
     delta = LoraModel(
-        backbone_model, positions=sorted(found, key=lambda p: order.index(p) if p in order else -1), attach=False,
-        lora_r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config.get("lora_dropout", 0.0),
+        backbone_model, positions=positions, attach=False, lora_r=config["r"], lora_alpha=config["lora_alpha"],
+        rank_pattern=_deciding(config.get("rank_pattern"), positions),
+        alpha_pattern=_deciding(config.get("alpha_pattern"), positions), lora_dropout=config.get("lora_dropout", 0.0),
         use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False), name=name,
     )
     _refuse_dilated(delta)
@@ -214,6 +220,25 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     renamed = {ours.get(k, k if lora[k] else f"backbone.{k}"): t for k, t in tensors.items()}
     delta.load_saved(renamed, heads, source, apart=keep_backbone_apart)
     return delta.attach() if attach else delta
+
+
+def _peft_pattern(delta: LoraModel, pattern: dict, which: int) -> dict:
+    """Our rank_pattern / alpha_pattern as PEFT's: its keys are regexes matched as ours are (at the end of a name,
+    at a dot), the first that matches wins.  PEFT sorts the keys when it saves a config again, so where two keys
+    match one position, each position's value is written under its own full name, which no reordering changes."""
+    if all(sum(first_match([spec], p) is not None for spec in pattern) <= 1 for p in delta.positions):
+        return {spec[len(REGEX_PREFIX):] if spec.startswith(REGEX_PREFIX) else re.escape(spec): value
+                for spec, value in pattern.items()}
+    decided = [p for p in delta.positions if first_match(pattern, p) is not None]
+    return {f"^{re.escape(p)}": delta.rank_and_alpha[p][which] for p in decided}
+
+
+def _deciding(pattern: dict | None, positions: list[str]) -> dict:
+    """PEFT's rank_pattern / alpha_pattern as ours, keeping the keys that decide some position's value (PEFT takes
+    the first key that matches, as ours; the others change nothing there and would be refused here)."""
+    specs = {REGEX_PREFIX + key: value for key, value in (pattern or {}).items()}
+    deciding = {first_match(specs, p) for p in positions}
+    return {spec: value for spec, value in specs.items() if spec in deciding}
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
-"""LoRA options: rsLoRA scaling and DoRA's weight decomposition."""
+"""LoRA options: rsLoRA scaling, per-module ranks and alphas, and DoRA's weight decomposition."""
 
 import pytest
 import torch
 
-from deltatune import DeltaBase, LoraModel
+from deltatune import DeltaBank, DeltaBase, LoraModel
 
 from conftest import first_output, tiny_batch, tiny_model
 
@@ -20,6 +20,37 @@ def test_rslora_scales_by_alpha_over_sqrt_r():
     rs = LoraModel(model, ["query"], lora_r=4, lora_alpha=8, use_rslora=True)
     assert next(iter(plain.deltas.values())).scaling == 2.0
     assert next(iter(rs.deltas.values())).scaling == 4.0
+
+
+def test_rank_and_alpha_patterns_set_each_modules_own_and_survive_save_and_bank(tmp_path):
+    model, batch = tiny_model("llama"), tiny_batch("llama")
+    patterns = {"rank_pattern": {r"[r]layers\.0\.self_attn\.q_proj": 2, "q_proj": 6},  # the first match wins
+                "alpha_pattern": {"v_proj": 3.0}}
+    delta = LoraModel(model, ["q_proj", "v_proj"], lora_r=4, lora_alpha=8, **patterns)
+    assert {p.split("layers.")[1]: (d.r, d.scaling) for p, d in delta.deltas.items()} == {
+        "0.self_attn.q_proj": (2, 4.0), "0.self_attn.v_proj": (4, 0.75),
+        "1.self_attn.q_proj": (6, 8 / 6), "1.self_attn.v_proj": (4, 0.75)}
+    _randomize(delta)
+    tuned = first_output(model, batch)
+    delta.save_finetuned(tmp_path / "delta")
+    delta.detach()
+    fresh = tiny_model("llama")
+    DeltaBase.from_finetuned(tmp_path / "delta", fresh)
+    assert torch.equal(first_output(fresh, batch), tuned)
+    with torch.no_grad(), DeltaBank(model, [delta]).route([delta.name] * len(batch["input_ids"])):
+        torch.testing.assert_close(first_output(model, batch), tuned, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("patterns, message", [
+    ({"rank_pattern": {"k_proj": 2}}, r"rank_pattern entries \['k_proj'\] decide the value of no position"),
+    ({"alpha_pattern": {"q_proj": 2.0, r"[r]layers\.0\.self_attn\.q_proj": 3.0}},  # shadowed by the first
+     r"alpha_pattern entries \['\[r\]layers"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern values must be >= 1"),
+    ({"alpha_pattern": {"q_proj": -1.0}}, "alpha_pattern values must be > 0"),
+])
+def test_a_pattern_entry_that_decides_nothing_or_is_out_of_range_is_refused(patterns, message):
+    with pytest.raises(ValueError, match=message):
+        LoraModel(tiny_model("llama"), ["q_proj", "v_proj"], **patterns)
 
 
 @pytest.mark.parametrize("family,positions", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn", "c_fc"]),

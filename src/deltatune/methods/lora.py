@@ -30,12 +30,14 @@ Options:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..addressing import first_match
 from ..base import DeltaBase
 from ..compat import Conv1D
 from ..config import MAX_SIZE, hyper
@@ -52,6 +54,17 @@ class LoraConfig(SlicedConfig):
     lora_dropout: float = hyper(0.0, low=0, below=1)
     use_rslora: bool = False
     use_dora: bool = False
+    # Per-module rank and alpha (PEFT's rank_pattern / alpha_pattern): module spec -> value, the first matching
+    # spec (in order; tail names or "[r]<regex>", as modified_modules) wins, other modules take lora_r / lora_alpha.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not all(1 <= r <= MAX_SIZE for r in self.rank_pattern.values()):
+            raise ValueError(f"rank_pattern values must be >= 1 and <= {MAX_SIZE}, as lora_r, got {self.rank_pattern}")
+        if not all(0 < a <= 1e5 for a in self.alpha_pattern.values()):
+            raise ValueError(f"alpha_pattern values must be > 0 and <= 100000, as lora_alpha, got {self.alpha_pattern}")
 
 
 # Up to this many rows (tokens) an update costs least as two small kernels; beyond, as one fused addmm
@@ -181,8 +194,9 @@ class LoraModel(FusedSlices, DeltaBase):
                                                       "nn.Conv1d/2d/3d")
         if config.use_dora and isinstance(module, nn.Embedding):
             raise self._unsupported(position, module, "nn.Linear and transformers Conv1D when use_dora=True")
-        return LoraLayer(module, config.lora_r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-                         config.use_dora, self.slice_rows(position))
+        r, alpha = self.rank_and_alpha[position]
+        return LoraLayer(module, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora,
+                         self.slice_rows(position))
 
     def _build_convolution(self, position: str, module: nn.Module) -> LoraConvLayer:
         config = self.config
@@ -192,4 +206,21 @@ class LoraModel(FusedSlices, DeltaBase):
         if why:
             raise TypeError(f"LoraModel cannot modify {position} ({type(module).__name__}): {why}. Choose other "
                             "modified_modules or add exclude_modules.")
-        return LoraConvLayer(module, config.lora_r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+        return LoraConvLayer(module, *self.rank_and_alpha[position], config.lora_dropout, config.use_rslora)
+
+    @functools.cached_property
+    def rank_and_alpha(self) -> dict[str, tuple[int, float]]:
+        """Each position's (r, α): from the first entry of rank_pattern / alpha_pattern that matches it, else the
+        config's lora_r / lora_alpha.  An entry that decides no position (it matches none, or only positions an
+        earlier entry took) is refused, as a spec that matches nothing is."""
+        config, values = self.config, {}
+        for name, pattern, default in (("rank_pattern", config.rank_pattern, config.lora_r),
+                                       ("alpha_pattern", config.alpha_pattern, config.lora_alpha)):
+            chosen = {p: first_match(pattern, p) for p in self.positions}
+            idle = [k for k in pattern if k not in chosen.values()]
+            if idle:
+                raise ValueError(f"{name} entries {idle} decide the value of no position: they match none of the "
+                                 f"delta's {len(self.positions)} positions (e.g. {self.positions[0]!r}), or only ones "
+                                 "an earlier entry took")
+            values[name] = {p: default if key is None else pattern[key] for p, key in chosen.items()}
+        return {p: (values["rank_pattern"][p], values["alpha_pattern"][p]) for p in self.positions}
