@@ -209,6 +209,32 @@ def test_a_peft_sequence_classification_adapter_brings_its_head(family, tmp_path
         from_peft(tmp_path / "adapter", _classifier(family), keep_backbone_apart=True)
 
 
+def test_deltatune_merge_folds_a_peft_adapter_and_its_head_into_a_transformers_checkpoint(tmp_path, capsys):
+    from deltatune.cli import main
+
+    torch.manual_seed(0)
+    tf.BertModel(tiny_model("bert").config).save_pretrained(tmp_path / "backbone")  # no head: it comes with the adapter
+    base = tf.BertForSequenceClassification.from_pretrained(tmp_path / "backbone", num_labels=3)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    written = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for p in written.parameters():
+            if p.requires_grad:  # LoRA and PEFT's copy of the 3-label head
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = first_output(written.eval(), tiny_batch("bert"))
+    written.save_pretrained(tmp_path / "adapter")
+    command = ["merge", "--backbone", str(tmp_path / "backbone"), "--delta", str(tmp_path / "adapter")]
+    assert main([*command, "--out", str(tmp_path / "merged")]) == 0
+    merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(first_output(merged, tiny_batch("bert")), expected, rtol=0, atol=1e-5)
+
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**saved, "task_type": None}))
+    assert main([*command, "--out", str(tmp_path / "unknown")]) == 2
+    assert "names neither a transformers class (auto_mapping) nor a task type" in capsys.readouterr().err
+    assert not (tmp_path / "unknown").exists()
+
+
 def test_the_served_labels_of_a_peft_head_come_from_its_output_layer(tmp_path):
     """DistilBERT's head is pre_classifier (32 outputs) then classifier (2): the order is the model's, not the
     file's."""

@@ -175,6 +175,23 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
         raise ValueError(f"{folder / CONFIG_FILE} uses PEFT features deltatune does not import: {'; '.join(problems)}")
 
 
+_TASK_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                 "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+                 "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def backbone_class(folder: Path) -> str:
+    """The transformers class an adapter was made on: the class PEFT records (``auto_mapping``) or its task's."""
+    config = read_config(folder)
+    mapping = config.get("auto_mapping") or {}
+    if str(mapping.get("parent_library", "")).startswith("transformers") and mapping.get("base_model_class"):
+        return mapping["base_model_class"]
+    if config.get("task_type") in _TASK_CLASSES:
+        return _TASK_CLASSES[config["task_type"]]
+    raise ValueError(f"{folder / CONFIG_FILE} names neither a transformers class (auto_mapping) nor a task type "
+                     f"({', '.join(_TASK_CLASSES)}), so the backbone's class is unknown")
+
+
 def read_config(folder: Path) -> dict:
     """A PEFT adapter folder's config, refused if it uses what deltatune does not import (anything but LoRA...)."""
     if not (folder / CONFIG_FILE).is_file():

@@ -2,8 +2,9 @@
 
 The merge runs in one process, in place (W <- W + ΔW, one module's update at a time), so it holds one copy of the
 backbone.  It is how deltas trained on a sharded backbone (FSDP2, ZeRO-3) are merged: their checkpoints hold whole
-tensors.  Only weight updates merge (LoRA, BitFit, (IA)³ on linear layers); adapters, prefixes and soft prompts are
-refused.  The output folder is written completely or not at all; the backbone's tokenizer is copied into it.
+tensors.  A PEFT LoRA adapter folder merges too, on the class its config records, with its head (modules_to_save).
+Only weight updates merge (LoRA, BitFit, (IA)³ on linear layers); adapters, prefixes and soft prompts are refused.
+The output folder is written completely or not at all; the backbone's tokenizer is copied into it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from pathlib import Path
 
 import transformers
 
+from .. import checkpoint, peft_format
 from ..base import DeltaBase
 from ..loading import TOKENIZER_FILES, backbone_of_checkpoint, load_backbone, model_path
+from .serve import labels_of
 from .training_info import delta_and_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="asset name, local folder or hub id the delta was trained on")
     parser.add_argument("--delta", type=Path, required=True, metavar="DIR",
-                        help="a saved delta, or a run folder of deltatune train")
+                        help="a saved delta, a run folder of deltatune train, or a PEFT LoRA adapter folder")
     parser.add_argument("--out", type=Path, required=True, help="the folder for the merged model (must not exist)")
 
 
@@ -33,8 +36,14 @@ def run(args: argparse.Namespace) -> Path:
     if options.get("pooling") == "mean":  # save_pretrained would write a model whose head reads [CLS] again
         raise ValueError(f"{args.delta} was trained with mean pooling, which a transformers checkpoint cannot "
                          "record; use the delta with deltatune eval / serve instead of merging it")
-    model = load_backbone(args.backbone, backbone_of_checkpoint(folder), **options)
-    delta = DeltaBase.from_finetuned(folder, model)
+    if (folder / peft_format.CONFIG_FILE).is_file() and not (folder / checkpoint.CONFIG_FILE).is_file():
+        labels = labels_of(folder, options, args.backbone)  # a head in modules_to_save: as many labels as it has
+        model = load_backbone(args.backbone, peft_format.backbone_class(folder),
+                              **({"num_labels": len(labels)} if labels else {}))
+        delta = peft_format.from_peft(folder, model)
+    else:
+        model = load_backbone(args.backbone, backbone_of_checkpoint(folder), **options)
+        delta = DeltaBase.from_finetuned(folder, model)
     delta.merge()  # refuses what is not a weight update, before anything changes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = args.out.with_name(f".{args.out.name}.merging")
