@@ -62,7 +62,7 @@ def check(delta: DeltaBase, exact: bool, updates: dict[str, list[str]]) -> None:
 
 def _commutes(delta: DeltaBase, position: str, other: DeltaBase) -> bool:
     """Whether moving ``delta``'s term into the module's output leaves ``other``'s computation at ``position``."""
-    if delta.route_at(position) is Route.INPUT_OUTPUT:
+    if delta.route_at(position) in (Route.INPUT_OUTPUT, Route.WEIGHT):  # a term beside the others; W + ΔW itself
         return True
     earlier_rewrite = other.attached and other.route_at(position) is Route.OUTPUT_OUTPUT and other.order < delta.order
     return getattr(delta.deltas[position], "adds_constant", False) and not earlier_rewrite

@@ -27,6 +27,7 @@ from .base import refuse_apart_attached, refuse_missing_parameters
 from .compat import Conv1D
 from .methods.lora import LoraModel
 from .methods.lora_conv import CONVOLUTIONS
+from .methods.lora_experts import LoraExpertsLayer
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,6 +53,10 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
                          "with qkv_slices=None")
     _refuse_mean_pooling(delta.backbone_model, "the delta was trained on", "save it with save_finetuned instead")
     _refuse_dilated(delta)
+    experts = [p for p, layer in delta.deltas.items() if isinstance(layer, LoraExpertsLayer)]
+    if experts:
+        raise ValueError(f"the delta adapts the fused expert weights of {experts[:3]}, which PEFT writes in another "
+                         "form (target_parameters) that export_peft does not write; use save_finetuned")
     modules, tied = _modules_to_save(delta)
     hosts = dict(delta.backbone_model.named_modules())
     tensors = {}

@@ -9,6 +9,11 @@ Three routes cover the methods (He et al. 2022)::
                       that fill the KV cache (``fills_cache = True``) run after the others
     input -> output   h <- m(x, h)     after, reading its input    (LoRA, parallel adapter, (IA)^3)
     output -> output  h <- m(h)        after, reading its output   (sequential adapter, BitFit, Compacter)
+    weight            W <- W + ΔW      while the module runs       (LoRA on fused MoE expert weights)
+                      ``swap_in(module)`` shadows the module's parameters by the updated weights (instance
+                      attributes, so ``parameters()`` and ``state_dict()`` still hold the originals) and
+                      ``swap_out(module)`` removes them after the call, also when it raised; calls on one module
+                      from several threads take turns meanwhile
 
 Each modified module gets one :class:`DeltaSlot`, a ``ModuleDict`` registered as its child ``deltas``, so delta
 parameters are ordinary submodules of the backbone (``.to()``, ``parameters()``, ``state_dict()`` and optimizers
@@ -24,6 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import threading
 from enum import Enum
 
 import torch
@@ -36,6 +42,7 @@ class Route(str, Enum):
     INPUT_INPUT = "input->input"
     INPUT_OUTPUT = "input->output"
     OUTPUT_OUTPUT = "output->output"
+    WEIGHT = "weight"
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,8 +71,15 @@ class DeltaSlot(nn.ModuleDict):
         super().__init__()
         positional = _positional_names(type(host))
         self.__dict__.update(_routes={}, _positional=positional, _first_input=positional[0] if positional else None,
-                             _handles=[])  # plain values: see _plan
+                             _handles=[], _lock=threading.RLock())  # plain values: see _plan
         self._plan()
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) get a lock of their own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__["_lock"] = threading.RLock()
 
     def forward(self, x, *args, **kwargs):
         # Hosts such as nn.Sequential call every child in turn: the slot, their last child, passes x through.
@@ -105,7 +119,8 @@ class DeltaSlot(nn.ModuleDict):
             _finishers=[m for m in reversed(call_rewrites) if hasattr(m, "finish")],
             _input_rewrites=[m for m in rewrites if not getattr(m, "rewrites_call", False)],
             _parallel=[self[n] for n, (r, _) in ordered if r is Route.INPUT_OUTPUT],
-            _output_rewrites=[self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT])
+            _output_rewrites=[self[n] for n, (r, _) in ordered if r is Route.OUTPUT_OUTPUT],
+            _weights=[self[n] for n, (r, _) in ordered if r is Route.WEIGHT])
 
     def _hook(self, host: nn.Module) -> None:
         # Re-register from scratch: at most one hook of each kind, only the kinds some delta needs.  (Compiled
@@ -113,10 +128,12 @@ class DeltaSlot(nn.ModuleDict):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._call_rewrites or self._input_rewrites:
+        if self._call_rewrites or self._input_rewrites or self._weights:
             self._handles.append(host.register_forward_pre_hook(self._before, with_kwargs=True))
         if self._finishers or self._parallel or self._output_rewrites:
             self._handles.append(host.register_forward_hook(self._after, with_kwargs=True))
+        if self._weights:
+            self._handles.append(host.register_forward_hook(self._restore, always_call=True))
 
     def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
         if args:
@@ -126,6 +143,10 @@ class DeltaSlot(nn.ModuleDict):
         raise RuntimeError(f"the module was called without its first input {self._first_input!r}; cannot re-route it")
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._weights:
+            self._lock.acquire()  # released by _restore, which torch runs also when the call (or this hook) raises
+            for delta in self._weights:
+                delta.swap_in(module)
         if self._call_rewrites:
             if args and len(args) <= len(self._positional):  # call rewrites see every input by name
                 kwargs, args = {**kwargs, **dict(zip(self._positional, args))}, ()
@@ -140,6 +161,11 @@ class DeltaSlot(nn.ModuleDict):
             return (x, *args[1:]), kwargs
         kwargs[self._first_input] = x
         return args, kwargs
+
+    def _restore(self, module: nn.Module, args: tuple, output) -> None:
+        for delta in self._weights:
+            delta.swap_out(module)
+        self._lock.release()
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output):
         plain = isinstance(output, torch.Tensor)

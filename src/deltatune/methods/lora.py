@@ -44,6 +44,7 @@ from ..config import MAX_SIZE, hyper
 from ..probe import Seen
 from ..routing import Route
 from .lora_conv import CONVOLUTIONS, LoraConvLayer, unsupported_convolution
+from .lora_experts import LoraExpertsLayer, expert_weights
 from .slices import FusedSlices, SlicedConfig, spread
 
 
@@ -189,6 +190,8 @@ class LoraModel(FusedSlices, DeltaBase):
         config = self.config
         if isinstance(module, CONVOLUTIONS):
             return self._build_convolution(position, module)
+        if expert_weights(module):
+            return self._build_experts(position, module)
         if not isinstance(module, (nn.Linear, Conv1D, nn.Embedding)):
             raise self._unsupported(position, module, "nn.Linear, transformers Conv1D, nn.Embedding and "
                                                       "nn.Conv1d/2d/3d")
@@ -207,6 +210,19 @@ class LoraModel(FusedSlices, DeltaBase):
             raise TypeError(f"LoraModel cannot modify {position} ({type(module).__name__}): {why}. Choose other "
                             "modified_modules or add exclude_modules.")
         return LoraConvLayer(module, *self.rank_and_alpha[position], config.lora_dropout, config.use_rslora)
+
+    def _build_experts(self, position: str, module: nn.Module) -> LoraExpertsLayer:
+        config = self.config
+        if not hasattr(module, "is_transposed"):
+            raise TypeError(f"LoraModel cannot modify {position} ({type(module).__name__}): its expert weights "
+                            f"{expert_weights(module)} do not say their layout (transformers' is_transposed)")
+        if config.use_dora or config.lora_dropout or self.slice_rows(position) is not None:
+            raise ValueError(f"LoRA on the fused expert weights of {position} takes neither use_dora, lora_dropout "
+                             "nor qkv_slices")
+        return LoraExpertsLayer(module, *self.rank_and_alpha[position], config.use_rslora)
+
+    def route_at(self, position: str) -> Route:
+        return Route.WEIGHT if isinstance(self.deltas.get(position), LoraExpertsLayer) else self.route
 
     @functools.cached_property
     def rank_and_alpha(self) -> dict[str, tuple[int, float]]:

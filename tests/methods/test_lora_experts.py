@@ -1,0 +1,124 @@
+"""LoRA on fused MoE expert weights: the model runs as with W_e + (α/r) B_e A_e written into its parameters, under
+every experts implementation, trains, merges, saves, detaches bit-exactly, and is refused where it cannot act."""
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from deltatune import DeltaBank, DeltaBase, LoraModel, zoo
+from deltatune.probe import pseudo_inputs
+
+FAMILIES = ["mixtral", "qwen3_moe", "gpt_oss"]  # gpt-oss stores its expert weights transposed, with biases
+
+
+def _model(model_type: str):
+    entry = next(e for e in zoo.entries() if e.model_type == model_type and e.task == "causal-lm")
+    model = zoo.build(entry)
+    return model, pseudo_inputs(model)
+
+
+def _lora(model, **options) -> LoraModel:
+    delta = LoraModel(model, ["experts"], lora_r=2, lora_alpha=4, allow_larger_than_backbone=True, **options)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in delta.delta_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return delta
+
+
+def _written_in(model, delta: LoraModel):
+    """A copy of the bare model with each expert's update added to its parameters by hand."""
+    copied = copy.deepcopy(model)
+    modules = dict(copied.named_modules())
+    with torch.no_grad():
+        for position, layer in delta.deltas.items():
+            for name in layer.names:
+                a, b = layer.lora_A[name], layer.lora_B[name]
+                update = torch.einsum("eor,eri->eoi", b, a) * layer.scaling  # (E, out, in)
+                getattr(modules[position], name).add_(update.transpose(1, 2) if layer.transposed else update)
+    return copied
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_each_expert_runs_with_its_updated_weight_in_every_implementation(model_type, tmp_path):
+    model, inputs = _model(model_type)
+    bare_copy = copy.deepcopy(model)
+    bare = model(**inputs).logits
+    delta = _lora(model)
+    assert {tuple(layer.names) for layer in delta.deltas.values()} == {("gate_up_proj", "down_proj")}
+    expected = _written_in(bare_copy, delta)(**inputs).logits
+    for implementation in ["eager", "batched_mm", "grouped_mm"]:
+        model.config._experts_implementation = implementation
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=1e-5)
+    model.config._experts_implementation = "eager"
+    tuned = model(**inputs).logits
+    assert not any(name in vars(m) for m in model.modules() for name in ("gate_up_proj", "down_proj")), \
+        "the updated weights are gone after the call"
+
+    delta.save_finetuned(tmp_path / "delta")
+    fresh, _ = _model(model_type)
+    DeltaBase.from_finetuned(tmp_path / "delta", fresh, allow_larger_than_backbone=True)
+    assert torch.equal(fresh(**inputs).logits, tuned)
+    delta.merge(exact=True)
+    torch.testing.assert_close(model(**inputs).logits, tuned, rtol=0, atol=1e-5)
+    delta.unmerge()
+    delta.detach()
+    assert torch.equal(model(**inputs).logits, bare)
+
+
+def test_the_update_trains_and_the_experts_stay_frozen():
+    model, inputs = _model("mixtral")
+    delta = _lora(model).freeze_module(exclude=["deltas"])
+    model.train()
+    model(**inputs).logits.square().mean().backward()
+    layer = next(iter(delta.deltas.values()))
+    assert all(layer.lora_A[n].grad.abs().sum() > 0 and layer.lora_B[n].grad.abs().sum() > 0 for n in layer.names)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_a_call_that_raises_leaves_no_updated_weight_behind_and_threads_take_turns():
+    model, inputs = _model("mixtral")
+    delta = _lora(model)
+    experts = model.get_submodule(delta.positions[0])
+
+    def fail(module, args):
+        raise RuntimeError("failed inside the experts' call")
+
+    handle = experts.register_forward_pre_hook(fail)  # runs after the slot's: the updated weights are in place
+    with pytest.raises(RuntimeError, match="failed inside"):
+        model(**inputs)
+    handle.remove()
+    assert not any("gate_up_proj" in vars(m) for m in model.modules())
+    other = threading.Thread(target=lambda: model(**inputs))  # the slot's lock was released: no deadlock
+    other.start()
+    other.join(timeout=60)
+    assert not other.is_alive()
+    expected = model(**inputs).logits
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(model(**inputs).logits)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)
+    assert torch.equal(copy.deepcopy(model)(**inputs).logits, expected)  # a copy routes through its own deltas
+
+
+def test_experts_without_a_known_layout_and_unsupported_options_are_refused(tmp_path):
+    model, _ = _model("llama4_text")  # Llama4TextExperts does not say whether its weights are transposed
+    with pytest.raises(TypeError, match=r"experts \(Llama4TextExperts\): its expert weights \['gate_up_proj', "
+                                        r"'down_proj'\] do not say their layout"):
+        LoraModel(model, ["experts"], allow_larger_than_backbone=True)
+    model, _ = _model("mixtral")
+    for options in ({"use_dora": True}, {"lora_dropout": 0.1}):
+        with pytest.raises(ValueError, match="takes neither use_dora, lora_dropout nor qkv_slices"):
+            LoraModel(model, ["experts"], allow_larger_than_backbone=True, **options)
+    delta = _lora(model)
+    with pytest.raises(ValueError, match="fused expert weights"):
+        delta.export_peft(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    delta.detach()
+    with pytest.raises(TypeError, match="without a row form: LoraExpertsLayer"):
+        DeltaBank(model).add(delta)
