@@ -6,9 +6,8 @@ DoRA; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), with the same
 classification head) are PEFT's ``modules_to_save``: saved as ``base_model.model.<module>.<parameter>``, a trained
 copy of the module while the rest of the model stays as it was.  Per-module ranks and alphas (``rank_pattern``,
 ``alpha_pattern``) are :class:`~deltatune.LoraConfig`'s own.  PEFT features with no LoRA counterpart here (``bias``
-other than ``"none"``, layer replication) are refused, not dropped; so are adapters
-whose initialisation rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on those rewritten
-weights.
+other than ``"none"``, layer replication) are refused, not dropped; so are adapters whose initialisation rewrote
+the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on those rewritten weights.
 """
 
 from __future__ import annotations
@@ -166,8 +165,7 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (trained biases)")
     # Layer selection (layers_to_transform) needs nothing: the positions come from the tensors saved.
-    for key in ("layer_replication",
-                "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
+    for key in ("layer_replication", "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r}")
     init = config.get("init_lora_weights", True)

@@ -1,6 +1,6 @@
 """Dynamic tensor re-routing: the one primitive every method uses to hook into a backbone module.
 
-Three routes cover the methods (He et al. 2022)::
+Three routes cover the methods (He et al. 2022), and a fourth the weights a module reads itself::
 
     input -> input    x <- m(x)        before the module runs      (prompts, prefixes)
                       or (args, kwargs) <- m(args, kwargs) for a delta with ``rewrites_call = True``

@@ -29,8 +29,8 @@ Options:
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
