@@ -4,7 +4,8 @@ PEFT names a tensor ``base_model.model.<module>.lora_A.weight`` (``lora_B.weight
 DoRA; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings), with the same shapes and the same formula as
 :class:`~deltatune.LoraModel`, so the numbers move across unchanged.  Backbone modules trained whole (a
 classification head) are PEFT's ``modules_to_save``: saved as ``base_model.model.<module>.<parameter>``, a trained
-copy of the module while the rest of the model stays as it was.  Per-module ranks and alphas (``rank_pattern``,
+copy of the module while the rest of the model stays as it was.  LoRA on fused MoE expert weights is PEFT's
+``target_parameters`` (:mod:`deltatune.peft_experts`).  Per-module ranks and alphas (``rank_pattern``,
 ``alpha_pattern``) are :class:`~deltatune.LoraConfig`'s own.  PEFT features with no LoRA counterpart here (``bias``
 other than ``"none"``, layer replication) are refused, not dropped; so are adapters whose initialisation rewrote
 the base weights (PiSSA, OLoRA, CorDA, LoftQ), which are only right on those rewritten weights.
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint, pooling
+from . import checkpoint, peft_experts, pooling
 from .addressing import DELTA_SLOT, REGEX_PREFIX, first_match
 from .base import refuse_apart_attached, refuse_missing_parameters
 from .compat import Conv1D
@@ -53,17 +54,17 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
     _refuse_mean_pooling(delta.backbone_model, "the delta was trained on", "save it with save_finetuned instead")
     _refuse_dilated(delta)
     experts = [p for p, layer in delta.deltas.items() if isinstance(layer, LoraExpertsLayer)]
-    if experts:
-        raise ValueError(f"the delta adapts the fused expert weights of {experts[:3]}, which PEFT writes in another "
-                         "form (target_parameters) that export_peft does not write; use save_finetuned")
+    if any(delta.rank_and_alpha[p] != (config.lora_r, config.lora_alpha) for p in experts):
+        raise ValueError("the delta gives fused expert weights a rank or alpha of their own, which PEFT matches "
+                         "against parameter names (target_parameters), not modules; use save_finetuned")
     modules, tied = _modules_to_save(delta)
     hosts = dict(delta.backbone_model.named_modules())
-    tensors = {}
+    tensors, targets = peft_experts.write(delta, PREFIX)
     for key, tensor in delta.delta_state_dict().items():  # deltas.<position>.<name>, backbone.<parameter>
         kind, _, rest = key.partition(".")
         if kind == "backbone":
             tensors[PREFIX + rest] = tensor
-        else:
+        elif not rest.startswith(tuple(f"{p}.lora_" for p in experts)):  # written above
             position, _, name = rest.rpartition(".")
             tensors[f"{PREFIX}{position}.{_peft_name(delta.deltas[position], name)}"] = tensor
     tensors.update({PREFIX + alias: tensors[PREFIX + name] for alias, name in tied.items()})  # PEFT saves both
@@ -73,7 +74,8 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         "rank_pattern": _peft_pattern(delta, config.rank_pattern, 0),
         "alpha_pattern": _peft_pattern(delta, config.alpha_pattern, 1),
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none",
-        "target_modules": list(delta.positions), "modules_to_save": modules or None,
+        "target_modules": [p for p in delta.positions if p not in experts], "target_parameters": targets or None,
+        "modules_to_save": modules or None,
         "fan_in_fan_out": any(isinstance(hosts[p], Conv1D) for p in delta.positions),
         **({"ensure_weight_tying": True} if tied else {}),
     }
@@ -165,9 +167,12 @@ def _refuse_unsupported(config: dict, folder: Path) -> None:
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (trained biases)")
     # Layer selection (layers_to_transform) needs nothing: the positions come from the tensors saved.
-    for key in ("layer_replication", "lora_bias", "trainable_token_indices", "target_parameters", "use_qalora"):
+    for key in ("layer_replication", "lora_bias", "trainable_token_indices", "use_qalora"):
         if config.get(key):
             problems.append(f"{key}={config[key]!r}")
+    if config.get("target_parameters") and (config.get("rank_pattern") or config.get("alpha_pattern")):
+        problems.append("rank_pattern/alpha_pattern with target_parameters (PEFT matches them against parameter "
+                        "names there)")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS) or config.get("loftq_config"):
         # These inits rewrite the base weights when the adapter is made: on the original weights it is wrong.
@@ -218,7 +223,8 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     _refuse_mean_pooling(backbone_model, "the adapter would be imported onto",
                          "load the backbone with pooling='model', as PEFT trained it")
     source = folder / WEIGHTS_FILE
-    tensors = adapter_tensors(folder)
+    tensors, expert_tensors, experts = peft_experts.read(adapter_tensors(folder), lora_position, backbone_model,
+                                                         source)
     lora = {k: lora_position(k) for k in tensors}
     heads = [k for k, position in lora.items() if position is None]
     _refuse_unexplained({k: tensors[k] for k in heads}, config.get("modules_to_save") or [], backbone_model, source,
@@ -226,7 +232,7 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     parameters = [n for n, _ in backbone_model.named_parameters(remove_duplicate=False)]
     heads.sort(key=parameters.index)  # the backbone's order, as a head saved by deltatune lists them
     order = [name for name, _ in backbone_model.named_modules()]
-    found = {p for p in lora.values() if p is not None}
+    found = {p for p in lora.values() if p is not None} | set(experts)
     positions = sorted(found, key=lambda p: order.index(p) if p in order else -1)
     delta = LoraModel(
         backbone_model, positions=positions, attach=False, lora_r=config["r"], lora_alpha=config["lora_alpha"],
@@ -236,8 +242,8 @@ def from_peft(peft_model_path: str | os.PathLike, backbone_model: nn.Module, *, 
     )
     _refuse_dilated(delta)
     ours = {f"{p}.{_peft_name(layer, n)}": f"deltas.{p}.{n}"
-            for p, layer in delta.deltas.items() for n in layer.state_dict()}
-    renamed = {ours.get(k, k if lora[k] else f"backbone.{k}"): t for k, t in tensors.items()}
+            for p, layer in delta.deltas.items() if p not in experts for n in layer.state_dict()}
+    renamed = {ours.get(k, k if lora[k] else f"backbone.{k}"): t for k, t in tensors.items()} | expert_tensors
     delta.load_saved(renamed, heads, source, apart=keep_backbone_apart)
     return delta.attach() if attach else delta
 
@@ -264,7 +270,9 @@ def _deciding(pattern: dict | None, positions: list[str]) -> dict:
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """An adapter's tensors named by backbone module path (PEFT's ``base_model.model.`` removed)."""
     # PEFT also saves whole embedding matrices next to an embedding LoRA (base_layer); the backbone has its own.
-    tensors = {k: t for k, t in checkpoint.read_tensors(folder, WEIGHTS_FILE).items() if ".base_layer." not in k}
+    # (LoRA factors under base_layer are nested wrappers of target_parameters: peft_experts reads them.)
+    tensors = {k: t for k, t in checkpoint.read_tensors(folder, WEIGHTS_FILE).items()
+               if ".base_layer." not in k or lora_position(k) is not None}
     outside = [k for k in tensors if not k.startswith(PREFIX)]
     if outside:
         raise ValueError(f"{folder / WEIGHTS_FILE} holds tensors outside PEFT's {PREFIX!r} naming: {outside[:5]}")

@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from deltatune import DeltaBank, DeltaBase, LoraModel, zoo
+from deltatune import DeltaBank, DeltaBase, LoraModel, from_peft, zoo
+from deltatune.methods.lora_experts import LoraExpertsLayer
 from deltatune.probe import pseudo_inputs
 
 pytestmark = pytest.mark.compat  # transformers' experts modules and their implementations: both ends of the range
@@ -117,10 +118,44 @@ def test_experts_without_a_known_layout_and_unsupported_options_are_refused(tmp_
     for options in ({"use_dora": True}, {"lora_dropout": 0.1}):
         with pytest.raises(ValueError, match="takes neither use_dora, lora_dropout nor qkv_slices"):
             LoraModel(model, ["experts"], allow_larger_than_backbone=True, **options)
-    delta = _lora(model)
-    with pytest.raises(ValueError, match="fused expert weights"):
-        delta.export_peft(tmp_path / "adapter")
+    delta = _lora(model, rank_pattern={"experts": 1})
+    with pytest.raises(ValueError, match="gives fused expert weights a rank or alpha of their own"):
+        delta.export_peft(tmp_path / "adapter")  # PEFT would match the pattern against parameter names
     assert not (tmp_path / "adapter").exists()
     delta.detach()
     with pytest.raises(TypeError, match="without a row form: LoraExpertsLayer"):
         DeltaBank(model).add(delta)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_peft_target_parameters_cross_both_ways(model_type, tmp_path):
+    peft = pytest.importorskip("peft")
+    model, inputs = _model(model_type)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                             target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    written = peft.get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for name, parameter in written.named_parameters():
+            if "lora_" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    expected = written(**inputs).logits
+    written.save_pretrained(tmp_path / "theirs")
+
+    ours, _ = _model(model_type)
+    delta = from_peft(tmp_path / "theirs", ours)
+    torch.testing.assert_close(ours(**inputs).logits, expected, rtol=0, atol=1e-5)
+    assert sum(isinstance(layer, LoraExpertsLayer) for layer in delta.deltas.values()) == 2  # one per MoE layer
+
+    only = peft.LoraConfig(r=2, target_modules=[], target_parameters=["experts.down_proj"])
+    peft.get_peft_model(_model(model_type)[0], only).save_pretrained(tmp_path / "part")
+    with pytest.raises(ValueError, match="deltatune adapts every expert weight of a module"):
+        from_peft(tmp_path / "part", _model(model_type)[0])
+
+    try:  # transformers 5.0's weight conversion breaks PEFT's own loading of MoE adapters (peft 0.21.2)
+        peft.PeftModel.from_pretrained(_model(model_type)[0], tmp_path / "theirs")
+    except TypeError as error:
+        pytest.skip(f"PEFT cannot load its own target_parameters adapter here: {error}")
+    delta.export_peft(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(_model(model_type)[0], tmp_path / "ours").eval()
+    torch.testing.assert_close(loaded(**inputs).logits, expected, rtol=0, atol=1e-5)
+
