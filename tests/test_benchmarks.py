@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import (compare, compiled_generation, continuous, decode_step, label_words, mixed,  # noqa: E402
-                        prompt_ablation)
+                        moe_lora, prompt_ablation)
 
 ROW_KEYS = {"benchmark", "setting", "metric", "ours", "peft", "reference", "reference_is", "ours/peft",
             "ours/reference", "note"}
@@ -123,3 +123,13 @@ def test_label_words_smoke_run_times_both_heads_after_checking_they_agree(tmp_pa
     assert [r["ratio"] for r in saved["rows"]][1::2] == [1.0, 1.0] and all(r["value"] > 0 for r in saved["rows"])
     kept, every = saved["loss_kept_vs_every_position"]
     assert abs(kept - every) < 1e-5 and saved["same_predictions"] is True
+
+
+def test_moe_lora_smoke_run_checks_ours_against_peft_before_timing(tmp_path):
+    result = moe_lora.main(["--smoke", "--out", str(tmp_path)])
+    assert result["ours_vs_peft_max_logit_difference"] <= 1e-5 < result["lora_effect_on_logits"]
+    assert {(row["benchmark"].split(",")[0], row["variant"]) for row in result["rows"]} == {
+        ("forward", "bare"), ("forward", "ours"), ("forward", "PEFT"), ("training step (forward + backward)", "ours"),
+        ("training step (forward + backward)", "PEFT"), ("greedy decode step", "bare"), ("greedy decode step", "ours"),
+        ("greedy decode step", "PEFT")}
+    assert (tmp_path / "moe_lora-smoke.md").read_text().startswith("# LoRA on fused MoE expert weights")

@@ -57,7 +57,10 @@ class LoraExpertsLayer(nn.Module):
     def swap_in(self, host: nn.Module) -> None:
         for name in self.names:  # an instance attribute is found before nn.Module's parameter lookup
             current = host.__dict__.get(name, host._parameters[name])  # another delta's update, if any, stays
-            host.__dict__[name] = current + self.update(name)
+            a, b = self.lora_A[name], self.lora_B[name]
+            # W + s·B A in one pass over the expert weights (no ΔW the size of W first)
+            host.__dict__[name] = (torch.baddbmm(current, a.transpose(1, 2), b.transpose(1, 2), alpha=self.scaling)
+                                   if self.transposed else torch.baddbmm(current, b, a, alpha=self.scaling))
 
     def swap_out(self, host: nn.Module) -> None:
         for name in self.names:
