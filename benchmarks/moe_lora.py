@@ -8,7 +8,8 @@ experts' ``gate_up_proj`` and ``down_proj`` and on q/v, the same factors in both
 and the outputs checked equal before timing). Timed interleaved: a forward pass (batch 4 × 128 tokens, no grad),
 a training step (forward and backward, only the LoRA factors trainable; against ours, as the bare model has nothing
 to train) and one greedy decode step at batch 1 after a 128-token prompt (its cache copied outside the timing),
-under transformers' default experts implementation. ``--smoke``: a tiny Mixtral, one repeat (the format and the check only; the test suite runs it).
+under transformers' default experts implementation. ``--smoke``: a tiny Mixtral, one repeat (the format and the
+check only; the test suite runs it).
 """
 
 from __future__ import annotations
