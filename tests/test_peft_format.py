@@ -209,7 +209,7 @@ def test_a_peft_sequence_classification_adapter_brings_its_head(family, tmp_path
         from_peft(tmp_path / "adapter", _classifier(family), keep_backbone_apart=True)
 
 
-def test_deltatune_merge_folds_a_peft_adapter_and_its_head_into_a_transformers_checkpoint(tmp_path, capsys):
+def test_deltatune_merge_and_show_take_a_peft_adapter_and_its_head(tmp_path, capsys):
     from deltatune.cli import main
 
     torch.manual_seed(0)
@@ -227,6 +227,9 @@ def test_deltatune_merge_folds_a_peft_adapter_and_its_head_into_a_transformers_c
     assert main([*command, "--out", str(tmp_path / "merged")]) == 0
     merged = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(first_output(merged, tiny_batch("bert")), expected, rtol=0, atol=1e-5)
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "backbone"), "--delta", str(tmp_path / "adapter"), "--width", "100"]) == 0
+    assert "+ lora (LoraLayer, input->output)" in capsys.readouterr().out  # deltatune show takes it too
 
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**saved, "task_type": None}))

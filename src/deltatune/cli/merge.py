@@ -15,11 +15,8 @@ from pathlib import Path
 
 import transformers
 
-from .. import checkpoint, peft_format
-from ..base import DeltaBase
-from ..loading import TOKENIZER_FILES, backbone_of_checkpoint, load_backbone, model_path
-from .serve import labels_of
-from .training_info import delta_and_options
+from ..loading import TOKENIZER_FILES, model_path
+from .training_info import backbone_with_delta, delta_and_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,14 +33,7 @@ def run(args: argparse.Namespace) -> Path:
     if options.get("pooling") == "mean":  # save_pretrained would write a model whose head reads [CLS] again
         raise ValueError(f"{args.delta} was trained with mean pooling, which a transformers checkpoint cannot "
                          "record; use the delta with deltatune eval / serve instead of merging it")
-    if (folder / peft_format.CONFIG_FILE).is_file() and not (folder / checkpoint.CONFIG_FILE).is_file():
-        labels = labels_of(folder, options, args.backbone)  # a head in modules_to_save: as many labels as it has
-        model = load_backbone(args.backbone, peft_format.backbone_class(folder),
-                              **({"num_labels": len(labels)} if labels else {}))
-        delta = peft_format.from_peft(folder, model)
-    else:
-        model = load_backbone(args.backbone, backbone_of_checkpoint(folder), **options)
-        delta = DeltaBase.from_finetuned(folder, model)
+    model, delta = backbone_with_delta(args.backbone, args.delta)
     delta.merge()  # refuses what is not a weight update, before anything changes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = args.out.with_name(f".{args.out.name}.merging")

@@ -1,7 +1,8 @@
 """Print the folded module tree of a model, or of a model with a saved delta.
 
 MODEL is an asset name (minilm-l6, smollm2-135m), a local folder, or a hub id when online.  With --delta the
-backbone class is the one the delta was saved on, and the delta is loaded and marked in the tree.
+backbone class is the one the delta was saved on (a PEFT adapter's: the one its config records), and the delta is
+loaded and marked in the tree.
 """
 
 from __future__ import annotations
@@ -9,16 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..base import DeltaBase
-from ..loading import backbone_of_checkpoint, load_backbone
+from ..loading import load_backbone
 from ..visualization import Visualization
 from .options import check_counts
-from .training_info import delta_and_options
+from .training_info import backbone_with_delta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL")
-    parser.add_argument("--delta", metavar="DIR", help="a saved delta (or a run folder of deltatune train) to show")
+    parser.add_argument("--delta", metavar="DIR",
+                        help="a saved delta, a run folder of deltatune train or a PEFT LoRA adapter to show")
     parser.add_argument("--no-common-names", action="store_true", help="hide AutoDelta's common names (q, v, ...)")
     parser.add_argument("--width", type=int, help="line width (default: the terminal's)")
     parser.add_argument("--json", metavar="FILE", help="also write the tree as JSON")
@@ -32,9 +33,8 @@ def run(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"cannot write {output}: its folder does not exist")
     common = not args.no_common_names
     if args.delta:
-        folder, options = delta_and_options(args.delta)
-        model = load_backbone(args.model, backbone_of_checkpoint(folder), **options)
-        DeltaBase.from_finetuned(folder, model).log(common_names=common, width=args.width)
+        model, delta = backbone_with_delta(args.model, args.delta)
+        delta.log(common_names=common, width=args.width)
     else:
         model = load_backbone(args.model)
         Visualization(model).structure_graph(common_names=common, width=args.width)

@@ -66,3 +66,22 @@ def recorded_lead(record: dict[str, Any], vocabulary: int) -> list[int]:
     if not isinstance(lead, list) or not all(type(t) is int and 0 <= t < vocabulary for t in lead):
         raise ValueError(f"{TRAINING_FILE}: lead_tokens must be a list of token ids below {vocabulary}, not {lead!r}")
     return lead
+
+
+def backbone_with_delta(spec: str, delta: str | Path) -> tuple[Any, Any]:
+    """(backbone, delta) for a command given a backbone and a delta folder: a run folder of deltatune train, a
+    deltatune checkpoint, or a PEFT LoRA adapter (on the class its config records, with as many labels as the head
+    in its modules_to_save has)."""
+    from .. import checkpoint, peft_format
+    from ..base import DeltaBase
+    from ..loading import backbone_of_checkpoint, load_backbone
+    from .serve import labels_of
+
+    folder, options = delta_and_options(delta)
+    if (folder / peft_format.CONFIG_FILE).is_file() and not (folder / checkpoint.CONFIG_FILE).is_file():
+        labels = labels_of(folder, options, spec)
+        heads = {"num_labels": len(labels)} if labels else {}
+        model = load_backbone(spec, peft_format.backbone_class(folder), **heads)
+        return model, peft_format.from_peft(folder, model)
+    model = load_backbone(spec, backbone_of_checkpoint(folder), **options)
+    return model, DeltaBase.from_finetuned(folder, model)
