@@ -285,8 +285,16 @@ def test_a_delta_registered_while_a_batch_runs_loads_between_batches_and_the_bat
     """Loading an adapter runs a probe forward pass with hooks of its own: it waits for the batch in flight."""
     model, tokenizer, folders = decoder
     engine = _engine(model, tokenizer, folders, ["lora"], window=0.0, continuous=continuous)
-    release = threading.Event()
-    answers = _Answers(hold=release)
+    inside, release, engine_thread = threading.Event(), threading.Event(), []
+
+    def pause(module, args):  # the engine's first forward pass (a prefill) waits here, inside its batch
+        if not engine_thread:
+            engine_thread.append(threading.current_thread())
+            inside.set()
+            assert release.wait(60)
+
+    handle = model.model.layers[0].register_forward_pre_hook(pause)
+    answers = _Answers()
     outcome = []
 
     def register():
@@ -298,16 +306,18 @@ def test_a_delta_registered_while_a_batch_runs_loads_between_batches_and_the_bat
 
     try:
         engine.submit(answers.request(0, tokenizer(PROMPTS[0])["input_ids"], "lora", 8))
-        assert answers.holding.wait(60)  # the engine waits inside request 0's second token
+        assert inside.wait(60)
         registering = threading.Thread(target=register)
         registering.start()
-        registering.join(0.5)  # time to meet the batch, which waits
+        registering.join(0.5)  # time to meet the batch
+        waited = registering.is_alive()  # it waits for the batch's lock (without it, it loads meanwhile)
         release.set()
         registering.join(60)
         answers.wait_for(1)
     finally:
         release.set()
+        handle.remove()
         engine.close()
-    assert outcome == ["registered"]
+    assert waited and outcome == ["registered"]
     tokens, _, error = answers.done[0]
     assert error is None and tokens == _alone(model, tokenizer, folders["lora"], PROMPTS[0], 8)

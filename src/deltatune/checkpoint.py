@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Collection
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE,
+                 names: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's weights file (only ``names``, when given: the others are not read)."""
     path = Path(folder) / weights_file
     legacy = path.with_suffix(".bin")
     if not path.is_file() and legacy.is_file():
@@ -179,12 +182,12 @@ def read_tensors(folder: str | os.PathLike, weights_file: str = WEIGHTS_FILE) ->
             raise ValueError(f"{legacy} is not a plain tensor file (refused with weights_only=True): {error}") from None
         if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
             raise ValueError(f"{legacy} does not hold a mapping of names to tensors")
-        return dict(loaded)
+        return {k: t for k, t in loaded.items() if names is None or k in names}
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a complete checkpoint: {weights_file} is missing")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            return {key: handle.get_tensor(key) for key in handle.keys() if names is None or key in names}
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
 

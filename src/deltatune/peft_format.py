@@ -58,7 +58,6 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         raise ValueError("the delta gives fused expert weights a rank or alpha of their own, which PEFT matches "
                          "against parameter names (target_parameters), not modules; use save_finetuned")
     modules, tied = _modules_to_save(delta)
-    hosts = dict(delta.backbone_model.named_modules())
     tensors, targets = peft_experts.write(delta, PREFIX)
     for key, tensor in delta.delta_state_dict().items():  # deltas.<position>.<name>, backbone.<parameter>
         kind, _, rest = key.partition(".")
@@ -76,7 +75,7 @@ def export_peft(delta: LoraModel, save_directory: str | os.PathLike) -> Path:
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none",
         "target_modules": [p for p in delta.positions if p not in experts], "target_parameters": targets or None,
         "modules_to_save": modules or None,
-        "fan_in_fan_out": any(isinstance(hosts[p], Conv1D) for p in delta.positions),
+        "fan_in_fan_out": any(isinstance(host, Conv1D) for host in delta._hosts.values()),
         **({"ensure_weight_tying": True} if tied else {}),
     }
     return checkpoint.write(save_directory, peft_config, tensors, CONFIG_FILE, WEIGHTS_FILE, paired=False)
@@ -93,8 +92,7 @@ def _base_model(backbone: nn.Module) -> dict:
 def _refuse_dilated(delta: LoraModel) -> None:
     """PEFT's LoRA on a convolution convolves with the host's kernel, stride and padding but not its dilation, so on
     a dilated convolution it computes another update (or none that fits)."""
-    hosts = dict(delta.backbone_model.named_modules())
-    dilated = [p for p in delta.positions if isinstance(hosts[p], CONVOLUTIONS) and max(hosts[p].dilation) > 1]
+    dilated = [p for p, host in delta._hosts.items() if isinstance(host, CONVOLUTIONS) and max(host.dilation) > 1]
     if dilated:
         raise ValueError(f"{dilated[:3]} are dilated convolutions, on which PEFT's LoRA leaves out the dilation and "
                          "computes another update than deltatune's: a LoRA on them does not cross between the formats")

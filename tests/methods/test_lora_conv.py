@@ -1,6 +1,7 @@
 """LoRA on convolutions: the update is conv(conv(x, A), B) with the host's geometry, merges as one convolution
 weight, crosses to and from PEFT, and is refused where it would not be one convolution of the host's form."""
 
+import copy
 from collections import OrderedDict
 
 import pytest
@@ -20,6 +21,8 @@ CONVOLUTIONS = [  # (host, input): strides, padding, dilation and a kernel that 
 
 
 def _net(conv: nn.Module) -> nn.Module:
+    """A network around a copy of ``conv`` (the cases are shared), with the same weights each time."""
+    conv = copy.deepcopy(conv)
     torch.manual_seed(0)
     conv.reset_parameters()
     return nn.Sequential(OrderedDict(conv=conv, act=nn.ReLU())).eval()
@@ -36,6 +39,7 @@ def _perturbed(delta: LoraModel) -> LoraModel:
 @pytest.mark.parametrize("host, x", CONVOLUTIONS, ids=["conv1d", "conv2d-dilated", "conv2d-same", "conv3d"])
 def test_the_update_is_a_convolution_of_the_hosts_form_and_merges(host, x, tmp_path):
     model = _net(host)
+    host = model.conv
     bare = model(x)
     delta = _perturbed(LoraModel(model, ["conv"], lora_r=2, lora_alpha=6, pseudo_input=x,
                                  allow_larger_than_backbone=True))
@@ -53,8 +57,7 @@ def test_the_update_is_a_convolution_of_the_hosts_form_and_merges(host, x, tmp_p
     delta.save_finetuned(tmp_path / "delta")
     delta.detach()
     assert torch.equal(model(x), bare)
-    fresh = _net(type(host)(host.in_channels, host.out_channels, host.kernel_size, **geometry,
-                            bias=host.bias is not None))
+    fresh = _net(host)
     LoraModel.from_finetuned(tmp_path / "delta", fresh, pseudo_input=x, allow_larger_than_backbone=True)
     assert torch.equal(fresh(x), tuned)
 
@@ -111,6 +114,13 @@ def test_a_dilated_convolution_does_not_cross_to_peft_which_leaves_the_dilation_
     with pytest.raises(ValueError, match=r"\['conv'\] are dilated convolutions, on which PEFT's LoRA leaves out"):
         delta.export_peft(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+    peft = pytest.importorskip("peft")  # nor from PEFT: its adapter saves, though PEFT cannot run it there
+    peft.get_peft_model(_net(host), peft.LoraConfig(r=2, target_modules=["conv"])).save_pretrained(tmp_path / "theirs")
+    model = _net(host)
+    model.dummy_inputs = {"input": x}  # what the probe runs (from_peft takes no pseudo_input)
+    with pytest.raises(ValueError, match=r"\['conv'\] are dilated convolutions"):
+        from_peft(tmp_path / "theirs", model)
+    assert not hasattr(model.conv, "deltas")
 
 
 def test_a_bank_refuses_a_convolution_lora_which_has_no_row_form():

@@ -2,6 +2,7 @@
 every experts implementation, trains, merges, saves, detaches bit-exactly, and is refused where it cannot act."""
 
 import copy
+import json
 import threading
 
 import pytest
@@ -81,7 +82,7 @@ def test_the_update_trains_and_the_experts_stay_frozen():
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def test_a_call_that_raises_leaves_no_updated_weight_behind_and_threads_take_turns():
+def test_a_call_that_raises_leaves_no_updated_weight_behind():
     model, inputs = _model("mixtral")
     delta = _lora(model)
     experts = model.get_submodule(delta.positions[0])
@@ -99,14 +100,37 @@ def test_a_call_that_raises_leaves_no_updated_weight_behind_and_threads_take_tur
     other.join(timeout=60)
     assert not other.is_alive()
     expected = model(**inputs).logits
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(model(**inputs).logits)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == 4 and all(torch.equal(r, expected) for r in results)
     assert torch.equal(copy.deepcopy(model)(**inputs).logits, expected)  # a copy routes through its own deltas
+
+
+def test_a_second_thread_waits_while_one_runs_inside_the_experts():
+    """Held inside its experts call (weights swapped in), the first thread's call must not see a second thread's
+    call end and take the updated weights away: the second waits at the experts for the first."""
+    model, inputs = _model("mixtral")
+    delta = _lora(model)
+    expected = model(**inputs).logits
+    inside, release = threading.Event(), threading.Event()
+    holder = {}
+
+    def hold(module, args):
+        if threading.current_thread() is holder.get("thread"):
+            inside.set()
+            assert release.wait(60)
+
+    model.get_submodule(delta.positions[0]).register_forward_pre_hook(hold)
+    results = {}
+    first = threading.Thread(target=lambda: results.update(first=model(**inputs).logits))
+    second = threading.Thread(target=lambda: results.update(second=model(**inputs).logits))
+    holder["thread"] = first
+    first.start()
+    assert inside.wait(60)
+    second.start()
+    second.join(1.0)
+    waited = second.is_alive()  # without the slot's lock, it runs through and removes the first one's weights
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert waited and torch.equal(results["first"], expected) and torch.equal(results["second"], expected)
 
 
 def test_experts_without_a_known_layout_and_unsupported_options_are_refused(tmp_path):
@@ -150,6 +174,11 @@ def test_peft_target_parameters_cross_both_ways(model_type, tmp_path):
     peft.get_peft_model(_model(model_type)[0], only).save_pretrained(tmp_path / "part")
     with pytest.raises(ValueError, match="deltatune adapts every expert weight of a module"):
         from_peft(tmp_path / "part", _model(model_type)[0])
+    saved = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps({**saved, "alpha_pattern": {"q_proj": 8}}))
+    with pytest.raises(ValueError, match="rank_pattern/alpha_pattern with target_parameters"):
+        from_peft(tmp_path / "theirs", _model(model_type)[0])
+    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(saved))
 
     try:  # transformers 5.0's weight conversion breaks PEFT's own loading of MoE adapters (peft 0.21.2)
         peft.PeftModel.from_pretrained(_model(model_type)[0], tmp_path / "theirs")

@@ -68,8 +68,9 @@ class DeltaRegistry:
             self._types[name] = delta.delta_type
             if labels is not None:
                 self._labels[name] = list(labels)
-            if self._fits(delta_bytes(delta)):
-                self._keep(name, delta)
+            size = delta_bytes(delta)
+            if self._fits(size):
+                self._keep(name, delta, size)
 
     def labels(self, name: str) -> list[str] | None:
         """The names of the outputs of ``name``'s own head, if it was registered with them."""
@@ -129,14 +130,14 @@ class DeltaRegistry:
         if not self._fits(size):
             raise MemoryError(f"delta {name!r} ({size:,} bytes) and the others this batch needs do not fit "
                               f"max_bytes={self.max_bytes:,}")
-        self._keep(name, delta)
+        self._keep(name, delta, size)
 
     def _fits(self, size: int) -> bool:
         return self.max_bytes is None or self.loaded_bytes() + size <= self.max_bytes
 
-    def _keep(self, name: str, delta: DeltaBase) -> None:
+    def _keep(self, name: str, delta: DeltaBase, size: int) -> None:
         self.bank.add(delta, name)
-        self._loaded[name] = delta_bytes(delta)
+        self._loaded[name] = size
 
     def _evict(self, name: str) -> None:
         self.bank.remove(name)

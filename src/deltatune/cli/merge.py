@@ -15,8 +15,9 @@ from pathlib import Path
 
 import transformers
 
+from .. import pooling
 from ..loading import TOKENIZER_FILES, model_path
-from .training_info import backbone_with_delta, delta_and_options
+from .training_info import backbone_with_delta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     if args.out.exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out} is not empty; choose another --out")
-    folder, options = delta_and_options(args.delta)
-    if options.get("pooling") == "mean":  # save_pretrained would write a model whose head reads [CLS] again
+    model, delta = backbone_with_delta(args.backbone, args.delta)
+    if pooling.of(model) == "mean":  # save_pretrained would write a model whose head reads [CLS] again
         raise ValueError(f"{args.delta} was trained with mean pooling, which a transformers checkpoint cannot "
                          "record; use the delta with deltatune eval / serve instead of merging it")
-    model, delta = backbone_with_delta(args.backbone, args.delta)
     delta.merge()  # refuses what is not a weight update, before anything changes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     staging = args.out.with_name(f".{args.out.name}.merging")
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.out.exists():
         args.out.rmdir()  # empty (checked above)
     staging.rename(args.out)
-    print(f"merged {delta.delta_type} from {folder} into {type(model).__name__}: {args.out}")
+    print(f"merged {delta.delta_type} from {args.delta} into {type(model).__name__}: {args.out}")
     return args.out
 
 

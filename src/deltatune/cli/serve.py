@@ -71,7 +71,8 @@ def labels_of(folder: Path, options: dict, backbone: str | None = None) -> list[
         return [str(label) for _, label in sorted(options["id2label"].items(), key=lambda item: int(item[0]))]
     if (folder / checkpoint.CONFIG_FILE).is_file():
         names = [k for k in checkpoint.read_config(folder).get("unfrozen_backbone", []) if k.endswith(".weight")]
-        heads = [checkpoint.read_tensors(folder)[f"backbone.{names[-1]}"]] if names else []
+        last = [f"backbone.{names[-1]}"] if names else []
+        heads = list(checkpoint.read_tensors(folder, names=last).values())
     elif (folder / "adapter_config.json").is_file():
         heads = _peft_head_weights(folder, backbone)
     else:

@@ -49,22 +49,21 @@ class LoraExpertsLayer(nn.Module):
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
 
-    def update(self, name: str) -> torch.Tensor:
-        """ΔW for every expert of one weight, in the weight's own layout."""
-        delta = torch.bmm(self.lora_B[name], self.lora_A[name]) * self.scaling  # (E, out, in)
-        return delta.transpose(1, 2) if self.transposed else delta
+    def _plus_update(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + s·B A`` for every expert, in the weight's own layout, in one pass (no ΔW the size of W)."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        if self.transposed:  # (E, in, out): W + s·Aᵀ Bᵀ
+            return torch.baddbmm(weight, a.transpose(1, 2), b.transpose(1, 2), alpha=self.scaling)
+        return torch.baddbmm(weight, b, a, alpha=self.scaling)
 
     def swap_in(self, host: nn.Module) -> None:
         for name in self.names:  # an instance attribute is found before nn.Module's parameter lookup
             current = host.__dict__.get(name, host._parameters[name])  # another delta's update, if any, stays
-            a, b = self.lora_A[name], self.lora_B[name]
-            # W + s·B A in one pass over the expert weights (no ΔW the size of W first)
-            host.__dict__[name] = (torch.baddbmm(current, a.transpose(1, 2), b.transpose(1, 2), alpha=self.scaling)
-                                   if self.transposed else torch.baddbmm(current, b, a, alpha=self.scaling))
+            host.__dict__[name] = self._plus_update(name, current)
 
     def swap_out(self, host: nn.Module) -> None:
         for name in self.names:
             host.__dict__.pop(name, None)
 
     def weight_update(self, host: nn.Module) -> dict[str, torch.Tensor]:
-        return {name: self.update(name) for name in self.names}
+        return {name: self._plus_update(name, torch.zeros_like(host._parameters[name])) for name in self.names}
